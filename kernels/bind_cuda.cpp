@@ -1,0 +1,44 @@
+// effops._cuda: the CUDA kernels. One m.def per entry point; launch logic lives in
+// kernels/<family>/. Streams arrive as integers (torch.cuda.current_stream().cuda_stream) with
+// the device index; the module links the CUDA runtime statically and never touches libtorch.
+#include <cuda_runtime.h>
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include "common/cuda_check.h"
+#include "common/errors.h"
+#include "nms/nms_api_cuda.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_cuda, m) {
+  m.doc() = "effops CUDA kernels. Called by effops.ops; not a public API.";
+  const auto release = nb::call_guard<nb::gil_scoped_release>();
+
+  m.def("device_count", []() {
+    int n = 0;
+    effops::cuda::check_cuda(cudaGetDeviceCount(&n), "cudaGetDeviceCount");
+    return n;
+  });
+  m.def("build_info", []() {
+    nb::dict d;
+    d["version"] = EFFOPS_VERSION;
+    d["cuda_runtime"] = CUDART_VERSION;
+    d["nvcc"] = EFFOPS_CUDA_COMPILER_VERSION;
+    d["archs"] = EFFOPS_CUDA_ARCHS;
+    return d;
+  });
+
+  m.def("nms_keep", &effops::cuda::nms::nms_keep_api, "boxes"_a, "seg_end"_a, "counts"_a,
+        "threshold"_a, "mask"_a.noconvert(), "removed"_a.noconvert(), "keep"_a.noconvert(),
+        "stream"_a, "device"_a, release);
+  m.def("soft_nms", &effops::cuda::nms::soft_nms_api, "boxes"_a, "scores"_a, "threshold"_a,
+        "sigma"_a, "method"_a, "score_threshold"_a, "keep"_a.noconvert(),
+        "scores_out"_a.noconvert(), "work"_a.noconvert(), "count"_a.noconvert(), "stream"_a,
+        "device"_a, release);
+  m.def("matrix_nms_decay", &effops::cuda::nms::matrix_decay_api, "boxes"_a, "seg_start"_a,
+        "kernel"_a, "sigma"_a, "cmax"_a.noconvert(), "decay"_a.noconvert(), "stream"_a,
+        "device"_a, release);
+}

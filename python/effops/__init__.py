@@ -1,0 +1,61 @@
+"""effops: fast kernels for efficient conv nets and detectors (CPU C++, CUDA, Triton).
+
+    import effops
+    keep = effops.ops.nms(boxes, scores, 0.5)   # drop-in for torchvision.ops.nms
+    effops.info()                              # version, build, backends per op
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import _backend, ops
+from ._backend import use_backend
+
+
+def info(print_table: bool = True) -> dict:
+    """Version, build information and which backend can run each op on this machine.
+
+    Returns a dict; with ``print_table`` (default) also prints it as a table.
+    """
+    import torch
+
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda", torch.cuda.current_device()))
+    result = {
+        "version": __version__,
+        "build": _backend.build_info(),
+        "backends": {str(d): _backend.availability(d) for d in devices},
+    }
+    if print_table:
+        print(format_info(result))
+    return result
+
+
+def format_info(result: dict) -> str:
+    lines = [f"effops {result['version']}"]
+    for k, v in result["build"].items():
+        lines.append(f"  {k:8s} {v}")
+    for dev, table in result["backends"].items():
+        lines.append(f"backends for {dev} tensors (yes = usable; no = why not):")
+        lines.append(f"  {'op':16s} " + " ".join(f"{b:10s}" for b in _backend.BACKENDS))
+        notes = {}
+        for op, row in table.items():
+            cells = []
+            for b in _backend.BACKENDS:
+                why = row[b]
+                if why is None:
+                    cells.append("yes")
+                elif why == "not implemented":
+                    cells.append("-")
+                else:
+                    ref = notes.setdefault(why, len(notes) + 1)
+                    cells.append(f"no[{ref}]")
+            lines.append(f"  {op:16s} " + " ".join(f"{c:10s}" for c in cells))
+        for why, ref in notes.items():
+            lines.append(f"  [{ref}] {why}")
+    return "\n".join(lines)
+
+
+__all__ = ["ops", "info", "use_backend", "__version__"]

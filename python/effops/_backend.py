@@ -1,0 +1,192 @@
+"""Loads the compiled backends and decides which backend runs an op.
+
+Backends: ``cpu`` (effops._C, C++), ``cuda`` (effops._cuda), ``triton`` (effops.triton) and
+``reference`` (the pure-PyTorch function in effops/ops/<family>.py). By default a CPU tensor runs
+on ``cpu``; a CUDA tensor on ``cuda`` when it was built and can talk to the driver, else on
+``triton``, else on ``reference``. ``EFFOPS_BACKEND=cpu|cuda|triton|reference`` or the
+``use_backend(...)`` context manager forces one (an error if it cannot run the op there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+import threading
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+try:
+    from . import _C  # type: ignore[attr-defined]
+
+    _C_ERROR: Optional[str] = None
+except ImportError as e:  # pragma: no cover - only on a broken install
+    _C = None
+    _C_ERROR = f"{type(e).__name__}: {e}"
+
+if importlib.util.find_spec(f"{__package__}._cuda") is None:
+    _cuda = None
+    _CUDA_IMPORT_ERROR: Optional[str] = (
+        "effops was built without CUDA kernels (no nvcc at build time, or EFFOPS_CUDA=OFF); "
+        "rebuild with nvcc on PATH: EFFOPS_CUDA=ON pip install --no-binary effops effops"
+    )
+else:
+    try:
+        _cuda = importlib.import_module(f"{__package__}._cuda")
+        _CUDA_IMPORT_ERROR = None
+    except ImportError as e:
+        _cuda = None
+        _CUDA_IMPORT_ERROR = f"effops._cuda failed to load: {e}"
+
+# op name -> backends that implement it (filled by each ops/<family>.py)
+_CAPABILITIES: Dict[str, Tuple[str, ...]] = {}
+_local = threading.local()
+
+
+def register_op(name: str, backends: Tuple[str, ...]) -> None:
+    unknown = set(backends) - set(BACKENDS)
+    assert not unknown, unknown
+    _CAPABILITIES[name] = tuple(backends)
+
+
+def capabilities() -> Dict[str, Tuple[str, ...]]:
+    return dict(_CAPABILITIES)
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force a backend for the ops called in this thread inside the block (None: automatic)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {BACKENDS}")
+    old = getattr(_local, "forced", None)
+    _local.forced = name
+    try:
+        yield
+    finally:
+        _local.forced = old
+
+
+def forced_backend() -> Optional[str]:
+    name = getattr(_local, "forced", None)
+    if name is not None:
+        return name
+    env = os.environ.get("EFFOPS_BACKEND", "").strip().lower()
+    if not env or env == "auto":
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"EFFOPS_BACKEND={env!r} is not a backend; expected one of {BACKENDS} or 'auto'")
+    return env
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception as e:  # ImportError, or a broken triton install
+        return f"triton is not importable ({type(e).__name__}: {e}); pip install triton"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_runtime_error() -> Optional[str]:
+    if _cuda is None:
+        return _CUDA_IMPORT_ERROR
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    try:
+        n = _cuda.device_count()
+    except RuntimeError as e:  # e.g. the driver is older than the toolkit effops was built with
+        return f"effops._cuda cannot use the driver: {e}"
+    if n <= 0:
+        return "effops._cuda sees no CUDA device"
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """None when ``backend`` can run on tensors of ``device``, else why not."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend needs CPU tensors, got {device.type}"
+        return None if _C is not None else f"effops._C failed to load ({_C_ERROR}); reinstall effops"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device.type}"
+        return _cuda_runtime_error()
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            return None if triton_interpret() else "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+        return f"the triton backend does not run on {device.type}"
+    return f"unknown backend {backend!r}"
+
+
+def select(op: str, device: torch.device) -> str:
+    """The backend that runs ``op`` on tensors of ``device``."""
+    implemented = _CAPABILITIES[op]
+    forced = forced_backend()
+    if forced is not None:
+        if forced not in implemented:
+            raise RuntimeError(f"effops.{op} has no {forced} backend (it has: {', '.join(implemented)})")
+        why = unavailable_reason(forced, device)
+        if why:
+            raise RuntimeError(f"effops.{op}: backend {forced!r} was forced but cannot run: {why}")
+        return forced
+    if device.type == "cpu":
+        if "cpu" in implemented:
+            why = unavailable_reason("cpu", device)
+            if why:
+                raise RuntimeError(f"effops.{op}: {why}")
+            return "cpu"
+        return "reference"
+    if device.type == "cuda":
+        for b in ("cuda", "triton"):
+            if b in implemented and unavailable_reason(b, device) is None:
+                return b
+    return "reference"
+
+
+def build_info() -> Dict[str, object]:
+    info: Dict[str, object] = {"torch": torch.__version__}
+    if _C is not None:
+        info["cpu"] = dict(_C.build_info())
+    else:
+        info["cpu"] = f"unavailable: {_C_ERROR}"
+    if _cuda is not None:
+        info["cuda"] = dict(_cuda.build_info())
+    else:
+        info["cuda"] = f"unavailable: {_CUDA_IMPORT_ERROR}"
+    err = _triton_import_error()
+    if err is None:
+        import triton
+
+        info["triton"] = triton.__version__
+    else:
+        info["triton"] = f"unavailable: {err}"
+    return info
+
+
+def availability(device: torch.device) -> Dict[str, Dict[str, Optional[str]]]:
+    """op -> backend -> None (usable here) or the reason it is not."""
+    table: Dict[str, Dict[str, Optional[str]]] = {}
+    for op, impls in sorted(_CAPABILITIES.items()):
+        row = {}
+        for b in BACKENDS:
+            row[b] = unavailable_reason(b, device) if b in impls else "not implemented"
+        table[op] = row
+    return table

@@ -1,0 +1,5 @@
+"""Public functional ops. Each family lives in its own module: effops/ops/<family>.py."""
+
+from .nms import MultiClassNMSResult, batched_nms, matrix_nms, multiclass_nms, nms, soft_nms
+
+__all__ = ["nms", "batched_nms", "multiclass_nms", "soft_nms", "matrix_nms", "MultiClassNMSResult"]
