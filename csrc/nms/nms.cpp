@@ -146,6 +146,8 @@ constexpr int kMaxLevels = 40;
 constexpr int64_t kCellCost = 8;
 // Segments smaller than this use the linear scan; building a grid does not pay off.
 constexpr int64_t kGridMin = 64;
+// Inputs smaller than this run on one thread (waking workers costs more than they save).
+constexpr int64_t kParallelMin = 20000;
 
 // Geometry of a hierarchical grid over the proper boxes of one segment; see the file comment.
 // Capacities (cells and level lists) are those of all proper boxes, rounded to whole blocks.
@@ -163,6 +165,7 @@ struct Grid {
   std::vector<int32_t> cx, cy;  // lower-left cell of each box
   std::vector<int64_t> start;   // slot offsets of the cells
   std::vector<int64_t> lstart;  // slot offsets of the levels' lists
+  std::vector<int64_t> count_, lcount_;
 
   int64_t cell(double v, double o, int l) const {
     double c = std::floor((v - o) * inv[l]);
@@ -213,7 +216,10 @@ struct Grid {
       total += G[l] * G[l];
     }
     cx.resize(n), cy.resize(n);
-    std::vector<int64_t> count(static_cast<size_t>(total), 0), lcount(static_cast<size_t>(L), 0);
+    std::vector<int64_t>& count = count_;
+    std::vector<int64_t>& lcount = lcount_;
+    count.assign(static_cast<size_t>(total), 0);
+    lcount.assign(static_cast<size_t>(L), 0);
     for (int64_t p = 0; p < n; ++p) {
       if (lvl[p] < 0) continue;
       const int64_t q = off + p;
@@ -359,6 +365,13 @@ int64_t greedy(Greedy<T>& ws, const Soa<T>& b, int64_t off, int64_t n, double th
   return greedy_linear(ws, b, off, n, thr, keep);
 }
 
+// Per-thread workspaces, kept between calls: no allocation (or page fault) per call once warm.
+template <class T>
+Greedy<T>& local_greedy() {
+  thread_local Greedy<T> ws;
+  return ws;
+}
+
 // Gathers boxes[idx[p]] (row-major xyxy, stride 4) into the SoA at offset off, with areas
 // computed as torchvision does: (x2 - x1) * (y2 - y1) in T.
 template <class T>
@@ -376,8 +389,9 @@ using KeyOf = decltype(desc_key(T()));
 template <class T>
 void score_order(const T* scores, int64_t n, int64_t* order) {
   using K = KeyOf<T>;
-  std::vector<K> keys(static_cast<size_t>(n)), kbuf;
-  std::vector<int64_t> pbuf;
+  thread_local std::vector<K> keys, kbuf;
+  thread_local std::vector<int64_t> pbuf;
+  keys.resize(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) keys[i] = desc_key(scores[i]);
   stable_argsort(keys.data(), n, order, kbuf, pbuf);
 }
@@ -459,14 +473,15 @@ template <class T>
 int64_t nms(const T* boxes, const T* scores, int64_t n, double thr, int64_t* keep_out,
             int /*threads*/) {
   if (n <= 0) return 0;
-  std::vector<int64_t> order(static_cast<size_t>(n));
+  thread_local std::vector<int64_t> order;
+  thread_local std::vector<uint8_t> keep;
+  thread_local Soa<T> b;
+  order.resize(static_cast<size_t>(n));
+  keep.resize(static_cast<size_t>(n));
   score_order(scores, n, order.data());
-  Soa<T> b;
   b.reset(n);
   gather_boxes(boxes, order.data(), n, b, 0);
-  std::vector<uint8_t> keep(static_cast<size_t>(n));
-  Greedy<T> ws;
-  greedy(ws, b, 0, n, thr, keep.data());
+  greedy(local_greedy<T>(), b, 0, n, thr, keep.data());
   int64_t k = 0;
   for (int64_t p = 0; p < n; ++p)
     if (keep[p]) keep_out[k++] = order[p];
@@ -485,9 +500,11 @@ int64_t batched_nms(const T* boxes, const T* scores, const int64_t* idxs, int64_
   gather_boxes(boxes, seg_order.data(), n, b, 0);
   std::vector<uint8_t> keep_seg(static_cast<size_t>(n)), keep(static_cast<size_t>(n));
   const int64_t nseg = static_cast<int64_t>(bounds.size()) - 1;
-  std::vector<Greedy<T>> ws(static_cast<size_t>(max_workers(nseg, threads)));
-  parallel_for(nseg, threads, [&](int64_t s, int w) {
-    greedy(ws[w], b, bounds[s], bounds[s + 1] - bounds[s], thr, keep_seg.data() + bounds[s]);
+  // Threads only pay off for large inputs: small per-class segments finish faster than a worker
+  // wakes up.
+  parallel_for(nseg, n >= kParallelMin ? threads : 1, [&](int64_t s, int) {
+    greedy(local_greedy<T>(), b, bounds[s], bounds[s + 1] - bounds[s], thr,
+           keep_seg.data() + bounds[s]);
   });
   for (int64_t p = 0; p < n; ++p) keep[seg_order[p]] = keep_seg[p];
   int64_t k = 0;
@@ -514,23 +531,41 @@ void multiclass_nms(const T* boxes, bool per_class_boxes, const T* scores, int64
   parallel_for(B, threads, [&](int64_t bi, int) {
     Image& im = img[bi];
     const T* s = scores + bi * N * C;
-    std::vector<int64_t> cand;
-    for (int64_t f = 0; f < N * C; ++f)
-      if (static_cast<double>(s[f]) > score_thr) cand.push_back(f);
-    const int64_t nc = static_cast<int64_t>(cand.size());
-    auto better = [&](int64_t a, int64_t c) {
-      K ka = desc_key(s[a]), kc = desc_key(s[c]);
-      return ka < kc || (ka == kc && a < c);
-    };
-    if (pre_k >= 0 && nc > pre_k) {
-      std::nth_element(cand.begin(), cand.begin() + pre_k, cand.end(), better);
-      cand.resize(static_cast<size_t>(pre_k));
-      std::sort(cand.begin(), cand.end(), better);
-      im.ord = std::move(cand);
+    const int64_t nc_all = N * C;
+    if (pre_k >= 0) {
+      // Radix select: histogram the top 16 bits of the sort keys of the candidates, find the
+      // bucket holding the k-th best, collect everything up to that bucket, sort, cut at k.
+      constexpr int kShift = static_cast<int>(sizeof(K) * 8) - 16;
+      thread_local std::vector<int64_t> hist;
+      hist.assign(65536, 0);
+      int64_t nc = 0;
+      for (int64_t f = 0; f < nc_all; ++f)
+        if (static_cast<double>(s[f]) > score_thr) ++hist[desc_key(s[f]) >> kShift], ++nc;
+      uint64_t last = 65535;
+      if (nc > pre_k) {
+        int64_t cum = 0;
+        for (last = 0; last < 65536; ++last)
+          if ((cum += hist[last]) >= pre_k) break;
+      }
+      std::vector<std::pair<K, int64_t>> sel;
+      sel.reserve(static_cast<size_t>(std::min(nc, pre_k + 1024)));
+      for (int64_t f = 0; f < nc_all; ++f) {
+        if (!(static_cast<double>(s[f]) > score_thr)) continue;
+        K key = desc_key(s[f]);
+        if ((key >> kShift) <= last) sel.emplace_back(key, f);
+      }
+      const int64_t keep_n = std::min<int64_t>(pre_k, static_cast<int64_t>(sel.size()));
+      std::partial_sort(sel.begin(), sel.begin() + keep_n, sel.end());
+      im.ord.resize(static_cast<size_t>(keep_n));
+      for (int64_t i = 0; i < keep_n; ++i) im.ord[i] = sel[i].second;
     } else {
-      std::vector<K> keys(static_cast<size_t>(nc)), kbuf;
+      std::vector<int64_t> cand;
+      std::vector<K> keys;
+      for (int64_t f = 0; f < nc_all; ++f)
+        if (static_cast<double>(s[f]) > score_thr) cand.push_back(f), keys.push_back(desc_key(s[f]));
+      const int64_t nc = static_cast<int64_t>(cand.size());
+      std::vector<K> kbuf;
       std::vector<int64_t> perm(static_cast<size_t>(nc)), pbuf;
-      for (int64_t i = 0; i < nc; ++i) keys[i] = desc_key(s[cand[i]]);
       stable_argsort(keys.data(), nc, perm.data(), kbuf, pbuf);
       im.ord.resize(static_cast<size_t>(nc));
       for (int64_t i = 0; i < nc; ++i) im.ord[i] = cand[perm[i]];
@@ -563,11 +598,12 @@ void multiclass_nms(const T* boxes, bool per_class_boxes, const T* scores, int64
   for (int64_t bi = 0; bi < B; ++bi)
     for (size_t s = 0; s + 1 < img[bi].bounds.size(); ++s) tasks.emplace_back(bi, s);
   const int64_t nt = static_cast<int64_t>(tasks.size());
-  std::vector<Greedy<T>> ws(static_cast<size_t>(max_workers(nt, threads)));
-  parallel_for(nt, threads, [&](int64_t t, int w) {
+  int64_t total = 0;
+  for (const Image& im : img) total += static_cast<int64_t>(im.ord.size());
+  parallel_for(nt, total >= kParallelMin ? threads : 1, [&](int64_t t, int) {
     Image& im = img[tasks[t].first];
     int64_t a = im.bounds[tasks[t].second], e = im.bounds[tasks[t].second + 1];
-    greedy(ws[w], im.b, a, e - a, thr, im.keep.data() + a);
+    greedy(local_greedy<T>(), im.b, a, e - a, thr, im.keep.data() + a);
   });
   // Phase 3 (per image): detections in score order, padded to M.
   parallel_for(B, threads, [&](int64_t bi, int) {

@@ -1,0 +1,6 @@
+"""Benchmarks: one harness (harness.py) and one module of cases per op family (bench_<family>.py).
+Run them with ``effops bench <family> ...``; see ``effops bench --help``."""
+
+FAMILIES = {
+    "nms": "effops.bench.bench_nms",
+}
