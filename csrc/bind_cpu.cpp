@@ -2,7 +2,9 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
+#include "dwsep/dwsep_api.h"
 #include "nms/nms_api.h"
 
 namespace nb = nanobind;
@@ -25,6 +27,19 @@ NB_MODULE(_C, m) {
         "scores_out"_a.noconvert(), "threads"_a, release);
   m.def("matrix_nms", &effops::nms::matrix_nms_api, "boxes"_a, "scores"_a, "idxs"_a.none(),
         "kernel"_a, "sigma"_a, "scores_out"_a.noconvert(), "threads"_a, release);
+
+  m.def("dw_forward", &effops::dwsep::dw_forward_api, "x"_a, "taps"_a, "scale"_a.none(),
+        "bias"_a.none(), "stride"_a, "pad"_a, "dilation"_a, "act"_a, "in_act"_a,
+        "y"_a.noconvert(), "sums"_a.noconvert().none(), "threads"_a, release);
+  m.def("dw_backward", &effops::dwsep::dw_backward_api, "a"_a, "taps"_a, "gd"_a, "stride"_a,
+        "pad"_a, "dilation"_a, "ga"_a.noconvert(), "gw"_a.noconvert(), "threads"_a, release);
+  m.def("pw_forward", &effops::dwsep::pw_forward_api, "y"_a, "w"_a, "channel_scale"_a.none(),
+        "scale"_a.none(), "bias"_a.none(), "act"_a, "residual"_a.none(), "out"_a.noconvert(),
+        "threads"_a, release);
+  m.def("dwsep_forward", &effops::dwsep::dwsep_forward_api, "x"_a, "taps"_a, "pw"_a,
+        "dw_scale"_a.none(), "dw_bias"_a.none(), "pw_scale"_a.none(), "pw_bias"_a.none(),
+        "residual"_a.none(), "stride"_a, "pad"_a, "dilation"_a, "act"_a, "pw_act"_a, "preact"_a,
+        "out"_a.noconvert(), "threads"_a, release);
 
   m.def("build_info", []() {
     nb::dict d;

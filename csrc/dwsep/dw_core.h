@@ -1,0 +1,209 @@
+// Inline core of the depthwise convolution, shared by the standalone depthwise kernel and the
+// fused depthwise-separable kernel (each compiled per ISA by its caller).
+//
+// One output row segment at a time: for each output pixel and each block of 16 (float) or 8
+// (double) channels, the taps accumulate in one vector register; the epilogue applies the
+// per-channel affine and the activation and stores. Padding never materialises: taps that fall
+// outside the input are skipped (TensorFlow 'same' padding is just asymmetric pt/pb, pl/pr).
+#pragma once
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "dwsep/conv.h"
+#include "dwsep/simd.h"
+
+namespace effops::dwsep {
+
+using simd::act_s;
+using simd::act_v;
+using simd::loadv;
+using simd::storev;
+using simd::to_f;
+
+template <int A>
+using ActC = std::integral_constant<int, A>;
+
+// Calls f(ActC<act>{}) so the activation is a compile-time constant inside hot loops.
+template <class Fn>
+EFFOPS_INLINE void with_act(int act, Fn&& f) {
+  switch (act) {
+    case simd::kRelu:
+      return f(ActC<simd::kRelu>{});
+    case simd::kRelu6:
+      return f(ActC<simd::kRelu6>{});
+    case simd::kSilu:
+      return f(ActC<simd::kSilu>{});
+    case simd::kHardswish:
+      return f(ActC<simd::kHardswish>{});
+    case simd::kSigmoid:
+      return f(ActC<simd::kSigmoid>{});
+    default:
+      return f(ActC<simd::kNone>{});
+  }
+}
+
+// The epilogue of one vector of channels: affine, activation, store, channel sums.
+template <class V, class F, class O>
+EFFOPS_INLINE void dw_finish(V acc, int64_t c, const F* scale, const F* bias, int act, O* o,
+                             F* sums) {
+  if (scale) acc = acc * loadv(scale + c);
+  if (bias) acc = acc + loadv(bias + c);
+  acc = act_v(acc, act);
+  storev(o + c, acc);
+  if (sums) storev(sums + c, loadv(sums + c) + acc);
+}
+
+// One output pixel, with bounds checks on every tap (border pixels; the channel tail).
+template <class S, class O, class F>
+EFFOPS_INLINE void dw_pixel(const ConvGeom& g, const S* const* rows, const F* taps,
+                            const F* scale, const F* bias, int act, int64_t ow, int64_t c_begin,
+                            O* o, F* sums) {
+  using V = typename simd::Traits<F>::V;
+  constexpr int64_t L = simd::Traits<F>::L;
+  const int64_t C = g.C, CL = C / L * L, KH = g.KH, KW = g.KW;
+  const int64_t iw0 = ow * g.sw - g.pl;
+  int64_t c = c_begin;
+  for (; c < CL; c += L) {
+    V acc = simd::splat<V>(F(0));
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      const S* r = rows[kh];
+      if (!r) continue;
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const int64_t iw = iw0 + kw * g.dw;
+        if (iw < 0 || iw >= g.W) continue;
+        acc += loadv(r + iw * C + c) * loadv(taps + (kh * KW + kw) * C + c);
+      }
+    }
+    dw_finish(acc, c, scale, bias, act, o, sums);
+  }
+  for (; c < C; ++c) {
+    F acc = F(0);
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      const S* r = rows[kh];
+      if (!r) continue;
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const int64_t iw = iw0 + kw * g.dw;
+        if (iw < 0 || iw >= g.W) continue;
+        acc += to_f(r[iw * C + c]) * taps[(kh * KW + kw) * C + c];
+      }
+    }
+    if (scale) acc *= scale[c];
+    if (bias) acc += bias[c];
+    acc = act_s(acc, act);
+    simd::store_s(o + c, acc);
+    if (sums) sums[c] += acc;
+  }
+}
+
+// PB interior pixels ow, ow + 1, ... (every tap in bounds), full channel vectors: each tap's
+// weights are loaded once for the PB pixels. KWC is the kernel width when known at compile
+// time (3, 5, 7), else 0.
+template <int PB, int KWC, class S, class O, class F>
+EFFOPS_INLINE void dw_interior(const ConvGeom& g, const S* const* rows, const F* taps,
+                               const F* scale, const F* bias, int act, int64_t ow, O* o,
+                               F* sums) {
+  using V = typename simd::Traits<F>::V;
+  constexpr int64_t L = simd::Traits<F>::L;
+  const int64_t C = g.C, CL = C / L * L, KH = g.KH, KW = KWC ? KWC : g.KW;
+  const int64_t step = g.sw * C, iw0 = ow * g.sw - g.pl;
+  for (int64_t c = 0; c < CL; c += L) {
+    V acc[PB];
+#pragma GCC unroll 8
+    for (int j = 0; j < PB; ++j) acc[j] = simd::splat<V>(F(0));
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      const S* r = rows[kh];
+      if (!r) continue;
+      const F* t = taps + kh * KW * C + c;
+      const S* p0 = r + iw0 * C + c;
+#pragma GCC unroll 7
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const V w = loadv(t + kw * C);
+        const S* p = p0 + kw * g.dw * C;
+#pragma GCC unroll 8
+        for (int j = 0; j < PB; ++j) acc[j] += loadv(p + j * step) * w;
+      }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < PB; ++j) dw_finish(acc[j], c, scale, bias, act, o + j * C, sums);
+  }
+}
+
+// Output pixels [ow0, ow1) of one output row. rows[kh] points at the input row (W x C elements)
+// tap row kh reads, or is null where that row is padding. The result for pixel ow goes to
+// out + (ow - ow0) * C. sums (may be null) accumulates the stored values per channel.
+template <int KWC, class S, class O, class F>
+EFFOPS_INLINE void dw_row_k(const ConvGeom& g, const S* const* rows, const F* taps,
+                            const F* scale, const F* bias, int act, int64_t ow0, int64_t ow1,
+                            O* out, F* sums) {
+  constexpr int64_t L = simd::Traits<F>::L;
+  constexpr int PB = 8;
+  const int64_t C = g.C, CL = C / L * L, KW = KWC ? KWC : g.KW;
+  // interior pixels: ow * sw - pl >= 0 and ow * sw - pl + (KW - 1) * dw <= W - 1
+  const int64_t span = (KW - 1) * g.dw;
+  int64_t lo = (g.pl + g.sw - 1) / g.sw;
+  int64_t hi = g.W - 1 - span + g.pl >= 0 ? (g.W - 1 - span + g.pl) / g.sw + 1 : 0;
+  lo = std::min(std::max(lo, ow0), ow1);
+  hi = std::min(std::max(hi, lo), ow1);
+  for (int64_t ow = ow0; ow < lo; ++ow)
+    dw_pixel(g, rows, taps, scale, bias, act, ow, 0, out + (ow - ow0) * C, sums);
+  int64_t ow = lo;
+  for (; ow + PB <= hi; ow += PB)
+    dw_interior<PB, KWC>(g, rows, taps, scale, bias, act, ow, out + (ow - ow0) * C, sums);
+  for (; ow < hi; ++ow)
+    dw_interior<1, KWC>(g, rows, taps, scale, bias, act, ow, out + (ow - ow0) * C, sums);
+  if (CL < C)  // channel tail of the interior pixels
+    for (int64_t o2 = lo; o2 < hi; ++o2)
+      dw_pixel(g, rows, taps, scale, bias, act, o2, CL, out + (o2 - ow0) * C, sums);
+  for (ow = hi; ow < ow1; ++ow)
+    dw_pixel(g, rows, taps, scale, bias, act, ow, 0, out + (ow - ow0) * C, sums);
+}
+
+template <class S, class O, class F>
+EFFOPS_INLINE void dw_row(const ConvGeom& g, const S* const* rows, const F* taps, const F* scale,
+                          const F* bias, int act, int64_t ow0, int64_t ow1, O* out, F* sums) {
+  switch (g.KW) {
+    case 3:
+      return dw_row_k<3>(g, rows, taps, scale, bias, act, ow0, ow1, out, sums);
+    case 5:
+      return dw_row_k<5>(g, rows, taps, scale, bias, act, ow0, ow1, out, sums);
+    default:
+      return dw_row_k<0>(g, rows, taps, scale, bias, act, ow0, ow1, out, sums);
+  }
+}
+
+// Input rows [ih0, ih1) of image n, activated (in_act) into a float buffer: the input of the
+// depthwise conv in pre-activation mode, computed once per band instead of once per tap.
+template <class T, class F, int ACT>
+EFFOPS_INLINE void activate_band(const T* x_n, const ConvGeom& g, int64_t ih0, int64_t ih1,
+                                 std::vector<F>& band) {
+  using V = typename simd::Traits<F>::V;
+  constexpr int64_t L = simd::Traits<F>::L;
+  const int64_t n = std::max<int64_t>(0, ih1 - ih0) * g.W * g.C;
+  band.resize(static_cast<size_t>(n));
+  const T* src = x_n + ih0 * g.W * g.C;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) storev(band.data() + i, act_v(loadv(src + i), ACT));
+  for (; i < n; ++i) band[i] = act_s(to_f(src[i]), ACT);
+}
+
+// Row pointers of output row oh: rows[kh] = input row oh*sh - pt + kh*dh of the source, where
+// the source holds rows [src_ih0, ...) of one image, or null outside the input.
+template <class S>
+EFFOPS_INLINE void tap_rows(const ConvGeom& g, int64_t oh, const S* src, int64_t src_ih0,
+                            const S** rows) {
+  for (int64_t kh = 0; kh < g.KH; ++kh) {
+    const int64_t ih = oh * g.sh - g.pt + kh * g.dh;
+    rows[kh] = (ih < 0 || ih >= g.H) ? nullptr : src + (ih - src_ih0) * g.W * g.C;
+  }
+}
+
+// The input rows output rows [oh0, oh1) read, clipped to the image.
+EFFOPS_INLINE void band_of(const ConvGeom& g, int64_t oh0, int64_t oh1, int64_t& ih0,
+                           int64_t& ih1) {
+  ih0 = std::max<int64_t>(0, oh0 * g.sh - g.pt);
+  ih1 = std::min<int64_t>(g.H, (oh1 - 1) * g.sh - g.pt + (g.KH - 1) * g.dh + 1);
+  if (ih1 < ih0) ih1 = ih0;
+}
+
+}  // namespace effops::dwsep

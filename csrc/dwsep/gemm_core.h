@@ -1,0 +1,168 @@
+// Inline GEMM core of the pointwise (1x1) convolution: out[m, :] = epilogue(A[m, :] @ W^T).
+//
+// The classic register-tiled design: the weights are packed once per call into panels of NR
+// output channels ([K][NR] each, zero-padded), a tile of MR pixels of A is packed (converted to
+// float, SE channel scale applied on the way) into [K][MR], and the microkernel keeps the whole
+// MR x NR tile of accumulators in registers while it streams K. The tile shape is chosen per
+// ISA by the caller: AVX-512 12 x 32 floats (24 zmm accumulators), AVX2 6 x 16 (12 ymm), SSE
+// 4 x 8. The epilogue applies the per-channel affine, the activation and the residual, and
+// stores in the output dtype.
+#pragma once
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "dwsep/simd.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define EFFOPS_GEMM_X86 1
+#else
+#define EFFOPS_GEMM_X86 0
+#endif
+
+namespace effops::dwsep {
+
+template <class F, int BYTES, int MR_, int NV_>
+struct Tile {
+  typedef F V __attribute__((vector_size(BYTES)));
+  static constexpr int MR = MR_;
+  static constexpr int NV = NV_;
+  static constexpr int L = BYTES / static_cast<int>(sizeof(F));
+  static constexpr int NR = NV * L;
+
+  static EFFOPS_INLINE V load(const F* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static EFFOPS_INLINE V splat(F s) { return simd::splat<V>(s); }
+};
+
+// Panels of NR output channels: Bp[(p * K + k) * NR + j] = w[(p * NR + j) * K + k], 0 past Co.
+template <class G, class F>
+void pack_weights(const F* w, int64_t Co, int64_t K, std::vector<F>& bp) {
+  const int64_t panels = (Co + G::NR - 1) / G::NR;
+  bp.assign(static_cast<size_t>(panels * K * G::NR), F(0));
+  for (int64_t co = 0; co < Co; ++co) {
+    const int64_t p = co / G::NR, j = co % G::NR;
+    for (int64_t k = 0; k < K; ++k) bp[(p * K + k) * G::NR + j] = w[co * K + k];
+  }
+}
+
+// A per-channel vector padded with zeros to whole panels (so epilogue loads never overrun).
+template <class G, class F>
+void pad_channels(const F* v, int64_t Co, std::vector<F>& out) {
+  const int64_t padded = (Co + G::NR - 1) / G::NR * G::NR;
+  out.assign(static_cast<size_t>(padded), F(0));
+  if (v) std::copy(v, v + Co, out.begin());
+}
+
+// tile[i * NR + j] = sum_k A(i, k) * Bp[k * NR + j] for the first r rows of a tile, where
+// A(i, k) = ap[i * ars + k * aks]: packed ([K][MR]: ars 1, aks MR) or straight from the rows
+// of the activations (ars = row stride, aks 1) when they need no conversion.
+// EFFOPS_MICROKERNEL(NAME, TARGET, G, F, SET1) defines NAME(r, ap, bp, K, tile), a non-inlined
+// function whose whole body (one unrolled variant per row count) is compiled for TARGET, with
+// the R x NV accumulators in registers. SET1 is the broadcast intrinsic: GCC 12 lowers a generic
+// vector construction from a run-time scalar inside target-attributed functions into a spill and
+// reload, so the one broadcast per row and k is written with the intrinsic.
+#define EFFOPS_MICROKERNEL(NAME, TARGET, G, F, SET1)                                           \
+  template <int R>                                                                             \
+  TARGET inline __attribute__((always_inline)) void NAME##_rows(                               \
+      const F* __restrict ap, int64_t ars, int64_t aks, const F* __restrict bp, int64_t K,     \
+      F* __restrict tile) {                                                                    \
+    using V = typename G::V;                                                                   \
+    V acc[R][G::NV];                                                                           \
+    _Pragma("GCC unroll 16") for (int i = 0; i < R; ++i)                                       \
+        _Pragma("GCC unroll 4") for (int v = 0; v < G::NV; ++v) acc[i][v] = (V)SET1(F(0));     \
+    for (int64_t k = 0; k < K; ++k) {                                                          \
+      V b[G::NV];                                                                              \
+      _Pragma("GCC unroll 4") for (int v = 0; v < G::NV; ++v)                                  \
+          std::memcpy(&b[v], bp + k * G::NR + v * G::L, sizeof(V));                           \
+      _Pragma("GCC unroll 16") for (int i = 0; i < R; ++i) {                                   \
+        const V a = (V)SET1(ap[i * ars + k * aks]);                                            \
+        _Pragma("GCC unroll 4") for (int v = 0; v < G::NV; ++v) acc[i][v] += a * b[v];         \
+      }                                                                                        \
+    }                                                                                          \
+    _Pragma("GCC unroll 16") for (int i = 0; i < R; ++i)                                       \
+        _Pragma("GCC unroll 4") for (int v = 0; v < G::NV; ++v)                                \
+            std::memcpy(tile + i * G::NR + v * G::L, &acc[i][v], sizeof(V));                   \
+  }                                                                                            \
+  TARGET __attribute__((noinline)) void NAME(int r, const F* ap, int64_t ars, int64_t aks,     \
+                                             const F* bp, int64_t K, F* tile) {                \
+    switch (r) {                                                                               \
+      case 1: return NAME##_rows<1>(ap, ars, aks, bp, K, tile);                                          \
+      case 2: return NAME##_rows<(2 <= G::MR ? 2 : 1)>(ap, ars, aks, bp, K, tile);                       \
+      case 3: return NAME##_rows<(3 <= G::MR ? 3 : 1)>(ap, ars, aks, bp, K, tile);                       \
+      case 4: return NAME##_rows<(4 <= G::MR ? 4 : 1)>(ap, ars, aks, bp, K, tile);                       \
+      case 5: return NAME##_rows<(5 <= G::MR ? 5 : 1)>(ap, ars, aks, bp, K, tile);                       \
+      case 6: return NAME##_rows<(6 <= G::MR ? 6 : 1)>(ap, ars, aks, bp, K, tile);                       \
+      case 7: return NAME##_rows<(7 <= G::MR ? 7 : 1)>(ap, ars, aks, bp, K, tile);                       \
+      case 8: return NAME##_rows<(8 <= G::MR ? 8 : 1)>(ap, ars, aks, bp, K, tile);                       \
+      case 9: return NAME##_rows<(9 <= G::MR ? 9 : 1)>(ap, ars, aks, bp, K, tile);                       \
+      case 10: return NAME##_rows<(10 <= G::MR ? 10 : 1)>(ap, ars, aks, bp, K, tile);                    \
+      case 11: return NAME##_rows<(11 <= G::MR ? 11 : 1)>(ap, ars, aks, bp, K, tile);                    \
+      default: return NAME##_rows<(12 <= G::MR ? 12 : G::MR)>(ap, ars, aks, bp, K, tile);                \
+    }                                                                                          \
+  }
+
+// The epilogue of one tile: rows [m0, m0 + mr), channels [n0, n0 + NR) clipped to Co.
+// out/res rows have stride ldo (elements). scale/bias are padded to whole panels (or null).
+template <class G, int ACT, class F, class T>
+EFFOPS_INLINE void epilogue(const F* tile, int mr, int64_t n0,
+                            int64_t Co, const F* scale, const F* bias, const T* res, T* out,
+                            int64_t ldo) {
+  using V = typename G::V;
+  for (int i = 0; i < mr; ++i) {
+    T* o = out + i * ldo;
+    const T* r = res ? res + i * ldo : nullptr;
+    for (int v = 0; v < G::NV; ++v) {
+      const int64_t n = n0 + v * G::L;
+      if (n >= Co) break;
+      V val = G::load(tile + i * G::NR + v * G::L);
+      if (scale) val = val * G::load(scale + n);
+      if (bias) val = val + G::load(bias + n);
+      val = simd::act_v(val, ACT);
+      const int64_t lanes = std::min<int64_t>(G::L, Co - n);
+      for (int64_t j = 0; j < lanes; ++j) {
+        F s = val[j];
+        if (r) s += simd::to_f(r[n + j]);
+        simd::store_s(o + n + j, s);
+      }
+    }
+  }
+}
+
+// Full-width store variant: all lanes in range; residual and conversion as vectors where the
+// storage type has a vector load/store (float, double, bf16 with 16-lane float vectors).
+template <class G, int ACT, class F, class T>
+EFFOPS_INLINE void epilogue_fast(const F* tile, int mr, int64_t n0,
+                                 int64_t Co, const F* scale, const F* bias, const T* res, T* out,
+                                 int64_t ldo) {
+  using V = typename G::V;
+  if (n0 + G::NR > Co) return epilogue<G, ACT>(tile, mr, n0, Co, scale, bias, res, out, ldo);
+  for (int i = 0; i < mr; ++i) {
+    T* o = out + i * ldo;
+    const T* r = res ? res + i * ldo : nullptr;
+    for (int v = 0; v < G::NV; ++v) {
+      const int64_t n = n0 + v * G::L;
+      V val = G::load(tile + i * G::NR + v * G::L);
+      if (scale) val = val * G::load(scale + n);
+      if (bias) val = val + G::load(bias + n);
+      val = simd::act_v(val, ACT);
+      if constexpr (std::is_same<T, F>::value) {
+        if (r) val = val + G::load(r + n);
+        std::memcpy(o + n, &val, sizeof val);
+      } else {
+        for (int j = 0; j < G::L; ++j) {
+          F s = val[j];
+          if (r) s += simd::to_f(r[n + j]);
+          simd::store_s(o + n + j, s);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace effops::dwsep

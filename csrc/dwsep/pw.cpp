@@ -1,0 +1,350 @@
+// Pointwise conv (GEMM with fused prologue/epilogue) and the fused depthwise-separable conv.
+//
+// ISA dispatch is explicit here because the register tile differs per ISA (see gemm_core.h):
+// each task body is compiled three times (AVX-512, AVX2+FMA, baseline) and the driver packs the
+// weights for the tile of the ISA it picked at run time.
+//
+// Fused depthwise-separable conv: a task is one output row of one image. It computes the
+// depthwise stage for up to P pixels of the row into a small float buffer (cache-resident), then
+// runs the pointwise GEMM on that buffer and writes the output: the input is read once, the
+// output written once, and the depthwise result never goes to memory.
+#include <algorithm>
+#include <vector>
+
+#include "common/parallel.h"
+#include "dwsep/conv.h"
+#include "dwsep/dw_core.h"
+#include "dwsep/gemm_core.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define EFFOPS_X86 1
+#define EFFOPS_COMMA ,
+#define EFFOPS_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+#define EFFOPS_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
+#else
+#define EFFOPS_X86 0
+#define EFFOPS_COMMA ,
+#define EFFOPS_TARGET_V4
+#define EFFOPS_TARGET_V3
+#endif
+
+namespace effops::dwsep {
+namespace {
+
+enum Isa { kBase = 0, kV3 = 1, kV4 = 2 };
+
+Isa cpu_isa() {
+#if EFFOPS_X86
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return kV4;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kV3;
+    return kBase;
+  }();
+  return isa;
+#else
+  return kBase;
+#endif
+}
+
+template <class F, Isa I>
+struct TileFor;
+template <class F>
+struct TileFor<F, kV4> {
+  using type = Tile<F, 64, 12, 2>;
+};
+template <class F>
+struct TileFor<F, kV3> {
+  using type = Tile<F, 32, 6, 2>;
+};
+template <class F>
+struct TileFor<F, kBase> {
+  using type = Tile<F, 16, 4, 2>;
+};
+
+// The microkernels, one non-inlined function per ISA and accumulation type (gemm_core.h).
+// micro(tag, ...) picks the one matching the tile of the ISA the caller was compiled for.
+#if EFFOPS_X86
+EFFOPS_MICROKERNEL(micro_v4_f, EFFOPS_TARGET_V4, TileFor<float EFFOPS_COMMA kV4>::type, float, _mm512_set1_ps)
+EFFOPS_MICROKERNEL(micro_v4_d, EFFOPS_TARGET_V4, TileFor<double EFFOPS_COMMA kV4>::type, double, _mm512_set1_pd)
+EFFOPS_MICROKERNEL(micro_v3_f, EFFOPS_TARGET_V3, TileFor<float EFFOPS_COMMA kV3>::type, float, _mm256_set1_ps)
+EFFOPS_MICROKERNEL(micro_v3_d, EFFOPS_TARGET_V3, TileFor<double EFFOPS_COMMA kV3>::type, double, _mm256_set1_pd)
+EFFOPS_MICROKERNEL(micro_b_f, , TileFor<float EFFOPS_COMMA kBase>::type, float, _mm_set1_ps)
+EFFOPS_MICROKERNEL(micro_b_d, , TileFor<double EFFOPS_COMMA kBase>::type, double, _mm_set1_pd)
+#else
+EFFOPS_MICROKERNEL(micro_b_f, , TileFor<float EFFOPS_COMMA kBase>::type, float, simd::splat<TileFor<float EFFOPS_COMMA kBase>::type::V>)
+EFFOPS_MICROKERNEL(micro_b_d, , TileFor<double EFFOPS_COMMA kBase>::type, double, simd::splat<TileFor<double EFFOPS_COMMA kBase>::type::V>)
+#endif
+template <Isa I, class F>
+EFFOPS_INLINE void micro(int r, const F* ap, int64_t ars, int64_t aks, const F* bp, int64_t K,
+                         F* tile) {
+  constexpr bool f32 = std::is_same<F, float>::value;
+#if EFFOPS_X86
+  if constexpr (I == kV4) {
+    if constexpr (f32) return micro_v4_f(r, ap, ars, aks, bp, K, tile);
+    else return micro_v4_d(r, ap, ars, aks, bp, K, tile);
+  } else if constexpr (I == kV3) {
+    if constexpr (f32) return micro_v3_f(r, ap, ars, aks, bp, K, tile);
+    else return micro_v3_d(r, ap, ars, aks, bp, K, tile);
+  }
+#endif
+  if constexpr (f32) return micro_b_f(r, ap, ars, aks, bp, K, tile);
+  else return micro_b_d(r, ap, ars, aks, bp, K, tile);
+}
+
+// Packs rows [m0, m0 + mr) of A (row stride lda, K columns, storage S) as ap[k * MR + i], in the
+// accumulation type, each row scaled by its image's SE channel scale when cs is given.
+template <class G, class S, class F>
+EFFOPS_INLINE void pack_rows(const S* a, int64_t lda, int64_t m0, int mr, int64_t K,
+                             const F* cs, int64_t hw, F* ap) {
+  for (int i = 0; i < mr; ++i) {
+    const S* row = a + (m0 + i) * lda;
+    const F* c = cs ? cs + ((m0 + i) / hw) * K : nullptr;
+    F* dst = ap + i;
+    if (c)
+      for (int64_t k = 0; k < K; ++k) dst[k * G::MR] = simd::to_f(row[k]) * c[k];
+    else
+      for (int64_t k = 0; k < K; ++k) dst[k * G::MR] = simd::to_f(row[k]);
+  }
+}
+
+// GEMM over rows [m_begin, m_end) of A into out (row stride ldo), all output channels.
+template <Isa I, class S, class F, class T>
+EFFOPS_INLINE void gemm_rows(const S* a, int64_t lda, int64_t m_begin, int64_t m_end, int64_t K,
+                             const F* cs, int64_t hw, const F* bp, int64_t Co, const F* scale,
+                             const F* bias, int act, const T* res, T* out, int64_t ldo,
+                             std::vector<F>& ap) {
+  using G = typename TileFor<F, I>::type;
+  ap.resize(static_cast<size_t>(K * G::MR));
+  alignas(64) F tile[G::MR * G::NR];
+  const int64_t panels = (Co + G::NR - 1) / G::NR;
+  // A needs packing only to convert its storage type or to apply the SE channel scale.
+  constexpr bool direct_ok = std::is_same<S, F>::value;
+  const bool direct = direct_ok && !cs;
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += G::MR) {
+    const int mr = static_cast<int>(std::min<int64_t>(G::MR, m_end - m0));
+    const F* a_tile = ap.data();
+    int64_t ars = 1, aks = G::MR;
+    if constexpr (direct_ok) {
+      if (direct) a_tile = reinterpret_cast<const F*>(a) + m0 * lda, ars = lda, aks = 1;
+    }
+    if (!direct) pack_rows<G>(a, lda, m0, mr, K, cs, hw, ap.data());
+    for (int64_t p = 0; p < panels; ++p) {
+      micro<I>(mr, a_tile, ars, aks, bp + p * K * G::NR, K, tile);
+      with_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
+        epilogue_fast<G, A()>(tile, mr, p * G::NR, Co, scale, bias,
+                              res ? res + (m0 - m_begin) * ldo : nullptr,
+                              out + (m0 - m_begin) * ldo, ldo);
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------- pointwise
+template <class T>
+struct PwArgs {
+  const T* y;
+  const Acc<T>* bp;
+  const Acc<T>* cs;
+  const Acc<T>* scale;
+  const Acc<T>* bias;
+  int act;
+  const T* res;
+  T* out;
+  int64_t HW, C, Co, M, rpt;
+};
+
+template <Isa I, class T>
+EFFOPS_INLINE void pw_task_body(const PwArgs<T>& a, int64_t task) {
+  using F = Acc<T>;
+  thread_local std::vector<F> ap;
+  const int64_t m0 = task * a.rpt, m1 = std::min(a.M, m0 + a.rpt);
+  if (m0 >= m1) return;
+  gemm_rows<I>(a.y, a.C, m0, m1, a.C, a.cs, a.HW, a.bp, a.Co, a.scale, a.bias, a.act,
+               a.res ? a.res + m0 * a.Co : nullptr, a.out + m0 * a.Co, a.Co, ap);
+}
+
+// ---------------------------------------------------------------- fused depthwise-separable
+template <class T>
+struct DwsepArgs {
+  const T* x;
+  const Acc<T>* taps;
+  const Acc<T>* bp;
+  const Acc<T>* dw_scale;
+  const Acc<T>* dw_bias;
+  const Acc<T>* pw_scale;
+  const Acc<T>* pw_bias;
+  const T* res;
+  ConvGeom g;
+  int64_t Co;
+  int act, pw_act;
+  bool preact;
+  T* out;
+  int64_t P;          // pixels per depthwise tile
+  int64_t rpt, blocks;  // output rows per task, tasks per image
+};
+
+template <Isa I, class T>
+EFFOPS_INLINE void dwsep_task_body(const DwsepArgs<T>& a, int64_t task) {
+  using F = Acc<T>;
+  const ConvGeom& g = a.g;
+  const int64_t n = task / a.blocks, oh0 = (task % a.blocks) * a.rpt;
+  const int64_t oh1 = std::min(g.Ho, oh0 + a.rpt);
+  thread_local std::vector<F> dbuf, ap, band;
+  dbuf.resize(static_cast<size_t>(a.P * g.C));
+  const T* xn = a.x + n * g.H * g.W * g.C;
+  int64_t ih0 = 0, ih1 = 0;
+  if (a.preact) {  // activate the input rows of the whole block once
+    band_of(g, oh0, oh1, ih0, ih1);
+    with_act(a.act, [&](auto IA) EFFOPS_LAMBDA_INLINE { activate_band<T, F, IA()>(xn, g, ih0, ih1, band); });
+  }
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const F* frows[64];
+    const T* trows[64];
+    if (a.preact)
+      tap_rows<F>(g, oh, band.data(), ih0, frows);
+    else
+      tap_rows<T>(g, oh, xn, 0, trows);
+    const int64_t out_row = (n * g.Ho + oh) * g.Wo;
+    for (int64_t ow0 = 0; ow0 < g.Wo; ow0 += a.P) {
+      const int64_t ow1 = std::min(g.Wo, ow0 + a.P);
+      if (a.preact)
+        dw_row(g, frows, a.taps, a.dw_scale, a.dw_bias, simd::kNone, ow0, ow1, dbuf.data(),
+               static_cast<F*>(nullptr));
+      else
+        dw_row(g, trows, a.taps, a.dw_scale, a.dw_bias, a.act, ow0, ow1, dbuf.data(),
+               static_cast<F*>(nullptr));
+      const int64_t o = (out_row + ow0) * a.Co;
+      gemm_rows<I>(dbuf.data(), g.C, 0, ow1 - ow0, g.C, static_cast<const F*>(nullptr), 1, a.bp,
+                   a.Co, a.pw_scale, a.pw_bias, a.pw_act, a.res ? a.res + o : nullptr, a.out + o,
+                   a.Co, ap);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- per-ISA entry points
+#define EFFOPS_DEFINE_TASKS(T, F)                                                               \
+  EFFOPS_TARGET_V4 void pw_task_v4(const PwArgs<T>& a, int64_t t) {                            \
+    pw_task_body<kV4>(a, t);                                                 \
+  }                                                                                            \
+  EFFOPS_TARGET_V3 void pw_task_v3(const PwArgs<T>& a, int64_t t) {                            \
+    pw_task_body<kV3>(a, t);                                                 \
+  }                                                                                            \
+  void pw_task_base(const PwArgs<T>& a, int64_t t) { pw_task_body<kBase>(a, t); } \
+  EFFOPS_TARGET_V4 void dwsep_task_v4(const DwsepArgs<T>& a, int64_t t) {                      \
+    dwsep_task_body<kV4>(a, t);                                              \
+  }                                                                                            \
+  EFFOPS_TARGET_V3 void dwsep_task_v3(const DwsepArgs<T>& a, int64_t t) {                      \
+    dwsep_task_body<kV3>(a, t);                                              \
+  }                                                                                            \
+  void dwsep_task_base(const DwsepArgs<T>& a, int64_t t) {                                     \
+    dwsep_task_body<kBase>(a, t);                                            \
+  }
+EFFOPS_DEFINE_TASKS(float, float)
+EFFOPS_DEFINE_TASKS(double, double)
+EFFOPS_DEFINE_TASKS(simd::bf16, float)
+#undef EFFOPS_DEFINE_TASKS
+
+template <Isa I, class T>
+void pw_run(PwArgs<T> a, const Acc<T>* w, int threads) {
+  using F = Acc<T>;
+  using G = typename TileFor<F, I>::type;
+  std::vector<F> bp, scale, bias;
+  pack_weights<G>(w, a.Co, a.C, bp);
+  pad_channels<G>(a.scale, a.Co, scale);
+  pad_channels<G>(a.bias, a.Co, bias);
+  a.bp = bp.data();
+  a.scale = a.scale ? scale.data() : nullptr;
+  a.bias = a.bias ? bias.data() : nullptr;
+  // ~8 microkernel tiles of rows per task
+  a.rpt = std::max<int64_t>(G::MR, std::min<int64_t>(8 * G::MR, (a.M + 4 * threads - 1) / (4 * threads)));
+  const int64_t tasks = (a.M + a.rpt - 1) / a.rpt;
+  parallel_for(tasks, threads, [&](int64_t t, int) {
+    if constexpr (I == kV4)
+      pw_task_v4(a, t);
+    else if constexpr (I == kV3)
+      pw_task_v3(a, t);
+    else
+      pw_task_base(a, t);
+  });
+}
+
+template <Isa I, class T>
+void dwsep_run(DwsepArgs<T> a, const Acc<T>* pw, int threads) {
+  using F = Acc<T>;
+  using G = typename TileFor<F, I>::type;
+  std::vector<F> bp, scale, bias;
+  pack_weights<G>(pw, a.Co, a.g.C, bp);
+  pad_channels<G>(a.pw_scale, a.Co, scale);
+  pad_channels<G>(a.pw_bias, a.Co, bias);
+  a.bp = bp.data();
+  a.pw_scale = a.pw_scale ? scale.data() : nullptr;
+  a.pw_bias = a.pw_bias ? bias.data() : nullptr;
+  a.P = 4 * G::MR;
+  // Row blocks: enough tasks for the threads; in pre-activation mode longer blocks also mean
+  // fewer input rows activated twice (once per block they overlap).
+  const int64_t want = std::max<int64_t>(1, 4 * threads);
+  const int64_t per_image = std::max<int64_t>(1, (want + a.g.N - 1) / a.g.N);
+  a.rpt = std::max<int64_t>(1, (a.g.Ho + per_image - 1) / per_image);
+  a.blocks = (a.g.Ho + a.rpt - 1) / a.rpt;
+  parallel_for(a.g.N * a.blocks, threads, [&](int64_t t, int) {
+    if constexpr (I == kV4)
+      dwsep_task_v4(a, t);
+    else if constexpr (I == kV3)
+      dwsep_task_v3(a, t);
+    else
+      dwsep_task_base(a, t);
+  });
+}
+
+}  // namespace
+
+template <class T>
+void pw_forward(const T* y, const Acc<T>* w, const Acc<T>* cs, const Acc<T>* scale,
+                const Acc<T>* bias, int act, const T* res, T* out, int64_t N, int64_t HW,
+                int64_t C, int64_t Co, int threads) {
+  PwArgs<T> a{y, nullptr, cs, scale, bias, act, res, out, HW, C, Co, N * HW, 0};
+  if (a.M == 0 || Co == 0) return;
+  switch (cpu_isa()) {
+    case kV4:
+      return pw_run<kV4>(a, w, threads);
+    case kV3:
+      return pw_run<kV3>(a, w, threads);
+    default:
+      return pw_run<kBase>(a, w, threads);
+  }
+}
+
+template <class T>
+void dwsep_forward(const T* x, const Acc<T>* taps, const Acc<T>* pw, const Acc<T>* dw_scale,
+                   const Acc<T>* dw_bias, const Acc<T>* pw_scale, const Acc<T>* pw_bias,
+                   const T* res, const ConvGeom& g, int64_t Co, int act, int pw_act, bool preact,
+                   T* out, int threads) {
+  if (g.KH > 64 || g.KW > 64) throw std::invalid_argument("depthwise kernels larger than 64x64 are not supported");
+  DwsepArgs<T> a{x, taps, nullptr, dw_scale, dw_bias, pw_scale, pw_bias, res, g, Co, act, pw_act,
+                 preact, out, 0, 0, 0};
+  if (g.N * g.Ho * g.Wo == 0 || Co == 0) return;
+  switch (cpu_isa()) {
+    case kV4:
+      return dwsep_run<kV4>(a, pw, threads);
+    case kV3:
+      return dwsep_run<kV3>(a, pw, threads);
+    default:
+      return dwsep_run<kBase>(a, pw, threads);
+  }
+}
+
+#define EFFOPS_INSTANTIATE(T)                                                                   \
+  template void pw_forward<T>(const T*, const Acc<T>*, const Acc<T>*, const Acc<T>*,           \
+                              const Acc<T>*, int, const T*, T*, int64_t, int64_t, int64_t,     \
+                              int64_t, int);                                                   \
+  template void dwsep_forward<T>(const T*, const Acc<T>*, const Acc<T>*, const Acc<T>*,        \
+                                 const Acc<T>*, const Acc<T>*, const Acc<T>*, const T*,        \
+                                 const ConvGeom&, int64_t, int, int, bool, T*, int);
+EFFOPS_INSTANTIATE(float)
+EFFOPS_INSTANTIATE(double)
+EFFOPS_INSTANTIATE(simd::bf16)
+
+}  // namespace effops::dwsep

@@ -1,0 +1,202 @@
+// Portable SIMD for the convolution kernels: GCC/Clang vector extensions of 64 bytes (16 floats
+// or 8 doubles). Each kernel is compiled several times (x86-64-v4 = AVX-512, x86-64-v3 = AVX2 +
+// FMA, baseline) and picked at run time, so one 64-byte vector is one zmm, two ymm or four xmm
+// registers - no -march flag in the distributed build.
+//
+// Storage types: float, double and bf16 (uint16 bits of a bfloat16). Compute is float for float
+// and bf16 storage (bf16 -> float is exact; float -> bf16 rounds to nearest even), double for
+// double storage.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define EFFOPS_CONV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define EFFOPS_CONV_CLONES
+#endif
+#define EFFOPS_INLINE inline __attribute__((always_inline))
+#define EFFOPS_LAMBDA_INLINE __attribute__((always_inline))
+
+namespace effops::simd {
+
+struct bf16 {
+  uint16_t bits;
+};
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+typedef double vd __attribute__((vector_size(64)));
+typedef int64_t vl __attribute__((vector_size(64)));
+
+// Compute type and vector type of a storage type.
+template <class T>
+struct Traits {
+  using F = float;
+  using V = vf;
+  static constexpr int L = 16;
+};
+template <>
+struct Traits<double> {
+  using F = double;
+  using V = vd;
+  static constexpr int L = 8;
+};
+
+// ---- scalar conversions
+EFFOPS_INLINE float to_f(float v) { return v; }
+EFFOPS_INLINE double to_f(double v) { return v; }
+EFFOPS_INLINE float to_f(bf16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+EFFOPS_INLINE void store_s(float* p, float v) { *p = v; }
+EFFOPS_INLINE void store_s(double* p, double v) { *p = v; }
+EFFOPS_INLINE uint16_t f_to_bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+EFFOPS_INLINE void store_s(bf16* p, float v) { p->bits = f_to_bf16_bits(v); }
+
+// ---- vector loads/stores (unaligned)
+// A vector with every lane s. Written as s - {0, ...}: exact for every s (x - (+0) = x, -0
+// and NaN included), and GCC emits one broadcast for it. (A braced list {s, s, ...} or a
+// per-lane loop became a chain of masked inserts inside target-attributed functions.)
+template <class V>
+EFFOPS_INLINE V splat(typename std::remove_cv<typename std::remove_reference<decltype(V()[0])>::type>::type s) {
+  return s - V{};
+}
+EFFOPS_INLINE vf loadv(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+EFFOPS_INLINE vd loadv(const double* p) {
+  vd v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+EFFOPS_INLINE vf loadv(const bf16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+EFFOPS_INLINE void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+EFFOPS_INLINE void storev(double* p, vd v) { std::memcpy(p, &v, sizeof v); }
+EFFOPS_INLINE void storev(bf16* p, vf v) {
+  vu u;
+  std::memcpy(&u, &v, sizeof u);
+  const vu nan = (u & 0x7fffffffu) > 0x7f800000u;
+  vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  r = (nan & ((u >> 16) | 0x40u)) | (~nan & r);
+  vh h = __builtin_convertvector(r, vh);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// ---- math
+// Clamps that keep NaN (as torch's activations do): the comparison is false for NaN.
+template <class V, class S>
+EFFOPS_INLINE V clamp_lo(V x, S lo) {
+  return x < lo ? splat<V>(lo) : x;
+}
+template <class V, class S>
+EFFOPS_INLINE V clamp_hi(V x, S hi) {
+  return x > hi ? splat<V>(hi) : x;
+}
+
+template <class V>
+using elem_t = typename std::remove_cv<typename std::remove_reference<decltype(V()[0])>::type>::type;
+
+// exp(x) for float vectors of any width: Cody-Waite reduction x = n ln2 + r, degree-6
+// polynomial for e^r, scaling by 2^n through the exponent bits (about 1 ulp; inputs clamped to
+// [-87.3, 88.7], NaN kept). Double vectors use std::exp per lane (tests only).
+template <class V>
+EFFOPS_INLINE V vexp(V x) {
+  if constexpr (std::is_same<elem_t<V>, float>::value) {
+    typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+    x = clamp_hi(clamp_lo(x, -87.3f), 88.7f);
+    V fx = x * 1.44269504088896341f;
+    const V magic = splat<V>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    V n = (fx + magic) - magic;
+    V r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    V p = splat<V>(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+    V s;
+    std::memcpy(&s, &e, sizeof s);
+    return p * s;
+  } else {
+    V r;
+    for (unsigned i = 0; i < sizeof(V) / sizeof(double); ++i) r[i] = std::exp(x[i]);
+    return r;
+  }
+}
+EFFOPS_INLINE float sexp(float x) {
+  vf v = splat<vf>(x);
+  return vexp(v)[0];
+}
+EFFOPS_INLINE double sexp(double x) { return std::exp(x); }
+
+// Activation codes, shared with Python (ops/dwsep.py ACTIVATIONS order).
+enum Act : int { kNone = 0, kRelu = 1, kRelu6 = 2, kSilu = 3, kHardswish = 4, kSigmoid = 5 };
+
+template <class V>
+EFFOPS_INLINE V act_v(V x, int act) {
+  using S = elem_t<V>;
+  switch (act) {
+    case kRelu:
+      return clamp_lo(x, S(0));
+    case kRelu6:
+      return clamp_hi(clamp_lo(x, S(0)), S(6));
+    case kSilu:
+      return x / (S(1) + vexp(-x));
+    case kHardswish:
+      return x * clamp_hi(clamp_lo(x + S(3), S(0)), S(6)) * S(1.0 / 6.0);
+    case kSigmoid:
+      return S(1) / (S(1) + vexp(-x));
+    default:
+      return x;
+  }
+}
+
+template <class S>
+EFFOPS_INLINE S act_s(S x, int act) {
+  switch (act) {
+    case kRelu:
+      return x < S(0) ? S(0) : x;
+    case kRelu6:
+      return x < S(0) ? S(0) : (x > S(6) ? S(6) : x);
+    case kSilu:
+      return x / (S(1) + sexp(-x));
+    case kHardswish: {
+      S t = x + S(3);
+      t = t < S(0) ? S(0) : (t > S(6) ? S(6) : t);
+      return x * t * S(1.0 / 6.0);
+    }
+    case kSigmoid:
+      return S(1) / (S(1) + sexp(-x));
+    default:
+      return x;
+  }
+}
+
+}  // namespace effops::simd

@@ -1,0 +1,723 @@
+"""Fused depthwise-separable convolution: ``dwsep_conv``, and the MBConv split ``dw_conv_act`` +
+``pw_conv`` (squeeze-and-excitation needs the whole depthwise output before the pointwise conv).
+
+What is computed (the ``*_reference`` functions below are the spec; every backend computes the
+same function, accumulating in float32 - or float64 for float64 inputs)::
+
+    dwsep_conv:   a = act(x) if preact else x
+                  d = depthwise_kxk(a) * dw_scale + dw_bias          # per input channel
+                  d = act(d)                      (post-activation order, the default)
+                  p = pointwise_1x1(d) * pw_scale + pw_bias           # per output channel
+                  out = pw_act(p) + residual
+
+    dw_conv_act:  y = act(depthwise_kxk(x) * scale + bias);  means[n, c] = mean over (h, w) of y
+    pw_conv:      out = act(pointwise_1x1(y * channel_scale[n, c]) * scale + bias) + residual
+
+* padding: an int or (ph, pw) pair is symmetric zero padding; ``'same'`` is TensorFlow's SAME
+  padding (output size ceil(H / stride), the extra row/column at the bottom/right), resolved to
+  explicit (top, bottom, left, right) and applied inside the kernels (no padded copy).
+* activations: None, 'relu', 'relu6', 'silu' (= 'swish'), 'hardswish', 'sigmoid'; derivatives
+  at the kinks follow PyTorch (relu'(0) = 0, relu6' = 0 at 0 and 6, hardswish' = x/3 + 1/2 on
+  [-3, 3]).
+* Layouts: channels_last (NHWC) is the fast path and the kernels' native layout; NCHW inputs
+  give the same result (converted explicitly) and the output follows the input's layout.
+* dtypes: float32, bfloat16 on every backend; float16 on CUDA and Triton; float64 (reference and
+  CPU) for gradcheck. Weights, scales and biases may be float32 or the input's dtype; the
+  output, residual and channel_scale have the input's dtype.
+* Autocast: inside a ``torch.autocast`` region the input, weights and residual are cast to the
+  autocast dtype (as ``conv2d`` would be); accumulation stays in float32 in the kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _backend
+from ._common import check_tensor
+
+_backend.register_op("dwsep_conv", ("cpu", "reference"))
+_backend.register_op("dw_conv_act", ("cpu", "reference"))
+_backend.register_op("pw_conv", ("cpu", "reference"))
+
+ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish", "sigmoid")
+_ACT_ALIASES = {None: "none", "identity": "none", "none": "none", "swish": "silu"}
+ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+Padding = Union[str, int, Tuple[int, int]]
+
+
+# =============================================================================== helpers
+def act_name(op: str, arg: str, act) -> str:
+    name = _ACT_ALIASES.get(act, act)
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{op}: {arg} must be one of {list(ACTIVATIONS[1:])}, 'swish' or None, got {act!r}")
+    return name
+
+
+def apply_act(x: Tensor, name: str) -> Tensor:
+    if name == "none":
+        return x
+    if name == "relu":
+        return F.relu(x)
+    if name == "relu6":
+        return F.relu6(x)
+    if name == "silu":
+        return F.silu(x)
+    if name == "hardswish":
+        return F.hardswish(x)
+    if name == "sigmoid":
+        return torch.sigmoid(x)
+    raise ValueError(name)
+
+
+def act_grad(x: Tensor, name: str) -> Tensor:
+    """d act(x) / dx, with PyTorch's conventions at the kinks."""
+    if name == "none":
+        return torch.ones_like(x)
+    if name == "relu":
+        return (x > 0).to(x.dtype)
+    if name == "relu6":
+        return ((x > 0) & (x < 6)).to(x.dtype)
+    if name == "silu":
+        s = torch.sigmoid(x)
+        return s * (1 + x * (1 - s))
+    if name == "hardswish":
+        return torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, x / 3 + 0.5, torch.ones_like(x)))
+    if name == "sigmoid":
+        s = torch.sigmoid(x)
+        return s * (1 - s)
+    raise ValueError(name)
+
+
+def _pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
+    if isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got bool")
+    if isinstance(v, numbers.Integral):
+        v = (int(v), int(v))
+    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in v):
+        v = (int(v[0]), int(v[1]))
+    else:
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {v}")
+    return v
+
+
+def same_padding(size: int, k: int, stride: int, dilation: int) -> Tuple[int, int]:
+    """TensorFlow SAME padding (before, after) for one spatial dimension."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: Tuple[int, int]
+    pad: Tuple[int, int, int, int]  # top, bottom, left, right
+    dilation: Tuple[int, int]
+    out_hw: Tuple[int, int]
+
+
+def conv_geometry(op: str, hw: Sequence[int], k: Sequence[int], stride, padding: Padding, dilation) -> ConvGeometry:
+    s = _pair(op, "stride", stride, 1)
+    d = _pair(op, "dilation", dilation, 1)
+    if isinstance(padding, str):
+        if padding.lower() == "same":
+            ph = same_padding(hw[0], k[0], s[0], d[0])
+            pw = same_padding(hw[1], k[1], s[1], d[1])
+        elif padding.lower() == "valid":
+            ph = pw = (0, 0)
+        else:
+            raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+        pad = (ph[0], ph[1], pw[0], pw[1])
+    else:
+        p = _pair(op, "padding", padding, 0)
+        pad = (p[0], p[0], p[1], p[1])
+    out = []
+    for i, (size, kk) in enumerate(zip(hw, k)):
+        span = d[i] * (kk - 1) + 1
+        n = size + pad[2 * i] + pad[2 * i + 1] - span
+        if n < 0:
+            raise ValueError(
+                f"{op}: input {'height' if i == 0 else 'width'} {size} with padding {pad[2 * i]}+{pad[2 * i + 1]} "
+                f"is smaller than the dilated kernel ({span})"
+            )
+        out.append(n // s[i] + 1)
+    return ConvGeometry(s, pad, d, (out[0], out[1]))
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _like_input(out: Tensor, x: Tensor) -> Tensor:
+    """Outputs follow the input's memory format (as torch's conv2d)."""
+    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    return out.contiguous(memory_format=fmt)
+
+
+def _copy_like(t: Tensor, x: Tensor) -> Tensor:
+    """A new tensor (a custom op may not return one of its inputs) in x's memory format."""
+    out = _like_input(t, x)
+    return out.clone() if out.data_ptr() == t.data_ptr() else out
+
+
+# =============================================================================== references
+def _affine(t: Tensor, scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    if scale is not None:
+        t = t * scale.to(t.dtype)[None, :, None, None]
+    if bias is not None:
+        t = t + bias.to(t.dtype)[None, :, None, None]
+    return t
+
+
+def _depthwise_reference(x: Tensor, w: Tensor, g: ConvGeometry) -> Tensor:
+    top, bottom, left, right = g.pad
+    xp = F.pad(x, (left, right, top, bottom))
+    return F.conv2d(xp, w.to(x.dtype), stride=g.stride, dilation=g.dilation, groups=x.shape[1])
+
+
+def dwsep_conv_reference(x, dw_weight, pw_weight, g: ConvGeometry, dw_scale=None, dw_bias=None, act="silu",
+                         pw_scale=None, pw_bias=None, pw_act="none", residual=None, preact=False) -> Tensor:
+    """The specification of dwsep_conv, in plain PyTorch, computed in x's dtype (differentiable)."""
+    a = apply_act(x, act) if preact else x
+    d = _affine(_depthwise_reference(a, dw_weight, g), dw_scale, dw_bias)
+    if not preact:
+        d = apply_act(d, act)
+    p = _affine(F.conv2d(d, pw_weight.to(d.dtype)), pw_scale, pw_bias)
+    p = apply_act(p, pw_act)
+    return p if residual is None else p + residual
+
+
+def dw_conv_act_reference(x, weight, g: ConvGeometry, scale=None, bias=None, act="silu") -> Tuple[Tensor, Tensor]:
+    y = apply_act(_affine(_depthwise_reference(x, weight, g), scale, bias), act)
+    return y, y.mean(dim=(2, 3))
+
+
+def pw_conv_reference(y, weight, channel_scale=None, scale=None, bias=None, act="none", residual=None) -> Tensor:
+    if channel_scale is not None:
+        y = y * channel_scale.to(y.dtype)[:, :, None, None]
+    p = apply_act(_affine(F.conv2d(y, weight.to(y.dtype)), scale, bias), act)
+    return p if residual is None else p + residual
+
+
+# =============================================================================== backends
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    """The kernels' layout: a contiguous NHWC buffer (a view of a channels_last tensor)."""
+    return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+
+def _f32(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """Per-channel vectors and weights as the kernels want them (float32, or float64)."""
+    if t is None:
+        return None
+    return t.to(torch.float64 if like.dtype == torch.float64 else torch.float32).contiguous()
+
+
+def _dw_taps(w: Tensor, like: Tensor) -> Tensor:
+    """[C, 1, kh, kw] -> [kh, kw, C]: the channel vector of each tap is contiguous."""
+    return _f32(w[:, 0].permute(1, 2, 0), like)
+
+
+def _empty_nhwc(n, h, w, c, dtype, device) -> Tensor:
+    return torch.empty((n, c, h, w), dtype=dtype, device=device, memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+
+def _from_nhwc(t: Tensor) -> Tensor:
+    return t.permute(0, 3, 1, 2)
+
+
+def _geom_args(g: ConvGeometry):
+    return list(g.stride), list(g.pad), list(g.dilation)
+
+
+# --------------------------------------------------------------------------------- CPU backend
+def _dwsep_cpu(x, dw_weight, pw_weight, g, dw_scale, dw_bias, act, pw_scale, pw_bias, pw_act, residual, preact):
+    N, C, H, W = x.shape
+    Co = pw_weight.shape[0]
+    Ho, Wo = g.out_hw
+    out = _empty_nhwc(N, Ho, Wo, Co, x.dtype, x.device)
+    _backend._C.dwsep_forward(
+        _nhwc(x), _dw_taps(dw_weight, x), _f32(pw_weight.reshape(Co, C), x),
+        _f32(dw_scale, x), _f32(dw_bias, x), _f32(pw_scale, x), _f32(pw_bias, x),
+        None if residual is None else _nhwc(residual),
+        *_geom_args(g), ACT_CODES[act], ACT_CODES[pw_act], preact, out, _threads(),
+    )
+    return _from_nhwc(out)
+
+
+def _dw_cpu(x, weight, g, scale, bias, act, *, in_act="none"):
+    """Depthwise forward on the CPU: (y [N, C, Ho, Wo], sums [N, C] in the accumulation dtype)."""
+    N, C, H, W = x.shape
+    Ho, Wo = g.out_hw
+    y = _empty_nhwc(N, Ho, Wo, C, x.dtype, x.device)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sums = torch.empty(N, C, dtype=acc, device=x.device)
+    _backend._C.dw_forward(
+        _nhwc(x), _dw_taps(weight, x), _f32(scale, x), _f32(bias, x), *_geom_args(g),
+        ACT_CODES[act], ACT_CODES[in_act], y, sums, _threads(),
+    )
+    return _from_nhwc(y), sums
+
+
+def _pw_cpu(y, weight, channel_scale, scale, bias, act, residual):
+    N, C, H, W = y.shape
+    Co = weight.shape[0]
+    out = _empty_nhwc(N, H, W, Co, y.dtype, y.device)
+    _backend._C.pw_forward(
+        _nhwc(y), _f32(weight.reshape(Co, C), y), _f32(channel_scale, y), _f32(scale, y), _f32(bias, y),
+        ACT_CODES[act], None if residual is None else _nhwc(residual), out, _threads(),
+    )
+    return _from_nhwc(out)
+
+
+def _dw_backward_cpu(a: Tensor, weight: Tensor, g: ConvGeometry, gd_raw: Tensor):
+    N, C, H, W = a.shape
+    acc = gd_raw.dtype
+    ga = _empty_nhwc(N, H, W, C, acc, a.device)
+    gw = torch.empty(weight.shape[2], weight.shape[3], C, dtype=acc, device=a.device)
+    _backend._C.dw_backward(_nhwc(a), _dw_taps(weight, a), _nhwc(gd_raw.to(acc)), *_geom_args(g), ga, gw, _threads())
+    return _from_nhwc(ga), gw.permute(2, 0, 1).unsqueeze(1)
+
+
+class _Prims:
+    """The three primitives the backward passes are built from, per backend: the raw depthwise
+    conv (no affine/activation), the raw pointwise conv, and the depthwise conv's backward.
+    The remaining backward work is elementwise, reductions, and the pointwise convs' two weight/
+    input gradient GEMMs, which run on the vendor GEMM (torch.matmul)."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def dw_raw(self, a: Tensor, w: Tensor, g: ConvGeometry) -> Tensor:
+        if self.backend == "cpu":
+            return _dw_cpu(a, w, g, None, None, "none")[0]
+        return _depthwise_reference(a, w, g)
+
+    def pw_raw(self, d: Tensor, w: Tensor) -> Tensor:
+        if self.backend == "cpu":
+            return _pw_cpu(d, w, None, None, None, "none", None)
+        return F.conv2d(d, w.to(d.dtype))
+
+    def dw_bwd(self, a: Tensor, w: Tensor, g: ConvGeometry, gd_raw: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.backend == "cpu":
+            return _dw_backward_cpu(a, w, g, gd_raw)
+        # explicit convolution backward (custom-op bodies run below autograd)
+        top, bottom, left, right = g.pad
+        ap = F.pad(a, (left, right, top, bottom))
+        w = w.to(a.dtype)
+        gd = gd_raw.to(a.dtype)
+        C = a.shape[1]
+        gap = torch.nn.grad.conv2d_input(ap.shape, w, gd, g.stride, 0, g.dilation, C)
+        gw = torch.nn.grad.conv2d_weight(ap, w.shape, gd, g.stride, 0, g.dilation, C)
+        return gap[:, :, top:top + a.shape[2], left:left + a.shape[3]], gw
+
+
+# =============================================================================== custom ops
+def _geometry_from(x: Tensor, weight: Tensor, stride: List[int], pad: List[int], dilation: List[int]) -> ConvGeometry:
+    kh, kw = weight.shape[-2:]
+    H, W = x.shape[-2:]
+    out = ((H + pad[0] + pad[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
+           (W + pad[2] + pad[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1)
+    return ConvGeometry(tuple(stride), tuple(pad), tuple(dilation), out)
+
+
+def _opt(t: Tensor) -> Optional[Tensor]:
+    """Backward ops return an empty tensor for 'no gradient' (custom ops cannot return None)."""
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+_NOGRAD = torch.empty(0)
+
+
+@torch.library.custom_op("effops::dwsep_conv", mutates_args=())
+def _dwsep_op(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_scale: Optional[Tensor], dw_bias: Optional[Tensor],
+              pw_scale: Optional[Tensor], pw_bias: Optional[Tensor], residual: Optional[Tensor],
+              stride: List[int], pad: List[int], dilation: List[int], act: str, pw_act: str, preact: bool) -> Tensor:
+    g = _geometry_from(x, dw_weight, stride, pad, dilation)
+    backend = _backend.select("dwsep_conv", x.device)
+    args = (x, dw_weight, pw_weight, g, dw_scale, dw_bias, act, pw_scale, pw_bias, pw_act, residual, preact)
+    if backend == "cpu":
+        out = _dwsep_cpu(*args)
+    else:
+        out = dwsep_conv_reference(*args)
+    return _like_input(out, x)
+
+
+@_dwsep_op.register_fake
+def _(x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias, residual, stride, pad, dilation, act, pw_act, preact):
+    g = _geometry_from(x, dw_weight, stride, pad, dilation)
+    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    return x.new_empty((x.shape[0], pw_weight.shape[0], *g.out_hw)).contiguous(memory_format=fmt)
+
+
+@torch.library.custom_op("effops::dw_conv_act", mutates_args=())
+def _dw_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], stride: List[int],
+           pad: List[int], dilation: List[int], act: str) -> Tuple[Tensor, Tensor]:
+    g = _geometry_from(x, weight, stride, pad, dilation)
+    backend = _backend.select("dw_conv_act", x.device)
+    if backend == "cpu":
+        y, sums = _dw_cpu(x, weight, g, scale, bias, act)
+        means = (sums / (g.out_hw[0] * g.out_hw[1])).to(x.dtype)
+    else:
+        y, means = dw_conv_act_reference(x, weight, g, scale, bias, act)
+    return _like_input(y, x), means
+
+
+@_dw_op.register_fake
+def _(x, weight, scale, bias, stride, pad, dilation, act):
+    g = _geometry_from(x, weight, stride, pad, dilation)
+    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    return x.new_empty((x.shape[0], x.shape[1], *g.out_hw)).contiguous(memory_format=fmt), x.new_empty(x.shape[:2])
+
+
+@torch.library.custom_op("effops::pw_conv", mutates_args=())
+def _pw_op(y: Tensor, weight: Tensor, channel_scale: Optional[Tensor], scale: Optional[Tensor],
+           bias: Optional[Tensor], residual: Optional[Tensor], act: str) -> Tensor:
+    backend = _backend.select("pw_conv", y.device)
+    if backend == "cpu":
+        out = _pw_cpu(y, weight, channel_scale, scale, bias, act, residual)
+    else:
+        out = pw_conv_reference(y, weight, channel_scale, scale, bias, act, residual)
+    return _like_input(out, y)
+
+
+@_pw_op.register_fake
+def _(y, weight, channel_scale, scale, bias, residual, act):
+    fmt = torch.channels_last if _is_channels_last(y) else torch.contiguous_format
+    return y.new_empty((y.shape[0], weight.shape[0], *y.shape[2:])).contiguous(memory_format=fmt)
+
+
+# ------------------------------------------------------------------------------- backward ops
+# Each forward op has a backward custom op (so torch.compile/AOTAutograd see one opaque node).
+# Gradients come back for every tensor input; an input without a gradient gets an empty tensor.
+# Intermediates are recomputed from the inputs (nothing but the inputs is saved for backward).
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chan(t: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(acc)[None, :, None, None]
+
+
+def _grad_for(t: Tensor, like: Optional[Tensor]) -> Tensor:
+    return _NOGRAD.to(t.device) if like is None else t.to(like.dtype)
+
+
+def _pw_backward_core(gp_aff: Tensor, a: Tensor, weight2d: Tensor, scale: Optional[Tensor]):
+    """Gradients of p_aff = (a @ W^T) * scale + bias (NCHW logical tensors, any layout) with
+    respect to a, W, scale, bias, given gp_aff = dL/dp_aff. With H = gp_aff^T a:
+    dW = scale[:, None] * H, dscale = rowsum(W * H), dbias = colsum(gp_aff)."""
+    acc = gp_aff.dtype
+    Co, C = weight2d.shape
+    g2 = gp_aff.permute(0, 2, 3, 1).reshape(-1, Co)
+    a2 = a.permute(0, 2, 3, 1).reshape(-1, C).to(acc)
+    H = g2.t() @ a2
+    w = weight2d.to(acc)
+    s = None if scale is None else scale.to(acc)
+    dW = H if s is None else H * s[:, None]
+    dscale = (w * H).sum(1)
+    dbias = g2.sum(0)
+    gp_raw = g2 if s is None else g2 * s
+    da = (gp_raw @ w).reshape(a.shape[0], a.shape[2], a.shape[3], C).permute(0, 3, 1, 2)
+    return da, dW, dscale, dbias
+
+
+def _affine_backward(gpre: Tensor, raw: Tensor, scale: Optional[Tensor]):
+    """For pre = raw * scale + bias: (d raw, d scale, d bias)."""
+    dscale = (gpre * raw).sum((0, 2, 3))
+    dbias = gpre.sum((0, 2, 3))
+    graw = gpre if scale is None else gpre * _chan(scale, gpre.dtype)
+    return graw, dscale, dbias
+
+
+@torch.library.custom_op("effops::dwsep_conv_backward", mutates_args=())
+def _dwsep_bwd_op(grad: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_scale: Optional[Tensor],
+                  dw_bias: Optional[Tensor], pw_scale: Optional[Tensor], pw_bias: Optional[Tensor],
+                  has_residual: bool, stride: List[int], pad: List[int], dilation: List[int], act: str, pw_act: str,
+                  preact: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    g = _geometry_from(x, dw_weight, stride, pad, dilation)
+    P = _Prims(_backend.select("dwsep_conv", x.device))
+    acc = _acc(x)
+    Co, C = pw_weight.shape[0], x.shape[1]
+    grad_acc = grad.to(acc)
+    xa = x.to(acc)
+    a = apply_act(xa, act) if preact else xa
+    raw = P.dw_raw(a, dw_weight, g)
+    dpre = _affine(raw, dw_scale, dw_bias)
+    d = dpre if preact else apply_act(dpre, act)
+    if pw_act != "none":
+        gp_aff = grad_acc * act_grad(_affine(P.pw_raw(d, pw_weight), pw_scale, pw_bias), pw_act)
+    else:
+        gp_aff = grad_acc
+    dd, dW, dps, dpb = _pw_backward_core(gp_aff, d, pw_weight.reshape(Co, C), pw_scale)
+    gd_pre = dd if preact else dd * act_grad(dpre, act)
+    gd_raw, ddws, ddwb = _affine_backward(gd_pre, raw, dw_scale)
+    ga, gw = P.dw_bwd(a, dw_weight, g, gd_raw)
+    gx = ga * act_grad(xa, act) if preact else ga
+    return (
+        _like_input(gx.to(x.dtype), x),
+        gw.reshape(dw_weight.shape).to(dw_weight.dtype),
+        dW.reshape(pw_weight.shape).to(pw_weight.dtype),
+        _grad_for(ddws, dw_scale), _grad_for(ddwb, dw_bias), _grad_for(dps, pw_scale), _grad_for(dpb, pw_bias),
+        _copy_like(grad, x) if has_residual else _NOGRAD.to(x.device),
+    )
+
+
+@_dwsep_bwd_op.register_fake
+def _(grad, x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias, has_residual, stride, pad, dilation, act,
+      pw_act, preact):
+    def like(t):
+        return torch.empty_like(t) if t is not None else x.new_empty(0)
+
+    return (torch.empty_like(x), torch.empty_like(dw_weight), torch.empty_like(pw_weight), like(dw_scale),
+            like(dw_bias), like(pw_scale), like(pw_bias), torch.empty_like(grad) if has_residual else x.new_empty(0))
+
+
+@torch.library.custom_op("effops::dw_conv_act_backward", mutates_args=())
+def _dw_bwd_op(grad_y: Tensor, grad_means: Tensor, x: Tensor, weight: Tensor, scale: Optional[Tensor],
+               bias: Optional[Tensor], stride: List[int], pad: List[int], dilation: List[int],
+               act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    g = _geometry_from(x, weight, stride, pad, dilation)
+    P = _Prims(_backend.select("dw_conv_act", x.device))
+    acc = _acc(x)
+    xa = x.to(acc)
+    raw = P.dw_raw(xa, weight, g)
+    pre = _affine(raw, scale, bias)
+    hw = g.out_hw[0] * g.out_hw[1]
+    gy = grad_y.to(acc) + (grad_means.to(acc) / hw)[:, :, None, None]
+    graw, dscale, dbias = _affine_backward(gy * act_grad(pre, act), raw, scale)
+    gx, gw = P.dw_bwd(xa, weight, g, graw)
+    return (_like_input(gx.to(x.dtype), x), gw.reshape(weight.shape).to(weight.dtype),
+            _grad_for(dscale, scale), _grad_for(dbias, bias))
+
+
+@_dw_bwd_op.register_fake
+def _(grad_y, grad_means, x, weight, scale, bias, stride, pad, dilation, act):
+    def like(t):
+        return torch.empty_like(t) if t is not None else x.new_empty(0)
+
+    return torch.empty_like(x), torch.empty_like(weight), like(scale), like(bias)
+
+
+@torch.library.custom_op("effops::pw_conv_backward", mutates_args=())
+def _pw_bwd_op(grad: Tensor, y: Tensor, weight: Tensor, channel_scale: Optional[Tensor], scale: Optional[Tensor],
+               bias: Optional[Tensor], has_residual: bool,
+               act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    P = _Prims(_backend.select("pw_conv", y.device))
+    acc = _acc(y)
+    Co, C = weight.shape[0], y.shape[1]
+    ya = y.to(acc)
+    ys = ya if channel_scale is None else ya * channel_scale.to(acc)[:, :, None, None]
+    gp = grad.to(acc)
+    if act != "none":
+        gp = gp * act_grad(_affine(P.pw_raw(ys, weight), scale, bias), act)
+    dys, dW, dscale, dbias = _pw_backward_core(gp, ys, weight.reshape(Co, C), scale)
+    if channel_scale is not None:
+        dcs = _grad_for((dys * ya).sum((2, 3)), channel_scale)
+        dy = dys * channel_scale.to(acc)[:, :, None, None]
+    else:
+        dcs, dy = _NOGRAD.to(y.device), dys
+    return (_like_input(dy.to(y.dtype), y), dW.reshape(weight.shape).to(weight.dtype), dcs,
+            _grad_for(dscale, scale), _grad_for(dbias, bias),
+            _copy_like(grad, y) if has_residual else _NOGRAD.to(y.device))
+
+
+@_pw_bwd_op.register_fake
+def _(grad, y, weight, channel_scale, scale, bias, has_residual, act):
+    def like(t):
+        return torch.empty_like(t) if t is not None else y.new_empty(0)
+
+    return (torch.empty_like(y), torch.empty_like(weight), like(channel_scale), like(scale), like(bias),
+            torch.empty_like(grad) if has_residual else y.new_empty(0))
+
+
+# ------------------------------------------------------------------------------- autograd
+def _dwsep_setup(ctx, inputs, output):
+    (x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias, residual, stride, pad, dilation, act, pw_act,
+     preact) = inputs
+    ctx.save_for_backward(x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias)
+    ctx.cfg = (residual is not None, stride, pad, dilation, act, pw_act, preact)
+
+
+def _dwsep_backward(ctx, grad):
+    x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias = ctx.saved_tensors
+    has_res, stride, pad, dilation, act, pw_act, preact = ctx.cfg
+    gx, gdw, gpw, gdws, gdwb, gpws, gpwb, gres = torch.ops.effops.dwsep_conv_backward(
+        grad, x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias, has_res, stride, pad, dilation, act,
+        pw_act, preact)
+    opt = [None if t is None else g for t, g in zip((dw_scale, dw_bias, pw_scale, pw_bias), (gdws, gdwb, gpws, gpwb))]
+    return (gx, gdw, gpw, *opt, gres if has_res else None, None, None, None, None, None, None)
+
+
+_dwsep_op.register_autograd(_dwsep_backward, setup_context=_dwsep_setup)
+
+
+def _dw_setup(ctx, inputs, output):
+    x, weight, scale, bias, stride, pad, dilation, act = inputs
+    ctx.save_for_backward(x, weight, scale, bias)
+    ctx.cfg = (stride, pad, dilation, act, tuple(output[0].shape))
+
+
+def _dw_backward(ctx, grad_y, grad_means):
+    x, weight, scale, bias = ctx.saved_tensors
+    stride, pad, dilation, act, y_shape = ctx.cfg
+    if grad_y is None:
+        grad_y = x.new_zeros(y_shape)
+    if grad_means is None:
+        grad_means = x.new_zeros(x.shape[:2])
+    gx, gw, gs, gb = torch.ops.effops.dw_conv_act_backward(
+        grad_y, grad_means, x, weight, scale, bias, stride, pad, dilation, act)
+    return gx, gw, (gs if scale is not None else None), (gb if bias is not None else None), None, None, None, None
+
+
+_dw_op.register_autograd(_dw_backward, setup_context=_dw_setup)
+
+
+def _pw_setup(ctx, inputs, output):
+    y, weight, channel_scale, scale, bias, residual, act = inputs
+    ctx.save_for_backward(y, weight, channel_scale, scale, bias)
+    ctx.cfg = (residual is not None, act)
+
+
+def _pw_backward(ctx, grad):
+    y, weight, channel_scale, scale, bias = ctx.saved_tensors
+    has_res, act = ctx.cfg
+    gy, gw, gcs, gs, gb, gres = torch.ops.effops.pw_conv_backward(grad, y, weight, channel_scale, scale, bias,
+                                                                  has_res, act)
+    return (gy, gw, gcs if channel_scale is not None else None, gs if scale is not None else None,
+            gb if bias is not None else None, gres if has_res else None, None)
+
+
+_pw_op.register_autograd(_pw_backward, setup_context=_pw_setup)
+
+
+# =============================================================================== public API
+def _check_x(op: str, x) -> Tensor:
+    x = check_tensor(op, "x", x)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be a 4-d tensor [N, C, H, W], got shape {list(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise TypeError(f"{op}: x must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    return x
+
+
+def _check_param(op: str, name: str, t, shape: Sequence[int], x: Tensor, *, same_dtype: bool = False) -> Optional[Tensor]:
+    if t is None:
+        return None
+    t = check_tensor(op, name, t)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    allowed = (x.dtype,) if same_dtype else (x.dtype, torch.float32)
+    if t.dtype not in allowed:
+        raise TypeError(f"{op}: {name} must be {' or '.join(str(d) for d in dict.fromkeys(allowed))} "
+                        f"(the dtype of x{'' if same_dtype else ', or float32'}), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    return t
+
+
+def _check_dw_weight(op: str, w, C: int, x: Tensor) -> Tensor:
+    w = check_tensor(op, "dw_weight" if op == "dwsep_conv" else "weight", w)
+    name = "dw_weight" if op == "dwsep_conv" else "weight"
+    if w.dim() != 4 or w.shape[0] != C or w.shape[1] != 1:
+        raise ValueError(f"{op}: {name} must have shape [C, 1, kh, kw] = [{C}, 1, kh, kw] for a depthwise conv of "
+                         f"{C} channels (groups = C), got {list(w.shape)}")
+    return _check_param(op, name, w, w.shape, x)
+
+
+def _check_pw_weight(op: str, w, C: int, x: Tensor, name: str) -> Tensor:
+    w = check_tensor(op, name, w)
+    if w.dim() == 2:
+        w = w[:, :, None, None]
+    if w.dim() != 4 or w.shape[1] != C or w.shape[2:] != (1, 1):
+        raise ValueError(f"{op}: {name} must have shape [Co, {C}, 1, 1] (or [Co, {C}]), got {list(w.shape)}")
+    return _check_param(op, name, w, w.shape, x)
+
+
+def _autocast(*ts):
+    """Inside torch.autocast, cast floating inputs to the autocast dtype, as conv2d is."""
+    dev = next((t.device.type for t in ts if t is not None), "cpu")
+    if not torch.is_autocast_enabled(dev):
+        return ts
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(None if t is None or not t.is_floating_point() else t.to(dt) for t in ts)
+
+
+def dwsep_conv(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, *, stride=1, padding: Padding = "same", dilation=1,
+               dw_scale: Optional[Tensor] = None, dw_bias: Optional[Tensor] = None, act: Optional[str] = "silu",
+               pw_scale: Optional[Tensor] = None, pw_bias: Optional[Tensor] = None, pw_act: Optional[str] = None,
+               residual: Optional[Tensor] = None, preact: bool = False) -> Tensor:
+    """Depthwise kxk conv -> per-channel affine -> act -> pointwise 1x1 conv -> per-channel affine
+    -> pw_act -> + residual, in one pass over memory (see the module docstring for details).
+
+    With ``preact=True`` the activation is applied to the input instead (EfficientDet's BiFPN and
+    heads: act -> depthwise -> pointwise -> affine). Folded BatchNorm goes into the scales/biases.
+    """
+    op = "dwsep_conv"
+    x = _check_x(op, x)
+    x, dw_weight, pw_weight, residual = _autocast(x, dw_weight, pw_weight, residual)
+    N, C, H, W = x.shape
+    dw_weight = _check_dw_weight(op, dw_weight, C, x)
+    pw_weight = _check_pw_weight(op, pw_weight, C, x, "pw_weight")
+    Co = pw_weight.shape[0]
+    dw_scale = _check_param(op, "dw_scale", dw_scale, (C,), x)
+    dw_bias = _check_param(op, "dw_bias", dw_bias, (C,), x)
+    pw_scale = _check_param(op, "pw_scale", pw_scale, (Co,), x)
+    pw_bias = _check_param(op, "pw_bias", pw_bias, (Co,), x)
+    a, pa = act_name(op, "act", act), act_name(op, "pw_act", pw_act)
+    if not isinstance(preact, bool):
+        raise TypeError(f"{op}: preact must be a bool, got {type(preact).__name__}")
+    g = conv_geometry(op, (H, W), dw_weight.shape[2:], stride, padding, dilation)
+    residual = _check_param(op, "residual", residual, (N, Co, *g.out_hw), x, same_dtype=True)
+    return torch.ops.effops.dwsep_conv(x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias, residual,
+                                       list(g.stride), list(g.pad), list(g.dilation), a, pa, preact)
+
+
+def dw_conv_act(x: Tensor, weight: Tensor, *, stride=1, padding: Padding = "same", dilation=1,
+                scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                act: Optional[str] = "silu") -> Tuple[Tensor, Tensor]:
+    """Depthwise kxk conv -> per-channel affine -> act, plus the squeeze-and-excitation global
+    average pool of the result as a side output of the same pass: returns ``(y, means[N, C])``."""
+    op = "dw_conv_act"
+    x = _check_x(op, x)
+    x, weight = _autocast(x, weight)
+    N, C, H, W = x.shape
+    weight = _check_dw_weight(op, weight, C, x)
+    scale = _check_param(op, "scale", scale, (C,), x)
+    bias = _check_param(op, "bias", bias, (C,), x)
+    g = conv_geometry(op, (H, W), weight.shape[2:], stride, padding, dilation)
+    return torch.ops.effops.dw_conv_act(x, weight, scale, bias, list(g.stride), list(g.pad), list(g.dilation),
+                                        act_name(op, "act", act))
+
+
+def pw_conv(y: Tensor, weight: Tensor, *, channel_scale: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+            bias: Optional[Tensor] = None, act: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
+    """Pointwise 1x1 conv with the SE channel scaling applied while loading (``channel_scale``
+    [N, C]), then a per-channel affine, activation and residual add, in one pass."""
+    op = "pw_conv"
+    y = check_tensor(op, "y", y)
+    if y.dim() != 4:
+        raise ValueError(f"{op}: y must be a 4-d tensor [N, C, H, W], got shape {list(y.shape)}")
+    if y.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise TypeError(f"{op}: y must be float32, bfloat16, float16 or float64, got {y.dtype}")
+    y, weight, residual, channel_scale = _autocast(y, weight, residual, channel_scale)
+    N, C, H, W = y.shape
+    weight = _check_pw_weight(op, weight, C, y, "weight")
+    Co = weight.shape[0]
+    channel_scale = _check_param(op, "channel_scale", channel_scale, (N, C), y, same_dtype=True)
+    scale = _check_param(op, "scale", scale, (Co,), y)
+    bias = _check_param(op, "bias", bias, (Co,), y)
+    residual = _check_param(op, "residual", residual, (N, Co, H, W), y, same_dtype=True)
+    return torch.ops.effops.pw_conv(y, weight, channel_scale, scale, bias, residual, act_name(op, "act", act))
