@@ -338,7 +338,9 @@ def _opt(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 and t.dim() == 1 else t
 
 
-_NOGRAD = torch.empty(0)
+def _nograd(device) -> Tensor:
+    """'No gradient' for a backward op's output: a fresh empty tensor (outputs may not alias)."""
+    return torch.empty(0, device=device)
 
 
 @torch.library.custom_op("effops::dwsep_conv", mutates_args=())
@@ -412,7 +414,7 @@ def _chan(t: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
 
 
 def _grad_for(t: Tensor, like: Optional[Tensor]) -> Tensor:
-    return _NOGRAD.to(t.device) if like is None else t.to(like.dtype)
+    return _nograd(t.device) if like is None else t.to(like.dtype)
 
 
 def _pw_backward_core(gp_aff: Tensor, a: Tensor, weight2d: Tensor, scale: Optional[Tensor]):
@@ -471,7 +473,7 @@ def _dwsep_bwd_op(grad: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
         gw.reshape(dw_weight.shape).to(dw_weight.dtype),
         dW.reshape(pw_weight.shape).to(pw_weight.dtype),
         _grad_for(ddws, dw_scale), _grad_for(ddwb, dw_bias), _grad_for(dps, pw_scale), _grad_for(dpb, pw_bias),
-        _copy_like(grad, x) if has_residual else _NOGRAD.to(x.device),
+        _copy_like(grad, x) if has_residual else _nograd(x.device),
     )
 
 
@@ -528,10 +530,10 @@ def _pw_bwd_op(grad: Tensor, y: Tensor, weight: Tensor, channel_scale: Optional[
         dcs = _grad_for((dys * ya).sum((2, 3)), channel_scale)
         dy = dys * channel_scale.to(acc)[:, :, None, None]
     else:
-        dcs, dy = _NOGRAD.to(y.device), dys
+        dcs, dy = _nograd(y.device), dys
     return (_like_input(dy.to(y.dtype), y), dW.reshape(weight.shape).to(weight.dtype), dcs,
             _grad_for(dscale, scale), _grad_for(dbias, bias),
-            _copy_like(grad, y) if has_residual else _NOGRAD.to(y.device))
+            _copy_like(grad, y) if has_residual else _nograd(y.device))
 
 
 @_pw_bwd_op.register_fake
@@ -604,12 +606,14 @@ _pw_op.register_autograd(_pw_backward, setup_context=_pw_setup)
 
 
 # =============================================================================== public API
-def _check_x(op: str, x) -> Tensor:
-    x = check_tensor(op, "x", x)
+def _check_x(op: str, x, name: str = "x") -> Tensor:
+    x = check_tensor(op, name, x)
     if x.dim() != 4:
-        raise ValueError(f"{op}: x must be a 4-d tensor [N, C, H, W], got shape {list(x.shape)}")
+        raise ValueError(f"{op}: {name} must be a 4-d tensor [N, C, H, W], got shape {list(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"{op}: x must be float32, bfloat16, float16 or float64, got {x.dtype}")
+        raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.dtype == torch.float16 and x.device.type == "cpu":
+        raise TypeError(f"{op}: float16 is supported on CUDA; on the CPU use bfloat16 or float32")
     return x
 
 
@@ -648,11 +652,11 @@ def _check_pw_weight(op: str, w, C: int, x: Tensor, name: str) -> Tensor:
 
 def _autocast(*ts):
     """Inside torch.autocast, cast floating inputs to the autocast dtype, as conv2d is."""
-    dev = next((t.device.type for t in ts if t is not None), "cpu")
+    dev = next((t.device.type for t in ts if isinstance(t, torch.Tensor)), "cpu")
     if not torch.is_autocast_enabled(dev):
         return ts
     dt = torch.get_autocast_dtype(dev)
-    return tuple(None if t is None or not t.is_floating_point() else t.to(dt) for t in ts)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in ts)
 
 
 def dwsep_conv(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, *, stride=1, padding: Padding = "same", dilation=1,
@@ -666,8 +670,8 @@ def dwsep_conv(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, *, stride=1, pad
     heads: act -> depthwise -> pointwise -> affine). Folded BatchNorm goes into the scales/biases.
     """
     op = "dwsep_conv"
-    x = _check_x(op, x)
     x, dw_weight, pw_weight, residual = _autocast(x, dw_weight, pw_weight, residual)
+    x = _check_x(op, x)
     N, C, H, W = x.shape
     dw_weight = _check_dw_weight(op, dw_weight, C, x)
     pw_weight = _check_pw_weight(op, pw_weight, C, x, "pw_weight")
@@ -691,8 +695,8 @@ def dw_conv_act(x: Tensor, weight: Tensor, *, stride=1, padding: Padding = "same
     """Depthwise kxk conv -> per-channel affine -> act, plus the squeeze-and-excitation global
     average pool of the result as a side output of the same pass: returns ``(y, means[N, C])``."""
     op = "dw_conv_act"
-    x = _check_x(op, x)
     x, weight = _autocast(x, weight)
+    x = _check_x(op, x)
     N, C, H, W = x.shape
     weight = _check_dw_weight(op, weight, C, x)
     scale = _check_param(op, "scale", scale, (C,), x)
@@ -707,12 +711,8 @@ def pw_conv(y: Tensor, weight: Tensor, *, channel_scale: Optional[Tensor] = None
     """Pointwise 1x1 conv with the SE channel scaling applied while loading (``channel_scale``
     [N, C]), then a per-channel affine, activation and residual add, in one pass."""
     op = "pw_conv"
-    y = check_tensor(op, "y", y)
-    if y.dim() != 4:
-        raise ValueError(f"{op}: y must be a 4-d tensor [N, C, H, W], got shape {list(y.shape)}")
-    if y.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"{op}: y must be float32, bfloat16, float16 or float64, got {y.dtype}")
     y, weight, residual, channel_scale = _autocast(y, weight, residual, channel_scale)
+    y = _check_x(op, y, "y")
     N, C, H, W = y.shape
     weight = _check_pw_weight(op, weight, C, y, "weight")
     Co = weight.shape[0]

@@ -1,0 +1,332 @@
+"""Depthwise-separable family: every backend against the float64 reference over a seeded sweep
+of kernel sizes, strides, dilations, padding modes, activations, channel counts, sizes, layouts
+and dtypes; gradcheck; opcheck; torch.compile; autocast; bad input."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import sys
+
+import pytest
+import torch
+
+import effops
+from effops.ops import dw_conv_act, dwsep_conv, pw_conv
+
+R = sys.modules["effops.ops.dwsep"]
+
+ACTS = ["none", "relu", "relu6", "silu", "hardswish", "sigmoid"]
+
+
+def gen(seed):
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def rnd(*shape, g, scale=1.0):
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def make_case(p, seed):
+    """Inputs (float64) for one configuration p."""
+    g = gen(seed)
+    N, C, Co, H, W, k = p["N"], p["C"], p["Co"], p["H"], p["W"], p["k"]
+    t = dict(
+        x=rnd(N, C, H, W, g=g),
+        dw_weight=rnd(C, 1, k, k, g=g, scale=0.5),
+        pw_weight=rnd(Co, C, 1, 1, g=g, scale=C ** -0.5),
+        dw_scale=rnd(C, g=g).abs() + 0.5,
+        dw_bias=rnd(C, g=g, scale=0.1),
+        pw_scale=rnd(Co, g=g).abs() + 0.5,
+        pw_bias=rnd(Co, g=g, scale=0.1),
+    )
+    geo = R.conv_geometry("t", (H, W), (k, k), p["stride"], p["padding"], p["dilation"])
+    t["residual"] = rnd(N, Co, *geo.out_hw, g=g) if p["residual"] else None
+    return t
+
+
+def call_dwsep(t, p, dtype, layout):
+    def cvt(v):
+        if v is None:
+            return None
+        v = v.to(dtype)
+        return v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 and layout == "cl" else v
+
+    return dwsep_conv(cvt(t["x"]), cvt(t["dw_weight"]), cvt(t["pw_weight"]), stride=p["stride"],
+                      padding=p["padding"], dilation=p["dilation"], dw_scale=cvt(t["dw_scale"]),
+                      dw_bias=cvt(t["dw_bias"]), act=p["act"], pw_scale=cvt(t["pw_scale"]),
+                      pw_bias=cvt(t["pw_bias"]), pw_act=p["pw_act"], residual=cvt(t["residual"]),
+                      preact=p["preact"])
+
+
+def reference(t, p, dtype):
+    """The reference function evaluated in dtype (float64: the truth; low precision: eager)."""
+    geo = R.conv_geometry("t", t["x"].shape[2:], t["dw_weight"].shape[2:], p["stride"], p["padding"], p["dilation"])
+    cv = lambda v: None if v is None else v.to(dtype)  # noqa: E731
+    return R.dwsep_conv_reference(cv(t["x"]), cv(t["dw_weight"]), cv(t["pw_weight"]), geo, cv(t["dw_scale"]),
+                                  cv(t["dw_bias"]), R.act_name("t", "a", p["act"]), cv(t["pw_scale"]),
+                                  cv(t["pw_bias"]), R.act_name("t", "a", p["pw_act"]), cv(t["residual"]),
+                                  p["preact"])
+
+
+def assert_close_to_truth(got, truth, eager, dtype):
+    """The rule of DESIGN.md: |kernel - fp64| <= 2 |eager - fp64| + atol, elementwise max."""
+    got, truth, eager = got.double(), truth.double(), eager.double()
+    scale = truth.abs().max().item() + 1e-12
+    atol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12, torch.float16: 2e-3}[dtype] * scale
+    err = (got - truth).abs().max().item()
+    eager_err = (eager - truth).abs().max().item()
+    assert not torch.isnan(got).any(), "NaN in the output"
+    assert err <= 2 * eager_err + atol, f"error {err:.3g} vs eager {eager_err:.3g} (atol {atol:.3g})"
+
+
+def sweep(n, seed, small=False):
+    """n configurations drawn (seeded) from the full product of the parameters."""
+    space = dict(
+        k=[3, 5, 7, 2], stride=[1, 2], dilation=[1, 2], padding=["same", "valid", 1, (2, 0)],
+        act=ACTS, pw_act=ACTS[:4], preact=[False, True], residual=[False, True],
+        C=[1, 3, 16, 88, 120] if not small else [1, 3, 16], Co=[1, 8, 33, 64] if not small else [1, 5],
+        HW=[(1, 1), (7, 7), (65, 33), (13, 123)] if not small else [(1, 1), (7, 5), (9, 12)],
+        layout=["cl", "nchw"], N=[1, 2],
+    )
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        p = {k: rng.choice(v) for k, v in space.items()}
+        p["H"], p["W"] = p.pop("HW")
+        try:  # skip configurations whose input is smaller than the kernel
+            R.conv_geometry("t", (p["H"], p["W"]), (p["k"], p["k"]), p["stride"], p["padding"], p["dilation"])
+        except ValueError:
+            continue
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("p", sweep(48, seed=1), ids=lambda p: f"k{p['k']}s{p['stride']}d{p['dilation']}"
+                         f"-{p['padding']}-{p['act']}-{p['C']}x{p['H']}x{p['W']}-{p['layout']}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dwsep_cpu_matches_reference(p, dtype):
+    t = make_case(p, seed=hash(str(p)) % 1000)
+    with effops.use_backend("cpu"):
+        got = call_dwsep(t, p, dtype, p["layout"])
+    assert got.dtype == dtype
+    ambiguous = p["C"] == 1 or p["H"] * p["W"] == 1  # NCHW and NHWC are the same memory: torch says NCHW
+    if p["layout"] == "cl" and not ambiguous:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert got.is_contiguous()
+    assert_close_to_truth(got, reference(t, p, torch.float64), reference(t, p, dtype), dtype)
+
+
+@pytest.mark.parametrize("p", sweep(6, seed=2, small=True), ids=lambda p: f"k{p['k']}s{p['stride']}-{p['act']}")
+def test_dwsep_backends_match_reference(backend_device, p):
+    _, dev = backend_device
+    t = make_case(p, seed=3)
+    td = {k: None if v is None else v.to(dev) for k, v in t.items()}
+    got = call_dwsep(td, p, torch.float32, p["layout"]).cpu()
+    assert_close_to_truth(got, reference(t, p, torch.float64), reference(t, p, torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("act", ["silu", "relu6", "hardswish"])
+@pytest.mark.parametrize("stride,padding", [(1, "same"), (2, "same"), (2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dw_conv_act_and_means(act, stride, padding, dtype):
+    g = gen(4)
+    x = rnd(2, 88, 17, 19, g=g)
+    w = rnd(88, 1, 3, 3, g=g, scale=0.5)
+    s, b = rnd(88, g=g).abs() + 0.5, rnd(88, g=g, scale=0.1)
+    geo = R.conv_geometry("t", (17, 19), (3, 3), stride, padding, 1)
+    y, m = dw_conv_act(x.to(dtype).contiguous(memory_format=torch.channels_last), w.to(dtype), stride=stride,
+                       padding=padding, scale=s.to(dtype), bias=b.to(dtype), act=act)
+    yt, mt = R.dw_conv_act_reference(x, w, geo, s, b, act)
+    ye, me = R.dw_conv_act_reference(x.to(dtype), w.to(dtype), geo, s.to(dtype), b.to(dtype), act)
+    assert y.dtype == dtype and m.dtype == dtype and m.shape == (2, 88)
+    assert_close_to_truth(y, yt, ye, dtype)
+    assert_close_to_truth(m, mt, me, dtype)
+
+
+@pytest.mark.parametrize("act", ["none", "silu", "sigmoid"])
+@pytest.mark.parametrize("C,Co", [(1, 1), (3, 40), (120, 88), (960, 160)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pw_conv_with_se_scale(act, C, Co, dtype):
+    g = gen(C)
+    y = rnd(2, C, 7, 9, g=g)
+    w = rnd(Co, C, 1, 1, g=g, scale=C ** -0.5)
+    cs = torch.rand(2, C, generator=g, dtype=torch.float64)
+    s, b, r = rnd(Co, g=g).abs() + 0.5, rnd(Co, g=g, scale=0.1), rnd(2, Co, 7, 9, g=g)
+    got = pw_conv(y.to(dtype).contiguous(memory_format=torch.channels_last), w.to(dtype), channel_scale=cs.to(dtype),
+                  scale=s.float(), bias=b.float(), act=act, residual=r.to(dtype))
+    truth = R.pw_conv_reference(y, w, cs, s, b, act, r)
+    eager = R.pw_conv_reference(y.to(dtype), w.to(dtype), cs.to(dtype), s.to(dtype), b.to(dtype), act, r.to(dtype))
+    assert_close_to_truth(got, truth, eager, dtype)
+
+
+def test_padding_same_is_tensorflow_same():
+    """TF 'same' for stride 2 and even input: the extra pad goes to the bottom/right."""
+    assert R.same_padding(8, 3, 2, 1) == (0, 1)
+    assert R.same_padding(7, 3, 2, 1) == (1, 1)
+    assert R.same_padding(25, 3, 2, 1) == (1, 1)
+    assert R.same_padding(6, 5, 2, 1) == (1, 2)
+    x = torch.randn(1, 4, 8, 8)
+    w = torch.randn(4, 1, 3, 3)
+    y, _ = dw_conv_act(x, w, stride=2, padding="same", act=None)
+    want = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), w, stride=2, groups=4)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ gradients
+GRAD_CASES = [
+    dict(k=3, stride=1, padding="same", dilation=1, act="silu", pw_act="none", preact=False, residual=True),
+    dict(k=3, stride=2, padding="same", dilation=1, act="hardswish", pw_act="sigmoid", preact=False, residual=False),
+    dict(k=5, stride=1, padding=4, dilation=2, act="relu6", pw_act="relu", preact=False, residual=False),
+    dict(k=3, stride=1, padding="same", dilation=1, act="silu", pw_act="none", preact=True, residual=True),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("case", range(len(GRAD_CASES)))
+def test_dwsep_gradcheck(backend, case):
+    p = dict(GRAD_CASES[case], N=1, C=2, Co=3, H=5, W=4)
+    t = make_case(p, seed=case)
+    names = [k for k, v in t.items() if v is not None]
+    for k in names:
+        t[k] = t[k].clone().requires_grad_(True)
+
+    def f(*args):
+        d = dict(zip(names, args))
+        return dwsep_conv(d["x"], d["dw_weight"], d["pw_weight"], stride=p["stride"], padding=p["padding"],
+                          dilation=p["dilation"], dw_scale=d["dw_scale"], dw_bias=d["dw_bias"], act=p["act"],
+                          pw_scale=d["pw_scale"], pw_bias=d["pw_bias"], pw_act=p["pw_act"],
+                          residual=d.get("residual"), preact=p["preact"])
+
+    with effops.use_backend(backend):
+        assert torch.autograd.gradcheck(f, tuple(t[k] for k in names))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_dw_conv_act_and_pw_conv_gradcheck(backend):
+    g = gen(7)
+    x = rnd(2, 3, 6, 5, g=g).requires_grad_(True)
+    w = rnd(3, 1, 3, 3, g=g).requires_grad_(True)
+    s, b = (rnd(3, g=g).requires_grad_(True) for _ in range(2))
+    y = rnd(2, 3, 4, 5, g=g).requires_grad_(True)
+    pw = rnd(4, 3, 1, 1, g=g).requires_grad_(True)
+    cs = torch.rand(2, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    ps, pb = (rnd(4, g=g).requires_grad_(True) for _ in range(2))
+    r = rnd(2, 4, 4, 5, g=g).requires_grad_(True)
+    with effops.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda x, w, s, b: dw_conv_act(x, w, stride=2, scale=s, bias=b, act="silu"), (x, w, s, b))
+        # only the means used: the y gradient is absent
+        assert torch.autograd.gradcheck(lambda x, w: dw_conv_act(x, w, act="relu6")[1], (x, w))
+        assert torch.autograd.gradcheck(
+            lambda y, pw, cs, ps, pb, r: pw_conv(y, pw, channel_scale=cs, scale=ps, bias=pb, act="hardswish",
+                                                 residual=r), (y, pw, cs, ps, pb, r))
+
+
+def test_backward_matches_eager_autograd_in_fp32():
+    """The CPU backward against autograd through the eager reference, on a realistic size."""
+    p = dict(k=3, stride=2, padding="same", dilation=1, act="silu", pw_act="none", preact=False, residual=False,
+             N=2, C=24, Co=40, H=33, W=30)
+    t = make_case(p, seed=9)
+    tf = {k: v.float().requires_grad_(True) for k, v in t.items() if v is not None}
+    ref = R.dwsep_conv_reference(tf["x"], tf["dw_weight"], tf["pw_weight"],
+                                 R.conv_geometry("t", (33, 30), (3, 3), 2, "same", 1), tf["dw_scale"],
+                                 tf["dw_bias"], "silu", tf["pw_scale"], tf["pw_bias"], "none", None, False)
+    gout = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, list(tf.values()), gout)
+    tc = {k: v.detach().clone().requires_grad_(True) for k, v in tf.items()}
+    out = dwsep_conv(tc["x"].contiguous(memory_format=torch.channels_last), tc["dw_weight"], tc["pw_weight"],
+                     stride=2, dw_scale=tc["dw_scale"], dw_bias=tc["dw_bias"], act="silu",
+                     pw_scale=tc["pw_scale"], pw_bias=tc["pw_bias"])
+    grads = torch.autograd.grad(out, list(tc.values()), gout)
+    for name, a, b in zip(tc, grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=name)
+
+
+# ------------------------------------------------------------------------------ registration
+def test_opcheck():
+    g = gen(5)
+    x = torch.randn(2, 4, 6, 5, generator=g)
+    args = (x, torch.randn(4, 1, 3, 3, generator=g), torch.randn(6, 4, 1, 1, generator=g), torch.rand(4) + 0.5,
+            torch.randn(4), torch.rand(6) + 0.5, torch.randn(6), torch.randn(2, 6, 3, 2, generator=g),
+            [2, 2], [0, 1, 0, 1], [1, 1], "silu", "none", False)
+    torch.library.opcheck(torch.ops.effops.dwsep_conv.default, args)
+    torch.library.opcheck(torch.ops.effops.dwsep_conv.default,
+                          (x.contiguous(memory_format=torch.channels_last),) + args[1:7] + (None, [1, 1], [1, 1, 1, 1],
+                                                                                         [1, 1], "relu", "sigmoid", True))
+    torch.library.opcheck(torch.ops.effops.dw_conv_act.default,
+                          (x, args[1], args[3], args[4], [1, 1], [1, 1, 1, 1], [1, 1], "silu"))
+    torch.library.opcheck(torch.ops.effops.pw_conv.default,
+                          (x, args[2], torch.rand(2, 4), args[5], args[6], torch.randn(2, 6, 6, 5), "hardswish"))
+
+
+def test_torch_compile_fullgraph():
+    g = gen(6)
+    x = torch.randn(2, 8, 9, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    dw, pw = torch.randn(8, 1, 3, 3, generator=g), torch.randn(16, 8, 1, 1, generator=g)
+
+    def block(x):
+        y, m = dw_conv_act(x, dw, act="silu")
+        return pw_conv(y, pw, channel_scale=torch.sigmoid(m)) + dwsep_conv(x, dw, pw, act="relu")
+
+    torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_casts_to_the_autocast_dtype():
+    x = torch.randn(2, 8, 9, 9)
+    dw, pw = torch.randn(8, 1, 3, 3), torch.randn(16, 8, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dwsep_conv(x, dw, pw)
+        y, m = dw_conv_act(x, dw)
+        p = pw_conv(x, pw)
+    assert out.dtype == y.dtype == m.dtype == p.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), dwsep_conv(x, dw, pw), rtol=5e-2, atol=5e-2)
+
+
+def test_noncontiguous_and_strided_inputs():
+    x = torch.randn(2, 8, 20, 20)[:, :, ::2, 1::2]  # strided view
+    dw, pw = torch.randn(8, 1, 3, 3), torch.randn(4, 8, 1, 1)
+    torch.testing.assert_close(dwsep_conv(x, dw, pw), dwsep_conv(x.contiguous(), dw, pw))
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_input():
+    x = torch.randn(2, 8, 9, 9)
+    dw, pw = torch.randn(8, 1, 3, 3), torch.randn(4, 8, 1, 1)
+    with pytest.raises(ValueError, match=r"dw_weight must have shape \[C, 1, kh, kw\] = \[8, 1, kh, kw\]"):
+        dwsep_conv(x, torch.randn(8, 2, 3, 3), pw)  # wrong groups
+    with pytest.raises(ValueError, match="dw_weight must have shape"):
+        dwsep_conv(x, torch.randn(4, 1, 3, 3), pw)
+    with pytest.raises(ValueError, match=r"pw_weight must have shape \[Co, 8, 1, 1\]"):
+        dwsep_conv(x, dw, torch.randn(4, 7, 1, 1))
+    with pytest.raises(ValueError, match=r"pw_weight must have shape"):
+        dwsep_conv(x, dw, torch.randn(4, 8, 3, 3))
+    with pytest.raises(TypeError, match="x must be float32, bfloat16, float16 or float64"):
+        dwsep_conv(x.long(), dw, pw)
+    with pytest.raises(TypeError, match="float16 is supported on CUDA"):
+        dwsep_conv(x.half(), dw.half(), pw.half())
+    with pytest.raises(TypeError, match="dw_weight must be torch.bfloat16 or torch.float32"):
+        dwsep_conv(x.bfloat16(), dw.double(), pw)
+    with pytest.raises(ValueError, match=r"x must be a 4-d tensor"):
+        dwsep_conv(x[0], dw, pw)
+    with pytest.raises(ValueError, match=r"dw_scale must have shape \[8\]"):
+        dwsep_conv(x, dw, pw, dw_scale=torch.ones(4))
+    with pytest.raises(ValueError, match=r"residual must have shape \[2, 4, 9, 9\]"):
+        dwsep_conv(x, dw, pw, residual=torch.randn(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="act must be one of"):
+        dwsep_conv(x, dw, pw, act="gelu")
+    with pytest.raises(ValueError, match="padding must be 'same', 'valid'"):
+        dwsep_conv(x, dw, pw, padding="full")
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        dwsep_conv(x, dw, pw, stride=0)
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        dwsep_conv(torch.randn(1, 8, 2, 2), dw, pw, padding=0)
+    with pytest.raises(ValueError, match=r"channel_scale must have shape \[2, 8\]"):
+        pw_conv(x, pw, channel_scale=torch.ones(8))
+    with pytest.raises(ValueError, match="on meta but x is on cpu"):
+        dwsep_conv(x, dw, pw.to("meta"))
+    with pytest.raises(TypeError, match="preact must be a bool"):
+        dwsep_conv(x, dw, pw, preact=1)
