@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _backend, ops
+from . import _backend, nn, ops
 from ._backend import use_backend
 
 
@@ -58,4 +58,4 @@ def format_info(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ops", "info", "use_backend", "__version__"]
+__all__ = ["ops", "nn", "info", "use_backend", "__version__"]

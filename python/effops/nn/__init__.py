@@ -1,0 +1,9 @@
+"""Thin modules on the fused kernels, and ``convert(model)`` for models users already have."""
+
+from .convert import ConvertReport, FusedSeparableConv2d, FusedTimmBlock, FusedTorchvisionBlock, convert
+from .dwsep import DWSeparableConv2d, MBConv, SqueezeExcite
+
+__all__ = [
+    "DWSeparableConv2d", "MBConv", "SqueezeExcite", "convert", "ConvertReport",
+    "FusedTimmBlock", "FusedTorchvisionBlock", "FusedSeparableConv2d",
+]

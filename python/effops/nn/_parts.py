@@ -1,0 +1,234 @@
+"""Building blocks shared by effops.nn modules and the converter: BatchNorm folding, activation
+and padding introspection, squeeze-and-excitation gates, and the fused forward passes of a
+depthwise-separable conv and of an inverted residual (MBConv)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops.dwsep import apply_act, dw_conv_act, dwsep_conv, pw_conv
+
+
+class Unsupported(Exception):
+    """A module the fused kernels cannot reproduce exactly (the converter leaves it as it is)."""
+
+
+# ----------------------------------------------------------------------------- activations
+_ACT_BY_CLASS = {
+    "Identity": "none", "ReLU": "relu", "ReLU6": "relu6", "SiLU": "silu", "Swish": "silu", "SwishMe": "silu",
+    "Hardswish": "hardswish", "HardSwish": "hardswish", "HardSwishMe": "hardswish", "Sigmoid": "sigmoid",
+}
+
+
+def act_of(m: Optional[nn.Module]) -> str:
+    """The effops activation name of an activation module (None / Identity -> 'none')."""
+    if m is None:
+        return "none"
+    name = _ACT_BY_CLASS.get(type(m).__name__)
+    if name is None:
+        raise Unsupported(f"activation {type(m).__name__} has no fused equivalent")
+    return name
+
+
+# ----------------------------------------------------------------------------- convolutions
+def padding_of(conv: nn.Conv2d) -> Union[str, Tuple[int, int]]:
+    own = getattr(conv, "effops_padding", None)  # effops modules: the padding the op applies
+    if own is not None:
+        return own
+    if type(conv).__name__ in ("Conv2dSame", "Conv2dSameExport"):  # timm: dynamic TF 'same'
+        return "same"
+    if getattr(conv, "padding_mode", "zeros") != "zeros":
+        raise Unsupported(f"padding_mode={conv.padding_mode!r}")
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        if conv.padding == "same" and tuple(conv.stride) == (1, 1):
+            return "same"  # torch's 'same' (stride 1) pads like TensorFlow's
+        raise Unsupported(f"padding={conv.padding!r}")
+    return tuple(conv.padding)
+
+
+def check_depthwise(conv: nn.Module) -> nn.Conv2d:
+    if not isinstance(conv, nn.Conv2d):
+        raise Unsupported(f"{type(conv).__name__} is not a Conv2d")
+    if not (conv.groups == conv.in_channels == conv.out_channels):
+        raise Unsupported("not a depthwise conv (groups != channels, or a channel multiplier)")
+    return conv
+
+
+def check_pointwise(conv: nn.Module) -> nn.Conv2d:
+    if not isinstance(conv, nn.Conv2d):
+        raise Unsupported(f"{type(conv).__name__} is not a Conv2d")
+    if tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or conv.groups != 1:
+        raise Unsupported("not a 1x1, stride 1, groups 1 conv")
+    if padding_of(conv) not in ((0, 0), "same"):
+        raise Unsupported("a padded 1x1 conv")
+    return conv
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+def check_bn(bn: Optional[nn.Module]) -> Optional[nn.BatchNorm2d]:
+    if bn is None or isinstance(bn, nn.Identity):
+        return None
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise Unsupported(f"norm layer {type(bn).__name__} is not a BatchNorm2d")
+    if not bn.track_running_stats:
+        raise Unsupported("BatchNorm2d without running statistics")
+    return bn
+
+
+def bn_act(bn: Optional[nn.Module]) -> Optional[nn.Module]:
+    """timm's BatchNormAct2d carries its activation: (bn.act)."""
+    if bn is None:
+        return None
+    drop = getattr(bn, "drop", None)
+    if drop is not None and not isinstance(drop, nn.Identity):
+        raise Unsupported("BatchNormAct2d with dropout")
+    return getattr(bn, "act", None)
+
+
+def _bn_training(bn: Optional[nn.BatchNorm2d]) -> bool:
+    return bn is not None and bn.training
+
+
+def fold_bn(bn: Optional[nn.BatchNorm2d], conv_bias: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(scale, bias) with BN(conv(x) + conv_bias) == conv(x) * scale + bias, from the running
+    statistics. Differentiable in the BN affine parameters and the conv bias. Cached on the BN
+    module while nothing needs a gradient (inference), keyed by the parameters' versions."""
+    if bn is None:
+        return None, conv_bias
+    tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv_bias)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    compiling = torch.compiler.is_compiling()
+    key = None
+    if not grad and not compiling:
+        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors) + (bn.eps,)
+        cached = getattr(bn, "_effops_fold", None)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+    inv = torch.rsqrt(bn.running_var + bn.eps)
+    scale = inv if bn.weight is None else bn.weight * inv
+    shift = -bn.running_mean if conv_bias is None else conv_bias - bn.running_mean
+    bias = shift * scale if bn.bias is None else bn.bias + shift * scale
+    if key is not None:
+        bn._effops_fold = (key, scale, bias)
+    return scale, bias
+
+
+# ----------------------------------------------------------------------------- squeeze-excite
+def se_gate_of(se: Optional[nn.Module]) -> Optional[Callable[[Tensor], Tensor]]:
+    """A function means [N, C, 1, 1] -> gates [N, C, 1, 1] doing what the SE module does between
+    its global pool and its multiply (timm SqueezeExcite, torchvision SqueezeExcitation)."""
+    if se is None or isinstance(se, nn.Identity):
+        return None
+    names = {n for n, _ in se.named_children()}
+    if {"conv_reduce", "conv_expand"} <= names:  # timm
+        def gate(m):
+            s = se.conv_reduce(m)
+            s = se.act1(se.bn(s) if hasattr(se, "bn") else s)
+            return se.gate(se.conv_expand(s))
+        return gate
+    if {"fc1", "fc2"} <= names:  # torchvision
+        return lambda m: se.scale_activation(se.fc2(se.activation(se.fc1(m))))
+    raise Unsupported(f"squeeze-excite module {type(se).__name__}")
+
+
+# ----------------------------------------------------------------------------- fused forwards
+@dataclass
+class ConvStage:
+    """A conv followed by BatchNorm (or not) and an activation. bn_has_act: the BN module applies
+    the activation itself (timm BatchNormAct2d), which matters only on the composed path."""
+
+    conv: nn.Conv2d
+    bn: Optional[nn.BatchNorm2d]
+    act: Optional[nn.Module]
+    bn_has_act: bool = False
+
+    @property
+    def act_name(self) -> str:
+        return act_of(self.act)
+
+    def affine(self):
+        return fold_bn(self.bn, self.conv.bias)
+
+    def post(self, t: Tensor) -> Tensor:
+        """BN (batch statistics when training) then the activation, as the original module."""
+        if self.bn is not None:
+            t = self.bn(t)
+            if self.bn_has_act:
+                return t
+        return self.act(t) if self.act is not None else t
+
+
+def _drop_path_active(drop: Optional[nn.Module]) -> bool:
+    if drop is None or isinstance(drop, nn.Identity) or not drop.training:
+        return False
+    p = getattr(drop, "drop_prob", getattr(drop, "p", 0.0))
+    return bool(p)
+
+
+def sepconv_forward(x: Tensor, dw: ConvStage, pw: ConvStage, *, preact: Optional[str] = None,
+                    residual: Optional[Tensor] = None) -> Tensor:
+    """depthwise (BN, act) -> pointwise (BN, act) [+ residual]; preact: an activation applied to
+    the input first (then dw has no activation). Fused unless a BN is in training mode."""
+    if _bn_training(dw.bn) or _bn_training(pw.bn):
+        a = apply_act(x, preact) if preact else x
+        d, _ = dw_conv_act(a, dw.conv.weight, stride=dw.conv.stride, padding=padding_of(dw.conv),
+                           dilation=dw.conv.dilation, bias=dw.conv.bias, act=None)
+        d = dw.post(d)
+        p = pw.post(pw_conv(d, pw.conv.weight, bias=pw.conv.bias))
+        return p if residual is None else p + residual
+    dws, dwb = dw.affine()
+    pws, pwb = pw.affine()
+    return dwsep_conv(x, dw.conv.weight, pw.conv.weight, stride=dw.conv.stride, padding=padding_of(dw.conv),
+                      dilation=dw.conv.dilation, dw_scale=dws, dw_bias=dwb,
+                      act=preact if preact else dw.act_name, pw_scale=pws, pw_bias=pwb, pw_act=pw.act_name,
+                      residual=residual, preact=bool(preact))
+
+
+def mbconv_forward(x: Tensor, expand: Optional[ConvStage], dw: ConvStage, se: Optional[Callable[[Tensor], Tensor]],
+                   project: ConvStage, *, skip: bool, drop_path: Optional[nn.Module] = None) -> Tensor:
+    """Inverted residual: [expand 1x1 (BN, act)] -> depthwise (BN, act) -> [SE] -> project 1x1 (BN,
+    act) [+ x]. In inference: expand is one pw_conv; without SE the rest is one dwsep_conv; with
+    SE dw_conv_act gives the pooled means in the same pass and pw_conv applies the gates while
+    loading. With any BN in training mode, the same effops convs with eager BN in between."""
+    stages = [s for s in (expand, dw, project) if s is not None]
+    res_in_kernel = skip and not _drop_path_active(drop_path)
+    if any(_bn_training(s.bn) for s in stages):
+        h = expand.post(pw_conv(x, expand.conv.weight, bias=expand.conv.bias)) if expand is not None else x
+        d, _ = dw_conv_act(h, dw.conv.weight, stride=dw.conv.stride, padding=padding_of(dw.conv),
+                           dilation=dw.conv.dilation, bias=dw.conv.bias, act=None)
+        d = dw.post(d)
+        if se is not None:
+            d = d * se(d.mean((2, 3), keepdim=True))
+        out = project.post(pw_conv(d, project.conv.weight, bias=project.conv.bias))
+    else:
+        if expand is not None:
+            es, eb = expand.affine()
+            h = pw_conv(x, expand.conv.weight, scale=es, bias=eb, act=expand.act_name)
+        else:
+            h = x
+        ds, db = dw.affine()
+        ps, pb = project.affine()
+        residual = x if res_in_kernel else None
+        if se is None:
+            out = dwsep_conv(h, dw.conv.weight, project.conv.weight, stride=dw.conv.stride,
+                             padding=padding_of(dw.conv), dilation=dw.conv.dilation, dw_scale=ds, dw_bias=db,
+                             act=dw.act_name, pw_scale=ps, pw_bias=pb, pw_act=project.act_name, residual=residual)
+        else:
+            y, means = dw_conv_act(h, dw.conv.weight, stride=dw.conv.stride, padding=padding_of(dw.conv),
+                                   dilation=dw.conv.dilation, scale=ds, bias=db, act=dw.act_name)
+            gates = se(means[:, :, None, None])[:, :, 0, 0].to(y.dtype)
+            out = pw_conv(y, project.conv.weight, channel_scale=gates, scale=ps, bias=pb, act=project.act_name,
+                          residual=residual)
+        if res_in_kernel or not skip:
+            return out
+    if skip:
+        out = (drop_path(out) if drop_path is not None else out) + x
+    return out

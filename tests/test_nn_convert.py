@@ -1,0 +1,187 @@
+"""effops.nn: the fused modules and convert(model) on timm, torchvision and effdet models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import effops
+from effops.nn import DWSeparableConv2d, MBConv, convert
+
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, so folding is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+    return model
+
+
+MODELS = [
+    ("timm", "efficientnet_b0", 16), ("timm", "tf_efficientnet_b0", 16), ("timm", "mobilenetv2_100", 17),
+    ("timm", "mobilenetv3_large_100", 15), ("torchvision", "efficientnet_b0", 16),
+    ("torchvision", "mobilenet_v2", 17), ("torchvision", "mobilenet_v3_large", 15),
+]
+
+
+def assert_grads_close(a: nn.Module, b: nn.Module, tol: float):
+    """Gradients equal up to tol relative to each tensor's largest entry, plus 1e-5 of the largest
+    gradient anywhere: a BN bias feeding a training-mode BN has a mathematically zero gradient,
+    and what is computed for it is rounding noise of the (large) gradients flowing past it."""
+    floor = 1e-5 * max(p.grad.abs().max().item() for p in a.parameters() if p.grad is not None)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        err = (q.grad - p.grad).abs().max().item()
+        assert err <= tol * p.grad.abs().max().item() + floor, (n, err)
+
+
+def build(lib: str, name: str) -> nn.Module:
+    torch.manual_seed(0)
+    m = timm.create_model(name) if lib == "timm" else getattr(torchvision.models, name)()
+    return randomize_bn(m).eval()
+
+
+@pytest.mark.parametrize("lib,name,blocks", MODELS, ids=[f"{a}-{b}" for a, b, _ in MODELS])
+def test_convert_parity(lib, name, blocks):
+    model = build(lib, name)
+    x = torch.randn(2, 3, 96, 80, generator=torch.Generator().manual_seed(1))
+    keys = list(model.state_dict().keys())
+    with torch.no_grad():
+        ref = model(x)
+        conv, rep = convert(copy.deepcopy(model), report=True)
+        out = conv(x)
+        out_cl = conv.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert len(rep.replaced) == blocks and not rep.skipped, str(rep)
+    assert list(conv.state_dict().keys()) == keys, "state_dict keys must not change"
+    for o in (out, out_cl):
+        rel = ((o - ref).abs().max() / ref.abs().max()).item()
+        assert rel <= 1e-4, rel
+    # the original checkpoint loads into the converted model
+    conv.load_state_dict(model.state_dict())
+
+
+def test_convert_shares_weights_in_place():
+    model = build("timm", "mobilenetv2_100")
+    w = model.blocks[1][0].conv_dw.weight
+    same = convert(model)
+    assert same is model
+    assert model.blocks[1][0].conv_dw.weight is w
+    assert type(model.blocks[1][0]).__name__ == "FusedTimmBlock"
+    copied = convert(build("timm", "mobilenetv2_100"), copy_model=True)
+    assert copied is not model
+
+
+def test_convert_train_mode_matches_eager():
+    """Training (BN batch statistics): same outputs, same running statistics, same gradients."""
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model("efficientnet_b0", drop_path_rate=0.0)).train()
+    fused = convert(copy.deepcopy(model))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    out_ref, out = model(x), fused(x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    out_ref.sum().backward()
+    out.sum().backward()
+    assert_grads_close(model, fused, 1e-3)
+    for (n, b), (_, c) in zip(model.named_buffers(), fused.named_buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_convert_frozen_bn_trains_through_the_fused_backward():
+    """BN in eval mode while the rest trains: the fused kernels with folded BN, and gradients
+    (to conv weights and to BN gamma/beta through the folding) equal eager's."""
+    model = build("torchvision", "mobilenet_v3_large")
+    fused = convert(copy.deepcopy(model))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    model(x).square().mean().backward()
+    fused(x).square().mean().backward()
+    assert_grads_close(model, fused, 1e-3)
+
+
+def test_convert_effdet_separable_conv():
+    effdet = pytest.importorskip("effdet")
+    from effdet.efficientdet import SeparableConv2d
+
+    torch.manual_seed(0)
+    for kwargs in (dict(act_layer=None), dict(act_layer=nn.SiLU), dict(padding="same", stride=2, bias=True)):
+        m = randomize_bn(SeparableConv2d(16, 24, **kwargs)).eval()
+        x = torch.randn(2, 16, 11, 13)
+        with torch.no_grad():
+            ref = m(x)
+            fused, rep = convert(copy.deepcopy(m), report=True)
+            out = fused(x)
+        assert rep.replaced and type(fused).__name__ == "FusedSeparableConv2d"
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_and_unsupported_modules_are_left_alone():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU())
+    out, rep = convert(model, report=True)
+    assert out is model and not rep.replaced
+    # a timm block with an activation the kernels do not have: reported, kept
+    m = timm.create_model("mobilenetv2_100", act_layer=nn.GELU).eval()
+    _, rep = convert(m, report=True)
+    assert not rep.replaced and rep.skipped and "GELU" in rep.skipped[0][2]
+    assert "kept" in str(rep)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        convert("resnet")
+
+
+# ------------------------------------------------------------------------------ native modules
+def _eager_sepconv(mod: DWSeparableConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The same computation with plain PyTorch modules (symmetric padding)."""
+    a = mod._act(x) if mod.preact else x
+    p = mod.padding
+    d = nn.functional.conv2d(a, mod.conv_dw.weight, stride=mod.conv_dw.stride, padding=p,
+                             dilation=mod.conv_dw.dilation, groups=a.shape[1])
+    if mod.bn_dw is not None:
+        d = mod.bn_dw(d)
+    if not mod.preact:
+        d = mod._act(d)
+    y = mod.conv_pw(d)
+    if mod.bn_pw is not None:
+        y = mod.bn_pw(y)
+    return mod._pw_act(y)
+
+
+@pytest.mark.parametrize("preact", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+def test_dwseparable_module(preact, train):
+    torch.manual_seed(0)
+    mod = randomize_bn(DWSeparableConv2d(8, 12, 3, stride=1, padding=1, act="silu", preact=preact,
+                                         dw_norm=not preact, bias=True))
+    mod.train(train)
+    ref_mod = copy.deepcopy(mod)
+    x = torch.randn(2, 8, 9, 10, requires_grad=True)
+    out = mod(x)
+    ref = _eager_sepconv(ref_mod, x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    (g1,) = torch.autograd.grad(out.sum(), x)
+    (g2,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+    assert "preact=True" in repr(mod) if preact else "act='silu'" in repr(mod)
+
+
+def test_mbconv_module_eval_and_train_agree_on_statistics():
+    torch.manual_seed(0)
+    block = randomize_bn(MBConv(16, 16, kernel_size=5, stride=1, expand_ratio=4, se_ratio=0.25))
+    x = torch.randn(4, 16, 12, 12)
+    # train mode updates the running statistics like eager BN; eval mode then uses them, fused
+    block.train()
+    y_train = block(x)
+    assert y_train.shape == x.shape
+    block.eval()
+    with torch.no_grad():
+        y_eval = block(x)
+        with effops.use_backend("reference"):
+            y_ref = block(x)
+    torch.testing.assert_close(y_eval, y_ref, rtol=1e-4, atol=1e-5)
+    assert "expand_to=64" in repr(block) and "se=True" in repr(block)
