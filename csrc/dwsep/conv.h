@@ -3,6 +3,7 @@
 // Storage types T: float, double, simd::bf16. Per-channel vectors, weights and accumulators are
 // F = float (double for double storage). Outputs are preallocated by the caller.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include "dwsep/simd.h"
@@ -20,6 +21,13 @@ struct ConvGeom {
 
 template <class T>
 using Acc = typename simd::Traits<T>::F;
+
+// Threads worth using for `macs` multiply-adds: waking a worker costs about as much as ~1M MACs,
+// so small problems stay on the calling thread.
+inline int threads_for(double macs, int threads) {
+  constexpr double kPerThread = 1 << 20;
+  return static_cast<int>(std::max(1.0, std::min<double>(threads, macs / kPerThread)));
+}
 
 // y[n, oh, ow, c] = act(sum_taps a[n, ih, iw, c] * taps[kh, kw, c] * scale[c] + bias[c]) with
 // a = in_act(x) (in_act = none: a = x); sums[n, c] = sum over (oh, ow) of y (may be null).

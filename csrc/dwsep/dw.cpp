@@ -180,6 +180,7 @@ template <class T>
 void dw_forward(const T* x, const Acc<T>* taps, const Acc<T>* scale, const Acc<T>* bias,
                 const ConvGeom& g, int act, int in_act, T* y, Acc<T>* sums, int threads) {
   check_kernel_size(g);
+  threads = threads_for(double(g.N) * g.Ho * g.Wo * g.C * g.KH * g.KW, threads);
   FwdArgs<T> a{x, taps, scale, bias, g, act, in_act, y, nullptr, 0, 0};
   a.rpt = rows_per_task(g.N, g.Ho, threads);
   a.blocks = (g.Ho + a.rpt - 1) / a.rpt;
@@ -204,6 +205,7 @@ template <class F>
 void dw_backward(const F* a, const F* taps, const F* gd, const ConvGeom& g, F* ga, F* gw,
                  int threads) {
   check_kernel_size(g);
+  threads = threads_for(2.0 * g.N * g.Ho * g.Wo * g.C * g.KH * g.KW, threads);
   BwdArgs<F> b{a, taps, gd, g, ga, nullptr, 0, 0};
   b.rpt = rows_per_task(g.N, g.H, threads);
   b.blocks = (g.H + b.rpt - 1) / b.rpt;

@@ -307,6 +307,7 @@ void pw_forward(const T* y, const Acc<T>* w, const Acc<T>* cs, const Acc<T>* sca
                 int64_t C, int64_t Co, int threads) {
   PwArgs<T> a{y, nullptr, cs, scale, bias, act, res, out, HW, C, Co, N * HW, 0};
   if (a.M == 0 || Co == 0) return;
+  threads = threads_for(double(a.M) * C * Co, threads);
   switch (cpu_isa()) {
     case kV4:
       return pw_run<kV4>(a, w, threads);
@@ -326,6 +327,7 @@ void dwsep_forward(const T* x, const Acc<T>* taps, const Acc<T>* pw, const Acc<T
   DwsepArgs<T> a{x, taps, nullptr, dw_scale, dw_bias, pw_scale, pw_bias, res, g, Co, act, pw_act,
                  preact, out, 0, 0, 0};
   if (g.N * g.Ho * g.Wo == 0 || Co == 0) return;
+  threads = threads_for(double(g.N) * g.Ho * g.Wo * g.C * (g.KH * g.KW + Co), threads);
   switch (cpu_isa()) {
     case kV4:
       return dwsep_run<kV4>(a, pw, threads);

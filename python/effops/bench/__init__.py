@@ -3,4 +3,5 @@ Run them with ``effops bench <family> ...``; see ``effops bench --help``."""
 
 FAMILIES = {
     "nms": "effops.bench.bench_nms",
+    "dwsep": "effops.bench.bench_dwsep",
 }

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.dwsep import apply_act, dw_conv_act, dwsep_conv, pw_conv
+from ..ops.dwsep import PreparedDW, PreparedDWSep, PreparedPW, apply_act, dw_conv_act, dwsep_conv, pw_conv
 
 
 class Unsupported(Exception):
@@ -108,10 +108,12 @@ def fold_bn(bn: Optional[nn.BatchNorm2d], conv_bias: Optional[Tensor]) -> Tuple[
     compiling = torch.compiler.is_compiling()
     key = None
     if not grad and not compiling:
-        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors) + (bn.eps,)
+        key = _version_key(tensors)
         cached = getattr(bn, "_effops_fold", None)
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
+        if key is not None:
+            key = key + (bn.eps,)
+            if cached is not None and cached[0] == key:
+                return cached[1], cached[2]
     inv = torch.rsqrt(bn.running_var + bn.eps)
     scale = inv if bn.weight is None else bn.weight * inv
     shift = -bn.running_mean if conv_bias is None else conv_bias - bn.running_mean
@@ -166,6 +168,61 @@ class ConvStage:
         return self.act(t) if self.act is not None else t
 
 
+def _inference(x: Tensor, stages) -> bool:
+    """Nothing needs a gradient and nothing is being traced: prepared weights can be reused."""
+    if torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    if x.requires_grad:
+        return False
+    for s in stages:
+        if s is None:
+            continue
+        for t in (s.conv.weight, s.conv.bias) + ((s.bn.weight, s.bn.bias) if s.bn is not None else ()):
+            if t is not None and t.requires_grad:
+                return False
+    return True
+
+
+def _version_key(tensors) -> Optional[tuple]:
+    """Identity and version of each tensor; None when one cannot be versioned (an inference
+    tensor), in which case nothing derived from them is cached."""
+    key = []
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        elif t.is_inference():
+            return None
+        else:
+            key.append((t.data_ptr(), t._version, t.dtype, t.device))
+    return tuple(key)
+
+
+def _stage_sources(stages) -> list:
+    out = []
+    for s in stages:
+        out += [s.conv.weight, s.conv.bias]
+        if s.bn is not None:
+            out += [s.bn.weight, s.bn.bias, s.bn.running_mean, s.bn.running_var]
+    return out
+
+
+def _prepared(cache: dict, name: str, stages, make):
+    """cache[name] if it was made from the same parameters and buffers (same storage, same
+    version: an in-place update or load_state_dict invalidates it)."""
+    key = _version_key(_stage_sources(stages))
+    if key is None:
+        return make()
+    key = key + tuple(s.bn.eps if s.bn is not None else None for s in stages)
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    p = make()
+    cache[name] = (key, p)
+    return p
+
+
 def _drop_path_active(drop: Optional[nn.Module]) -> bool:
     if drop is None or isinstance(drop, nn.Identity) or not drop.training:
         return False
@@ -174,9 +231,10 @@ def _drop_path_active(drop: Optional[nn.Module]) -> bool:
 
 
 def sepconv_forward(x: Tensor, dw: ConvStage, pw: ConvStage, *, preact: Optional[str] = None,
-                    residual: Optional[Tensor] = None) -> Tensor:
+                    residual: Optional[Tensor] = None, cache: Optional[dict] = None) -> Tensor:
     """depthwise (BN, act) -> pointwise (BN, act) [+ residual]; preact: an activation applied to
-    the input first (then dw has no activation). Fused unless a BN is in training mode."""
+    the input first (then dw has no activation). Fused unless a BN is in training mode. With a
+    cache (a dict owned by the module), inference reuses the weights prepared for the kernels."""
     if _bn_training(dw.bn) or _bn_training(pw.bn):
         a = apply_act(x, preact) if preact else x
         d, _ = dw_conv_act(a, dw.conv.weight, stride=dw.conv.stride, padding=padding_of(dw.conv),
@@ -186,14 +244,18 @@ def sepconv_forward(x: Tensor, dw: ConvStage, pw: ConvStage, *, preact: Optional
         return p if residual is None else p + residual
     dws, dwb = dw.affine()
     pws, pwb = pw.affine()
-    return dwsep_conv(x, dw.conv.weight, pw.conv.weight, stride=dw.conv.stride, padding=padding_of(dw.conv),
-                      dilation=dw.conv.dilation, dw_scale=dws, dw_bias=dwb,
-                      act=preact if preact else dw.act_name, pw_scale=pws, pw_bias=pwb, pw_act=pw.act_name,
-                      residual=residual, preact=bool(preact))
+    kw = dict(stride=dw.conv.stride, padding=padding_of(dw.conv), dilation=dw.conv.dilation, dw_scale=dws,
+              dw_bias=dwb, act=preact if preact else dw.act_name, pw_scale=pws, pw_bias=pwb, pw_act=pw.act_name,
+              preact=bool(preact))
+    if cache is not None and _inference(x, (dw, pw)):
+        op = _prepared(cache, "dwsep", (dw, pw), lambda: PreparedDWSep(dw.conv.weight, pw.conv.weight, **kw))
+        return op(x, residual)
+    return dwsep_conv(x, dw.conv.weight, pw.conv.weight, residual=residual, **kw)
 
 
 def mbconv_forward(x: Tensor, expand: Optional[ConvStage], dw: ConvStage, se: Optional[Callable[[Tensor], Tensor]],
-                   project: ConvStage, *, skip: bool, drop_path: Optional[nn.Module] = None) -> Tensor:
+                   project: ConvStage, *, skip: bool, drop_path: Optional[nn.Module] = None,
+                   cache: Optional[dict] = None) -> Tensor:
     """Inverted residual: [expand 1x1 (BN, act)] -> depthwise (BN, act) -> [SE] -> project 1x1 (BN,
     act) [+ x]. In inference: expand is one pw_conv; without SE the rest is one dwsep_conv; with
     SE dw_conv_act gives the pooled means in the same pass and pw_conv applies the gates while
@@ -209,24 +271,40 @@ def mbconv_forward(x: Tensor, expand: Optional[ConvStage], dw: ConvStage, se: Op
             d = d * se(d.mean((2, 3), keepdim=True))
         out = project.post(pw_conv(d, project.conv.weight, bias=project.conv.bias))
     else:
+        fast = cache is not None and _inference(x, stages)
+
+        def get(name, stages, make, call):  # prepared op in inference, else the public op
+            return _prepared(cache, name, stages, make) if fast else call
+
         if expand is not None:
             es, eb = expand.affine()
-            h = pw_conv(x, expand.conv.weight, scale=es, bias=eb, act=expand.act_name)
+            op = get("expand", (expand,),
+                     lambda: PreparedPW(expand.conv.weight, scale=es, bias=eb, act=expand.act_name),
+                     lambda t: pw_conv(t, expand.conv.weight, scale=es, bias=eb, act=expand.act_name))
+            h = op(x)
         else:
             h = x
         ds, db = dw.affine()
         ps, pb = project.affine()
         residual = x if res_in_kernel else None
+        dwkw = dict(stride=dw.conv.stride, padding=padding_of(dw.conv), dilation=dw.conv.dilation)
         if se is None:
-            out = dwsep_conv(h, dw.conv.weight, project.conv.weight, stride=dw.conv.stride,
-                             padding=padding_of(dw.conv), dilation=dw.conv.dilation, dw_scale=ds, dw_bias=db,
-                             act=dw.act_name, pw_scale=ps, pw_bias=pb, pw_act=project.act_name, residual=residual)
+            kw = dict(dwkw, dw_scale=ds, dw_bias=db, act=dw.act_name, pw_scale=ps, pw_bias=pb, pw_act=project.act_name)
+            op = get("dwsep", (dw, project),
+                     lambda: PreparedDWSep(dw.conv.weight, project.conv.weight, **kw),
+                     lambda t, r: dwsep_conv(t, dw.conv.weight, project.conv.weight, residual=r, **kw))
+            out = op(h, residual)
         else:
-            y, means = dw_conv_act(h, dw.conv.weight, stride=dw.conv.stride, padding=padding_of(dw.conv),
-                                   dilation=dw.conv.dilation, scale=ds, bias=db, act=dw.act_name)
+            dop = get("dw", (dw,),
+                      lambda: PreparedDW(dw.conv.weight, scale=ds, bias=db, act=dw.act_name, **dwkw),
+                      lambda t: dw_conv_act(t, dw.conv.weight, scale=ds, bias=db, act=dw.act_name, **dwkw))
+            y, means = dop(h)
             gates = se(means[:, :, None, None])[:, :, 0, 0].to(y.dtype)
-            out = pw_conv(y, project.conv.weight, channel_scale=gates, scale=ps, bias=pb, act=project.act_name,
-                          residual=residual)
+            pop = get("project", (project,),
+                      lambda: PreparedPW(project.conv.weight, scale=ps, bias=pb, act=project.act_name),
+                      lambda t, c, r: pw_conv(t, project.conv.weight, channel_scale=c, scale=ps, bias=pb,
+                                              act=project.act_name, residual=r))
+            out = pop(y, gates, residual)
         if res_in_kernel or not skip:
             return out
     if skip:

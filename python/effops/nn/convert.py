@@ -57,6 +57,7 @@ class _Adopted(nn.Module):
         for name, child in original.named_children():
             self.add_module(name, child)
         self._original_class = f"{type(original).__module__}.{type(original).__qualname__}"
+        self._cache = {}  # prepared kernel arguments for inference (see _parts._prepared)
 
     def _stage(self, conv: str, bn: Optional[str], act: Optional[str] = None, *, pointwise: bool = False,
                bn_has_act: bool = False) -> ConvStage:
@@ -111,7 +112,7 @@ class FusedTimmBlock(_Adopted):
     def forward(self, x: Tensor) -> Tensor:
         expand, dw, proj = self._stages()
         return mbconv_forward(x, expand, dw, se_gate_of(getattr(self, "se", None)), proj, skip=self.skip,
-                              drop_path=getattr(self, "drop_path", None))
+                              drop_path=getattr(self, "drop_path", None), cache=self._cache)
 
 
 # ------------------------------------------------------------------------------ torchvision
@@ -181,7 +182,7 @@ class FusedTorchvisionBlock(_Adopted):
         expand, dw, proj = self._stages()
         se = se_gate_of(self.get_submodule(self.spec["se"])) if self.spec["se"] else None
         return mbconv_forward(x, expand, dw, se, proj, skip=self.skip,
-                              drop_path=getattr(self, "stochastic_depth", None))
+                              drop_path=getattr(self, "stochastic_depth", None), cache=self._cache)
 
 
 def se_gate_like(m: nn.Module) -> bool:
@@ -215,7 +216,8 @@ class FusedSeparableConv2d(_Adopted):
         pw = ConvStage(self.conv_pw, bn, self._pw_act(), bn_has_act=bn_act(bn) is not None)
         if pw.bn_has_act and getattr(self, "act", None) is not None:
             pw.bn_has_act = False
-        return sepconv_forward(x, ConvStage(self.conv_dw, None, None), pw, preact=preact, residual=residual)
+        return sepconv_forward(x, ConvStage(self.conv_dw, None, None), pw, preact=preact, residual=residual,
+                               cache=self._cache)
 
 
 # ------------------------------------------------------------------------------ the converter

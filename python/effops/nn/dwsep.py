@@ -51,6 +51,7 @@ class DWSeparableConv2d(nn.Module):
         self.bn_pw = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum) if pw_norm else None
         self._act = _act_module(self.act_name)
         self._pw_act = _act_module(self.pw_act_name)
+        self._cache = {}  # prepared kernel arguments for inference
 
     def _stages(self):
         dw = ConvStage(self.conv_dw, self.bn_dw, None if self.preact else self._act)
@@ -61,7 +62,8 @@ class DWSeparableConv2d(nn.Module):
         dw, pw = self._stages()
         # conv_dw holds the weights only; the padding is the module's (the op applies it)
         dw.conv = _WithPadding(self.conv_dw, self.padding)
-        return sepconv_forward(x, dw, pw, preact=self.act_name if self.preact else None, residual=residual)
+        return sepconv_forward(x, dw, pw, preact=self.act_name if self.preact else None, residual=residual,
+                               cache=self._cache)
 
     def extra_repr(self) -> str:
         k = self.conv_dw.kernel_size
@@ -127,6 +129,7 @@ class MBConv(nn.Module):
         self.skip = stride == 1 and in_channels == out_channels
         self.drop_path_rate = float(drop_path)
         self._act = _act_module(self.act_name)
+        self._cache = {}  # prepared kernel arguments for inference
 
     def forward(self, x: Tensor) -> Tensor:
         expand = ConvStage(self.conv_pw, self.bn1, self._act) if self.conv_pw is not None else None
@@ -137,7 +140,7 @@ class MBConv(nn.Module):
             s = self.se
             se = lambda m: s.gate(s.conv_expand(s.act1(s.conv_reduce(m))))  # noqa: E731
         drop = _DropPath(self.drop_path_rate) if self.training and self.drop_path_rate else None
-        return mbconv_forward(x, expand, dw, se, proj, skip=self.skip, drop_path=drop)
+        return mbconv_forward(x, expand, dw, se, proj, skip=self.skip, drop_path=drop, cache=self._cache)
 
     def extra_repr(self) -> str:
         return (f"{self.conv_dw.in_channels if self.conv_pw is None else self.conv_pw.in_channels}, "

@@ -243,43 +243,65 @@ def _geom_args(g: ConvGeometry):
 
 
 # --------------------------------------------------------------------------------- CPU backend
-def _dwsep_cpu(x, dw_weight, pw_weight, g, dw_scale, dw_bias, act, pw_scale, pw_bias, pw_act, residual, preact):
-    N, C, H, W = x.shape
-    Co = pw_weight.shape[0]
-    Ho, Wo = g.out_hw
-    out = _empty_nhwc(N, Ho, Wo, Co, x.dtype, x.device)
-    _backend._C.dwsep_forward(
-        _nhwc(x), _dw_taps(dw_weight, x), _f32(pw_weight.reshape(Co, C), x),
-        _f32(dw_scale, x), _f32(dw_bias, x), _f32(pw_scale, x), _f32(pw_bias, x),
-        None if residual is None else _nhwc(residual),
-        *_geom_args(g), ACT_CODES[act], ACT_CODES[pw_act], preact, out, _threads(),
-    )
+# The CPU path in two steps: weights to the kernels' layouts (*_weights), then the kernel call
+# on an input (*_run). The custom ops do both per call; Prepared* (below) converts once.
+def _dwsep_weights(like: Tensor, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias):
+    Co, C = pw_weight.shape[:2]
+    return (_dw_taps(dw_weight, like), _f32(pw_weight.reshape(Co, C), like), _f32(dw_scale, like),
+            _f32(dw_bias, like), _f32(pw_scale, like), _f32(pw_bias, like))
+
+
+def _dwsep_run(x, wts, residual, g, act, pw_act, preact):
+    N = x.shape[0]
+    Co = wts[1].shape[0]
+    out = _empty_nhwc(N, *g.out_hw, Co, x.dtype, x.device)
+    _backend._C.dwsep_forward(_nhwc(x), *wts, None if residual is None else _nhwc(residual), *_geom_args(g),
+                              ACT_CODES[act], ACT_CODES[pw_act], preact, out, _threads())
     return _from_nhwc(out)
 
 
-def _dw_cpu(x, weight, g, scale, bias, act, *, in_act="none"):
-    """Depthwise forward on the CPU: (y [N, C, Ho, Wo], sums [N, C] in the accumulation dtype)."""
-    N, C, H, W = x.shape
-    Ho, Wo = g.out_hw
-    y = _empty_nhwc(N, Ho, Wo, C, x.dtype, x.device)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    sums = torch.empty(N, C, dtype=acc, device=x.device)
-    _backend._C.dw_forward(
-        _nhwc(x), _dw_taps(weight, x), _f32(scale, x), _f32(bias, x), *_geom_args(g),
-        ACT_CODES[act], ACT_CODES[in_act], y, sums, _threads(),
-    )
+def _dwsep_cpu(x, dw_weight, pw_weight, g, dw_scale, dw_bias, act, pw_scale, pw_bias, pw_act, residual, preact):
+    wts = _dwsep_weights(x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias)
+    return _dwsep_run(x, wts, residual, g, act, pw_act, preact)
+
+
+def _dw_weights(like: Tensor, weight, scale, bias):
+    return _dw_taps(weight, like), _f32(scale, like), _f32(bias, like)
+
+
+def _dw_run(x, wts, g, act, in_act="none"):
+    """(y [N, C, Ho, Wo], sums [N, C] in the accumulation dtype)."""
+    N, C = x.shape[:2]
+    y = _empty_nhwc(N, *g.out_hw, C, x.dtype, x.device)
+    sums = torch.empty(N, C, dtype=_acc_dtype(x), device=x.device)
+    _backend._C.dw_forward(_nhwc(x), *wts, *_geom_args(g), ACT_CODES[act], ACT_CODES[in_act], y, sums, _threads())
     return _from_nhwc(y), sums
 
 
-def _pw_cpu(y, weight, channel_scale, scale, bias, act, residual):
+def _dw_cpu(x, weight, g, scale, bias, act, *, in_act="none"):
+    return _dw_run(x, _dw_weights(x, weight, scale, bias), g, act, in_act)
+
+
+def _pw_weights(like: Tensor, weight, scale, bias):
+    Co, C = weight.shape[:2]
+    return _f32(weight.reshape(Co, C), like), _f32(scale, like), _f32(bias, like)
+
+
+def _pw_run(y, wts, channel_scale, act, residual):
     N, C, H, W = y.shape
-    Co = weight.shape[0]
-    out = _empty_nhwc(N, H, W, Co, y.dtype, y.device)
-    _backend._C.pw_forward(
-        _nhwc(y), _f32(weight.reshape(Co, C), y), _f32(channel_scale, y), _f32(scale, y), _f32(bias, y),
-        ACT_CODES[act], None if residual is None else _nhwc(residual), out, _threads(),
-    )
+    out = _empty_nhwc(N, H, W, wts[0].shape[0], y.dtype, y.device)
+    w, scale, bias = wts
+    _backend._C.pw_forward(_nhwc(y), w, _f32(channel_scale, y), scale, bias, ACT_CODES[act],
+                           None if residual is None else _nhwc(residual), out, _threads())
     return _from_nhwc(out)
+
+
+def _pw_cpu(y, weight, channel_scale, scale, bias, act, residual):
+    return _pw_run(y, _pw_weights(y, weight, scale, bias), channel_scale, act, residual)
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _dw_backward_cpu(a: Tensor, weight: Tensor, g: ConvGeometry, gd_raw: Tensor):
@@ -405,10 +427,6 @@ def _(y, weight, channel_scale, scale, bias, residual, act):
 # Each forward op has a backward custom op (so torch.compile/AOTAutograd see one opaque node).
 # Gradients come back for every tensor input; an input without a gradient gets an empty tensor.
 # Intermediates are recomputed from the inputs (nothing but the inputs is saved for backward).
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _chan(t: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(acc)[None, :, None, None]
 
@@ -451,7 +469,7 @@ def _dwsep_bwd_op(grad: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
                   preact: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     g = _geometry_from(x, dw_weight, stride, pad, dilation)
     P = _Prims(_backend.select("dwsep_conv", x.device))
-    acc = _acc(x)
+    acc = _acc_dtype(x)
     Co, C = pw_weight.shape[0], x.shape[1]
     grad_acc = grad.to(acc)
     xa = x.to(acc)
@@ -493,7 +511,7 @@ def _dw_bwd_op(grad_y: Tensor, grad_means: Tensor, x: Tensor, weight: Tensor, sc
                act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     g = _geometry_from(x, weight, stride, pad, dilation)
     P = _Prims(_backend.select("dw_conv_act", x.device))
-    acc = _acc(x)
+    acc = _acc_dtype(x)
     xa = x.to(acc)
     raw = P.dw_raw(xa, weight, g)
     pre = _affine(raw, scale, bias)
@@ -518,7 +536,7 @@ def _pw_bwd_op(grad: Tensor, y: Tensor, weight: Tensor, channel_scale: Optional[
                bias: Optional[Tensor], has_residual: bool,
                act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     P = _Prims(_backend.select("pw_conv", y.device))
-    acc = _acc(y)
+    acc = _acc_dtype(y)
     Co, C = weight.shape[0], y.shape[1]
     ya = y.to(acc)
     ys = ya if channel_scale is None else ya * channel_scale.to(acc)[:, :, None, None]
@@ -721,3 +739,113 @@ def pw_conv(y: Tensor, weight: Tensor, *, channel_scale: Optional[Tensor] = None
     bias = _check_param(op, "bias", bias, (Co,), y)
     residual = _check_param(op, "residual", residual, (N, Co, H, W), y, same_dtype=True)
     return torch.ops.effops.pw_conv(y, weight, channel_scale, scale, bias, residual, act_name(op, "act", act))
+
+
+# =============================================================================== prepared
+def _fast_path_ok(x: Tensor, needs_grad: bool) -> bool:
+    """True when a call can go straight to the CPU kernel: eager inference (nothing needs a
+    gradient, no tracing, no autocast), CPU float32/bfloat16 input, the cpu backend selected."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
+            and not (torch.is_grad_enabled() and (needs_grad or x.requires_grad))
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and _backend._C is not None and _backend.forced_backend() in (None, "cpu"))
+
+
+class _Prepared:
+    """Arguments of repeated calls of one op, converted to the CPU kernels' layouts once.
+    Calling it gives exactly what the public op gives; in eager inference on the CPU it skips the
+    per-call checks, conversions and dispatch. Other calls go through the public op."""
+
+    def __init__(self, tensors):
+        self._needs_grad = any(t is not None and t.requires_grad for t in tensors)
+        self._wts = {}
+        self._geo = {}
+
+    def _weights(self, x: Tensor):
+        w = self._wts.get(x.dtype)
+        if w is None:
+            w = self._wts[x.dtype] = self._convert(x)
+        return w
+
+    def _geometry(self, x: Tensor, k) -> ConvGeometry:
+        hw = tuple(x.shape[2:])
+        g = self._geo.get(hw)
+        if g is None:
+            g = self._geo[hw] = conv_geometry(self.op, hw, k, self.stride, self.padding, self.dilation)
+        return g
+
+
+class PreparedDWSep(_Prepared):
+    """``dwsep_conv`` with fixed weights and options: ``PreparedDWSep(dw_weight, pw_weight, **kw)(x, residual)``."""
+
+    op = "dwsep_conv"
+
+    def __init__(self, dw_weight, pw_weight, *, stride=1, padding="same", dilation=1, dw_scale=None, dw_bias=None,
+                 act="silu", pw_scale=None, pw_bias=None, pw_act=None, preact=False):
+        super().__init__((dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias))
+        self.args = (dw_weight, pw_weight)
+        self.kw = dict(stride=stride, padding=padding, dilation=dilation, dw_scale=dw_scale, dw_bias=dw_bias,
+                       act=act, pw_scale=pw_scale, pw_bias=pw_bias, pw_act=pw_act, preact=preact)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.act, self.pw_act = act_name(self.op, "act", act), act_name(self.op, "pw_act", pw_act)
+        self.C, self.Co = dw_weight.shape[0], pw_weight.shape[0]
+
+    def _convert(self, x):
+        k = self.kw
+        return _dwsep_weights(x, *self.args, k["dw_scale"], k["dw_bias"], k["pw_scale"], k["pw_bias"])
+
+    def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if (_fast_path_ok(x, self._needs_grad) and x.shape[1] == self.C
+                and (residual is None or (residual.dtype == x.dtype and not residual.requires_grad))):
+            g = self._geometry(x, self.args[0].shape[2:])
+            if residual is None or tuple(residual.shape) == (x.shape[0], self.Co, *g.out_hw):
+                out = _dwsep_run(x, self._weights(x), residual, g, self.act, self.pw_act, self.kw["preact"])
+                return _like_input(out, x)
+        return dwsep_conv(x, *self.args, residual=residual, **self.kw)
+
+
+class PreparedDW(_Prepared):
+    """``dw_conv_act`` with fixed weights and options: ``PreparedDW(weight, **kw)(x) -> (y, means)``."""
+
+    op = "dw_conv_act"
+
+    def __init__(self, weight, *, stride=1, padding="same", dilation=1, scale=None, bias=None, act="silu"):
+        super().__init__((weight, scale, bias))
+        self.weight = weight
+        self.kw = dict(stride=stride, padding=padding, dilation=dilation, scale=scale, bias=bias, act=act)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.act = act_name(self.op, "act", act)
+
+    def _convert(self, x):
+        return _dw_weights(x, self.weight, self.kw["scale"], self.kw["bias"])
+
+    def __call__(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if _fast_path_ok(x, self._needs_grad) and x.shape[1] == self.weight.shape[0]:
+            g = self._geometry(x, self.weight.shape[2:])
+            y, sums = _dw_run(x, self._weights(x), g, self.act)
+            return _like_input(y, x), (sums / (g.out_hw[0] * g.out_hw[1])).to(x.dtype)
+        return dw_conv_act(x, self.weight, **self.kw)
+
+
+class PreparedPW(_Prepared):
+    """``pw_conv`` with fixed weights and options: ``PreparedPW(weight, **kw)(y, channel_scale, residual)``."""
+
+    op = "pw_conv"
+
+    def __init__(self, weight, *, scale=None, bias=None, act=None):
+        super().__init__((weight, scale, bias))
+        self.weight = weight
+        self.kw = dict(scale=scale, bias=bias, act=act)
+        self.act = act_name(self.op, "act", act)
+
+    def _convert(self, x):
+        return _pw_weights(x, self.weight, self.kw["scale"], self.kw["bias"])
+
+    def __call__(self, y: Tensor, channel_scale: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
+        extra = [t for t in (channel_scale, residual) if t is not None]
+        if (_fast_path_ok(y, self._needs_grad) and y.shape[1] == self.weight.shape[1]
+                and all(t.dtype == y.dtype and not t.requires_grad for t in extra)
+                and (channel_scale is None or tuple(channel_scale.shape) == tuple(y.shape[:2]))
+                and (residual is None or tuple(residual.shape) == (y.shape[0], self.weight.shape[0], *y.shape[2:]))):
+            return _like_input(_pw_run(y, self._weights(y), channel_scale, self.act, residual), y)
+        return pw_conv(y, self.weight, channel_scale=channel_scale, residual=residual, **self.kw)
