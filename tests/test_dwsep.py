@@ -330,3 +330,52 @@ def test_bad_input():
         dwsep_conv(x, dw, pw.to("meta"))
     with pytest.raises(TypeError, match="preact must be a bool"):
         dwsep_conv(x, dw, pw, preact=1)
+
+
+# ------------------------------------------------------------------------------ every backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dw_and_pw_backends_match_reference(backend_device, dtype):
+    _, dev = backend_device
+    g = gen(11)
+    x = rnd(2, 20, 9, 7, g=g)
+    w = rnd(20, 1, 3, 3, g=g, scale=0.5)
+    s, b = rnd(20, g=g).abs() + 0.5, rnd(20, g=g, scale=0.1)
+    geo = R.conv_geometry("t", (9, 7), (3, 3), 2, "same", 1)
+    y, m = dw_conv_act(x.to(dev, dtype), w.to(dev, dtype), stride=2, scale=s.float().to(dev), bias=b.float().to(dev),
+                       act="silu")
+    yt, mt = R.dw_conv_act_reference(x, w, geo, s, b, "silu")
+    ye, me = R.dw_conv_act_reference(x.to(dtype), w.to(dtype), geo, s.to(dtype), b.to(dtype), "silu")
+    assert_close_to_truth(y.cpu(), yt, ye, dtype)
+    assert_close_to_truth(m.cpu(), mt, me, dtype)
+    pw = rnd(24, 20, 1, 1, g=g, scale=0.2)
+    cs = torch.rand(2, 20, generator=g, dtype=torch.float64)
+    r = rnd(2, 24, 9, 7, g=g)
+    out = pw_conv(x.to(dev, dtype), pw.to(dev, dtype), channel_scale=cs.to(dev, dtype), act="hardswish",
+                  residual=r.to(dev, dtype))
+    truth = R.pw_conv_reference(x, pw, cs, None, None, "hardswish", r)
+    eager = R.pw_conv_reference(x.to(dtype), pw.to(dtype), cs.to(dtype), None, None, "hardswish", r.to(dtype))
+    assert_close_to_truth(out.cpu(), truth, eager, dtype)
+
+
+def test_backward_backends_match_reference(backend_device):
+    """The backward ops through each backend's primitives, in float32, against float64 autograd."""
+    _, dev = backend_device
+    p = dict(k=3, stride=2, padding="same", dilation=1, act="silu", pw_act="sigmoid", preact=False, residual=True,
+             N=2, C=6, Co=5, H=9, W=8)
+    t = make_case(p, seed=12)
+    names = [k for k, v in t.items() if v is not None]
+
+    def run(dtype, device):
+        ts = {k: t[k].to(device, dtype).requires_grad_(True) for k in names}
+        out = dwsep_conv(ts["x"], ts["dw_weight"], ts["pw_weight"], stride=2, dw_scale=ts["dw_scale"],
+                         dw_bias=ts["dw_bias"], act="silu", pw_scale=ts["pw_scale"], pw_bias=ts["pw_bias"],
+                         pw_act="sigmoid", residual=ts["residual"])
+        gout = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out).to(device)
+        return torch.autograd.grad(out, [ts[k] for k in names], gout)
+
+    got = run(torch.float32, dev)
+    with effops.use_backend("reference"):
+        truth = run(torch.float64, "cpu")
+    for name, a, b in zip(names, got, truth):
+        err = (a.cpu().double() - b).abs().max().item()
+        assert err <= 1e-4 * (b.abs().max().item() + 1), (name, err)

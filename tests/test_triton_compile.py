@@ -54,3 +54,55 @@ def test_nms_kernels_compile(kernel, dtype, arch):
         assert re.search(r"div\.rn\.f32", ptx)
         assert not re.search(r"div\.(full|approx)\.f32", ptx)
         assert not re.search(r"fma\.rn\.f32", ptx)
+
+
+# --------------------------------------------------------------------------- depthwise-separable
+from effops.triton import dwsep as tdw  # noqa: E402
+
+_GEO = {"SH": 2, "SW": 2, "DH": 1, "DW": 1, "KH": 3, "KW": 3}
+DWSEP_KERNELS = [
+    (tdw._dwsep_kernel,
+     {"x_ptr": "*{f}", "taps_ptr": "*fp32", "pw_ptr": "*fp32", "dws_ptr": "*fp32", "dwb_ptr": "*fp32",
+      "pws_ptr": "*fp32", "pwb_ptr": "*fp32", "res_ptr": "*{f}", "out_ptr": "*{f}", "NP": "i32", "H": "i32",
+      "W": "i32", "C": "i32", "Ho": "i32", "Wo": "i32", "Co": "i32", "PT": "i32", "PL": "i32",
+      **{k: "constexpr" for k in ("SH", "SW", "DH", "DW", "KH", "KW", "ACT", "PW_ACT", "PREACT", "HAS_DWS",
+                                  "HAS_DWB", "HAS_PWS", "HAS_PWB", "HAS_RES", "F32_DOT", "BLOCK_P", "BLOCK_C",
+                                  "BLOCK_CO")}},
+     dict(_GEO, ACT=3, PW_ACT=0, PREACT=True, HAS_DWS=False, HAS_DWB=False, HAS_PWS=True, HAS_PWB=True,
+          HAS_RES=True, BLOCK_P=64, BLOCK_C=32, BLOCK_CO=64)),
+    (tdw._dw_kernel,
+     {"x_ptr": "*{f}", "taps_ptr": "*fp32", "s_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*{f}", "part_ptr": "*fp32",
+      "H": "i32", "W": "i32", "C": "i32", "Ho": "i32", "Wo": "i32", "PT": "i32", "PL": "i32",
+      **{k: "constexpr" for k in ("SH", "SW", "DH", "DW", "KH", "KW", "ACT", "HAS_S", "HAS_B", "BLOCK_P", "BLOCK_C")}},
+     dict(_GEO, ACT=4, HAS_S=True, HAS_B=True, BLOCK_P=64, BLOCK_C=32)),
+    (tdw._pw_kernel,
+     {"a_ptr": "*{f}", "w_ptr": "*fp32", "cs_ptr": "*{f}", "s_ptr": "*fp32", "b_ptr": "*fp32", "res_ptr": "*{f}",
+      "out_ptr": "*{f}", "M": "i32", "HW": "i32", "C": "i32", "Co": "i32",
+      **{k: "constexpr" for k in ("ACT", "HAS_CS", "HAS_S", "HAS_B", "HAS_RES", "F32_DOT", "BLOCK_M", "BLOCK_K",
+                                  "BLOCK_N")}},
+     dict(ACT=3, HAS_CS=True, HAS_S=True, HAS_B=True, HAS_RES=True, BLOCK_M=64, BLOCK_K=32, BLOCK_N=64)),
+    (tdw._dw_bwd_input_kernel,
+     {"gd_ptr": "*fp32", "taps_ptr": "*fp32", "ga_ptr": "*fp32", "H": "i32", "W": "i32", "C": "i32", "Ho": "i32",
+      "Wo": "i32", "PT": "i32", "PL": "i32",
+      **{k: "constexpr" for k in ("SH", "SW", "DH", "DW", "KH", "KW", "BLOCK_P", "BLOCK_C")}},
+     dict(_GEO, BLOCK_P=64, BLOCK_C=32)),
+    (tdw._dw_bwd_weight_kernel,
+     {"a_ptr": "*fp32", "gd_ptr": "*fp32", "part_ptr": "*fp32", "NP": "i32", "H": "i32", "W": "i32", "C": "i32",
+      "Ho": "i32", "Wo": "i32", "PT": "i32", "PL": "i32",
+      **{k: "constexpr" for k in ("SH", "SW", "DH", "DW", "KH", "KW", "BLOCK_P", "BLOCK_C")}},
+     dict(_GEO, BLOCK_P=64, BLOCK_C=32)),
+]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("kernel", DWSEP_KERNELS, ids=lambda k: k[0].fn.__name__)
+def test_dwsep_kernels_compile(kernel, dtype, arch):
+    fn, sig, consts = kernel
+    consts = dict(consts)
+    if "F32_DOT" in sig:
+        consts["F32_DOT"] = dtype == "fp32"
+    ptx = compile_ptx(fn, sig, consts, dtype, arch)
+    assert ".entry" in ptx
+    if fn is tdw._dwsep_kernel and dtype == "bf16" and arch == 90:
+        assert re.search(r"mma|wgmma", ptx), "bf16 dot should use tensor cores"

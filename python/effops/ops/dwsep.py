@@ -42,9 +42,9 @@ from torch import Tensor
 from .. import _backend
 from ._common import check_tensor
 
-_backend.register_op("dwsep_conv", ("cpu", "reference"))
-_backend.register_op("dw_conv_act", ("cpu", "reference"))
-_backend.register_op("pw_conv", ("cpu", "reference"))
+_backend.register_op("dwsep_conv", ("cpu", "triton", "reference"))
+_backend.register_op("dw_conv_act", ("cpu", "triton", "reference"))
+_backend.register_op("pw_conv", ("cpu", "triton", "reference"))
 
 ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish", "sigmoid")
 _ACT_ALIASES = {None: "none", "identity": "none", "none": "none", "swish": "silu"}
@@ -304,6 +304,41 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+# --------------------------------------------------------------------------------- GPU backends
+def _select(op: str, x: Tensor) -> str:
+    """The backend for op on x; the GPU kernels compute in float32 at most, so float64 (used for
+    gradcheck) runs on the reference there."""
+    b = _backend.select(op, x.device)
+    if b in ("triton", "cuda") and x.dtype == torch.float64:
+        return "reference"
+    return b
+
+
+def _tk():
+    from ..triton import dwsep as tk
+
+    return tk
+
+
+def _dwsep_triton(x, dw_weight, pw_weight, g, dw_scale, dw_bias, act, pw_scale, pw_bias, pw_act, residual, preact):
+    wts = _dwsep_weights(x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias)
+    out = _tk().dwsep_forward(_nhwc(x), *wts, None if residual is None else _nhwc(residual), g, ACT_CODES[act],
+                              ACT_CODES[pw_act], preact)
+    return _from_nhwc(out)
+
+
+def _dw_triton(x, weight, g, scale, bias, act):
+    y, sums = _tk().dw_forward(_nhwc(x), *_dw_weights(x, weight, scale, bias), g, ACT_CODES[act])
+    return _from_nhwc(y), sums
+
+
+def _pw_triton(y, weight, channel_scale, scale, bias, act, residual):
+    w, s, b = _pw_weights(y, weight, scale, bias)
+    out = _tk().pw_forward(_nhwc(y), w, None if channel_scale is None else channel_scale.contiguous(), s, b,
+                           ACT_CODES[act], None if residual is None else _nhwc(residual))
+    return _from_nhwc(out)
+
+
 def _dw_backward_cpu(a: Tensor, weight: Tensor, g: ConvGeometry, gd_raw: Tensor):
     N, C, H, W = a.shape
     acc = gd_raw.dtype
@@ -325,16 +360,23 @@ class _Prims:
     def dw_raw(self, a: Tensor, w: Tensor, g: ConvGeometry) -> Tensor:
         if self.backend == "cpu":
             return _dw_cpu(a, w, g, None, None, "none")[0]
+        if self.backend == "triton":
+            return _dw_triton(a, w, g, None, None, "none")[0]
         return _depthwise_reference(a, w, g)
 
     def pw_raw(self, d: Tensor, w: Tensor) -> Tensor:
         if self.backend == "cpu":
             return _pw_cpu(d, w, None, None, None, "none", None)
+        if self.backend == "triton":
+            return _pw_triton(d, w, None, None, None, "none", None)
         return F.conv2d(d, w.to(d.dtype))
 
     def dw_bwd(self, a: Tensor, w: Tensor, g: ConvGeometry, gd_raw: Tensor) -> Tuple[Tensor, Tensor]:
         if self.backend == "cpu":
             return _dw_backward_cpu(a, w, g, gd_raw)
+        if self.backend == "triton":
+            ga, gw = _tk().dw_backward(_nhwc(a), _dw_taps(w, a), _nhwc(gd_raw.to(a.dtype)), g)
+            return _from_nhwc(ga), gw.permute(2, 0, 1).unsqueeze(1)
         # explicit convolution backward (custom-op bodies run below autograd)
         top, bottom, left, right = g.pad
         ap = F.pad(a, (left, right, top, bottom))
@@ -370,10 +412,12 @@ def _dwsep_op(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_scale: Optiona
               pw_scale: Optional[Tensor], pw_bias: Optional[Tensor], residual: Optional[Tensor],
               stride: List[int], pad: List[int], dilation: List[int], act: str, pw_act: str, preact: bool) -> Tensor:
     g = _geometry_from(x, dw_weight, stride, pad, dilation)
-    backend = _backend.select("dwsep_conv", x.device)
+    backend = _select("dwsep_conv", x)
     args = (x, dw_weight, pw_weight, g, dw_scale, dw_bias, act, pw_scale, pw_bias, pw_act, residual, preact)
     if backend == "cpu":
         out = _dwsep_cpu(*args)
+    elif backend == "triton":
+        out = _dwsep_triton(*args)
     else:
         out = dwsep_conv_reference(*args)
     return _like_input(out, x)
@@ -390,9 +434,9 @@ def _(x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias, residual, s
 def _dw_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], stride: List[int],
            pad: List[int], dilation: List[int], act: str) -> Tuple[Tensor, Tensor]:
     g = _geometry_from(x, weight, stride, pad, dilation)
-    backend = _backend.select("dw_conv_act", x.device)
-    if backend == "cpu":
-        y, sums = _dw_cpu(x, weight, g, scale, bias, act)
+    backend = _select("dw_conv_act", x)
+    if backend in ("cpu", "triton"):
+        y, sums = (_dw_cpu if backend == "cpu" else _dw_triton)(x, weight, g, scale, bias, act)
         means = (sums / (g.out_hw[0] * g.out_hw[1])).to(x.dtype)
     else:
         y, means = dw_conv_act_reference(x, weight, g, scale, bias, act)
@@ -409,9 +453,11 @@ def _(x, weight, scale, bias, stride, pad, dilation, act):
 @torch.library.custom_op("effops::pw_conv", mutates_args=())
 def _pw_op(y: Tensor, weight: Tensor, channel_scale: Optional[Tensor], scale: Optional[Tensor],
            bias: Optional[Tensor], residual: Optional[Tensor], act: str) -> Tensor:
-    backend = _backend.select("pw_conv", y.device)
+    backend = _select("pw_conv", y)
     if backend == "cpu":
         out = _pw_cpu(y, weight, channel_scale, scale, bias, act, residual)
+    elif backend == "triton":
+        out = _pw_triton(y, weight, channel_scale, scale, bias, act, residual)
     else:
         out = pw_conv_reference(y, weight, channel_scale, scale, bias, act, residual)
     return _like_input(out, y)
@@ -468,7 +514,7 @@ def _dwsep_bwd_op(grad: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
                   has_residual: bool, stride: List[int], pad: List[int], dilation: List[int], act: str, pw_act: str,
                   preact: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     g = _geometry_from(x, dw_weight, stride, pad, dilation)
-    P = _Prims(_backend.select("dwsep_conv", x.device))
+    P = _Prims(_select("dwsep_conv", x))
     acc = _acc_dtype(x)
     Co, C = pw_weight.shape[0], x.shape[1]
     grad_acc = grad.to(acc)
@@ -510,7 +556,7 @@ def _dw_bwd_op(grad_y: Tensor, grad_means: Tensor, x: Tensor, weight: Tensor, sc
                bias: Optional[Tensor], stride: List[int], pad: List[int], dilation: List[int],
                act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     g = _geometry_from(x, weight, stride, pad, dilation)
-    P = _Prims(_backend.select("dw_conv_act", x.device))
+    P = _Prims(_select("dw_conv_act", x))
     acc = _acc_dtype(x)
     xa = x.to(acc)
     raw = P.dw_raw(xa, weight, g)
@@ -535,7 +581,7 @@ def _(grad_y, grad_means, x, weight, scale, bias, stride, pad, dilation, act):
 def _pw_bwd_op(grad: Tensor, y: Tensor, weight: Tensor, channel_scale: Optional[Tensor], scale: Optional[Tensor],
                bias: Optional[Tensor], has_residual: bool,
                act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    P = _Prims(_backend.select("pw_conv", y.device))
+    P = _Prims(_select("pw_conv", y))
     acc = _acc_dtype(y)
     Co, C = weight.shape[0], y.shape[1]
     ya = y.to(acc)
