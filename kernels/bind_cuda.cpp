@@ -4,10 +4,14 @@
 #include <cuda_runtime.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "common/cuda_check.h"
 #include "common/errors.h"
+#include "dwsep/dwsep.cuh"
+#include "dwsep/dwsep_api_cuda.h"
 #include "nms/nms_api_cuda.h"
 
 namespace nb = nanobind;
@@ -41,4 +45,19 @@ NB_MODULE(_cuda, m) {
   m.def("matrix_nms_decay", &effops::cuda::nms::matrix_decay_api, "boxes"_a, "seg_start"_a,
         "kernel"_a, "sigma"_a, "cmax"_a.noconvert(), "decay"_a.noconvert(), "stream"_a,
         "device"_a, release);
+
+  namespace dw = effops::cuda::dwsep;
+  m.def("dwsep_forward", &dw::dwsep_forward_api, "x"_a, "taps"_a, "pw"_a, "dw_scale"_a.none(),
+        "dw_bias"_a.none(), "pw_scale"_a.none(), "pw_bias"_a.none(), "residual"_a.none(), "stride"_a,
+        "pad"_a, "dilation"_a, "act"_a, "pw_act"_a, "preact"_a, "out"_a.noconvert(), "stream"_a,
+        "device"_a, release);
+  m.def("dw_forward", &dw::dw_forward_api, "x"_a, "taps"_a, "scale"_a.none(), "bias"_a.none(),
+        "stride"_a, "pad"_a, "dilation"_a, "act"_a, "y"_a.noconvert(), "part"_a.noconvert(),
+        "stream"_a, "device"_a, release);
+  m.def("pw_forward", &dw::pw_forward_api, "a"_a, "w"_a, "channel_scale"_a.none(), "scale"_a.none(),
+        "bias"_a.none(), "act"_a, "residual"_a.none(), "out"_a.noconvert(), "stream"_a, "device"_a,
+        release);
+  m.def("dw_backward", &dw::dw_backward_api, "a"_a, "taps"_a, "gd"_a, "stride"_a, "pad"_a,
+        "dilation"_a, "ga"_a.noconvert(), "part"_a.noconvert(), "stream"_a, "device"_a, release);
+  m.attr("dw_pixels_per_block") = dw::kDwPixels;
 }

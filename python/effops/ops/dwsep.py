@@ -42,9 +42,9 @@ from torch import Tensor
 from .. import _backend
 from ._common import check_tensor
 
-_backend.register_op("dwsep_conv", ("cpu", "triton", "reference"))
-_backend.register_op("dw_conv_act", ("cpu", "triton", "reference"))
-_backend.register_op("pw_conv", ("cpu", "triton", "reference"))
+_backend.register_op("dwsep_conv", ("cpu", "cuda", "triton", "reference"))
+_backend.register_op("dw_conv_act", ("cpu", "cuda", "triton", "reference"))
+_backend.register_op("pw_conv", ("cpu", "cuda", "triton", "reference"))
 
 ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish", "sigmoid")
 _ACT_ALIASES = {None: "none", "identity": "none", "none": "none", "swish": "silu"}
@@ -320,6 +320,48 @@ def _tk():
     return tk
 
 
+def _stream(t: Tensor):
+    return torch.cuda.current_stream(t.device).cuda_stream, t.device.index
+
+
+def _dwsep_cuda(x, dw_weight, pw_weight, g, dw_scale, dw_bias, act, pw_scale, pw_bias, pw_act, residual, preact):
+    wts = _dwsep_weights(x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias)
+    out = _empty_nhwc(x.shape[0], *g.out_hw, pw_weight.shape[0], x.dtype, x.device)
+    _backend._cuda.dwsep_forward(_nhwc(x), *wts, None if residual is None else _nhwc(residual), *_geom_args(g),
+                                 ACT_CODES[act], ACT_CODES[pw_act], preact, out, *_stream(x))
+    return _from_nhwc(out)
+
+
+def _dw_cuda(x, weight, g, scale, bias, act):
+    N, C = x.shape[:2]
+    y = _empty_nhwc(N, *g.out_hw, C, x.dtype, x.device)
+    pblocks = -(-(g.out_hw[0] * g.out_hw[1]) // _backend._cuda.dw_pixels_per_block)
+    part = torch.empty(N, pblocks, C, dtype=torch.float32, device=x.device)
+    _backend._cuda.dw_forward(_nhwc(x), *_dw_weights(x, weight, scale, bias), *_geom_args(g), ACT_CODES[act], y, part,
+                              *_stream(x))
+    return _from_nhwc(y), part.sum(1)
+
+
+def _pw_cuda(y, weight, channel_scale, scale, bias, act, residual):
+    N, C, H, W = y.shape
+    w, sc, b = _pw_weights(y, weight, scale, bias)
+    out = _empty_nhwc(N, H, W, w.shape[0], y.dtype, y.device)
+    _backend._cuda.pw_forward(_nhwc(y), w, None if channel_scale is None else channel_scale.contiguous(), sc, b,
+                              ACT_CODES[act], None if residual is None else _nhwc(residual), out, *_stream(y))
+    return _from_nhwc(out)
+
+
+def _dw_backward_cuda(a: Tensor, weight: Tensor, g: ConvGeometry, gd_raw: Tensor):
+    N, C, H, W = a.shape
+    KH, KW = weight.shape[2:]
+    ga = _empty_nhwc(N, H, W, C, torch.float32, a.device)
+    pblocks = -(-(N * g.out_hw[0] * g.out_hw[1]) // _backend._cuda.dw_pixels_per_block)
+    part = torch.empty(pblocks, KH * KW, C, dtype=torch.float32, device=a.device)
+    _backend._cuda.dw_backward(_nhwc(a.float()), _dw_taps(weight, a), _nhwc(gd_raw.float()), *_geom_args(g), ga,
+                               part, *_stream(a))
+    return _from_nhwc(ga).to(a.dtype), part.sum(0).view(KH, KW, C).permute(2, 0, 1).unsqueeze(1).to(a.dtype)
+
+
 def _dwsep_triton(x, dw_weight, pw_weight, g, dw_scale, dw_bias, act, pw_scale, pw_bias, pw_act, residual, preact):
     wts = _dwsep_weights(x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias)
     out = _tk().dwsep_forward(_nhwc(x), *wts, None if residual is None else _nhwc(residual), g, ACT_CODES[act],
@@ -360,6 +402,8 @@ class _Prims:
     def dw_raw(self, a: Tensor, w: Tensor, g: ConvGeometry) -> Tensor:
         if self.backend == "cpu":
             return _dw_cpu(a, w, g, None, None, "none")[0]
+        if self.backend == "cuda":
+            return _dw_cuda(a, w, g, None, None, "none")[0]
         if self.backend == "triton":
             return _dw_triton(a, w, g, None, None, "none")[0]
         return _depthwise_reference(a, w, g)
@@ -367,6 +411,8 @@ class _Prims:
     def pw_raw(self, d: Tensor, w: Tensor) -> Tensor:
         if self.backend == "cpu":
             return _pw_cpu(d, w, None, None, None, "none", None)
+        if self.backend == "cuda":
+            return _pw_cuda(d, w, None, None, None, "none", None)
         if self.backend == "triton":
             return _pw_triton(d, w, None, None, None, "none", None)
         return F.conv2d(d, w.to(d.dtype))
@@ -374,6 +420,8 @@ class _Prims:
     def dw_bwd(self, a: Tensor, w: Tensor, g: ConvGeometry, gd_raw: Tensor) -> Tuple[Tensor, Tensor]:
         if self.backend == "cpu":
             return _dw_backward_cpu(a, w, g, gd_raw)
+        if self.backend == "cuda":
+            return _dw_backward_cuda(a, w, g, gd_raw)
         if self.backend == "triton":
             ga, gw = _tk().dw_backward(_nhwc(a), _dw_taps(w, a), _nhwc(gd_raw.to(a.dtype)), g)
             return _from_nhwc(ga), gw.permute(2, 0, 1).unsqueeze(1)
@@ -416,6 +464,8 @@ def _dwsep_op(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_scale: Optiona
     args = (x, dw_weight, pw_weight, g, dw_scale, dw_bias, act, pw_scale, pw_bias, pw_act, residual, preact)
     if backend == "cpu":
         out = _dwsep_cpu(*args)
+    elif backend == "cuda":
+        out = _dwsep_cuda(*args)
     elif backend == "triton":
         out = _dwsep_triton(*args)
     else:
@@ -435,8 +485,8 @@ def _dw_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Te
            pad: List[int], dilation: List[int], act: str) -> Tuple[Tensor, Tensor]:
     g = _geometry_from(x, weight, stride, pad, dilation)
     backend = _select("dw_conv_act", x)
-    if backend in ("cpu", "triton"):
-        y, sums = (_dw_cpu if backend == "cpu" else _dw_triton)(x, weight, g, scale, bias, act)
+    if backend in ("cpu", "cuda", "triton"):
+        y, sums = {"cpu": _dw_cpu, "cuda": _dw_cuda, "triton": _dw_triton}[backend](x, weight, g, scale, bias, act)
         means = (sums / (g.out_hw[0] * g.out_hw[1])).to(x.dtype)
     else:
         y, means = dw_conv_act_reference(x, weight, g, scale, bias, act)
@@ -456,6 +506,8 @@ def _pw_op(y: Tensor, weight: Tensor, channel_scale: Optional[Tensor], scale: Op
     backend = _select("pw_conv", y)
     if backend == "cpu":
         out = _pw_cpu(y, weight, channel_scale, scale, bias, act, residual)
+    elif backend == "cuda":
+        out = _pw_cuda(y, weight, channel_scale, scale, bias, act, residual)
     elif backend == "triton":
         out = _pw_triton(y, weight, channel_scale, scale, bias, act, residual)
     else:
