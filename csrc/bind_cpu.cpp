@@ -4,6 +4,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "bifpn/fuse_api.h"
 #include "dwsep/dwsep_api.h"
 #include "nms/nms_api.h"
 
@@ -40,6 +41,11 @@ NB_MODULE(_C, m) {
         "dw_scale"_a.none(), "dw_bias"_a.none(), "pw_scale"_a.none(), "pw_bias"_a.none(),
         "residual"_a.none(), "stride"_a, "pad"_a, "dilation"_a, "act"_a, "pw_act"_a, "preact"_a,
         "out"_a.noconvert(), "threads"_a, release);
+
+  m.def("fuse_forward", &effops::bifpn::fuse_forward_api, "inputs"_a, "weights"_a, "modes"_a, "act"_a,
+        "out"_a.noconvert(), "threads"_a, release);
+  m.def("fuse_backward", &effops::bifpn::fuse_backward_api, "grad"_a, "inputs"_a, "weights"_a, "modes"_a,
+        "act"_a, "grads"_a.noconvert(), "grad_weights"_a.noconvert(), "threads"_a, release);
 
   m.def("build_info", []() {
     nb::dict d;

@@ -106,3 +106,39 @@ def test_dwsep_kernels_compile(kernel, dtype, arch):
     assert ".entry" in ptx
     if fn is tdw._dwsep_kernel and dtype == "bf16" and arch == 90:
         assert re.search(r"mma|wgmma", ptx), "bf16 dot should use tensor cores"
+
+
+# --------------------------------------------------------------------------- BiFPN fusion
+from effops.triton import bifpn as tbf  # noqa: E402
+
+_INPUTS = {f"{p}{i}": t for i in range(4) for p, t in (("x", "*{f}"), ("H", "i32"), ("W", "i32"), ("s", "fp32"))}
+
+
+def _input_sig():
+    sig = {}
+    for i in range(4):
+        sig.update({f"x{i}": "*{f}", f"H{i}": "i32", f"W{i}": "i32", f"s{i}h": "fp32", f"s{i}w": "fp32",
+                    f"p{i}t": "i32", f"p{i}l": "i32"})
+    return sig
+
+
+_MODES = dict(K=3, M0=0, M1=1, M2=2, M3=0, ACT=3, BLOCK_P=64, BLOCK_C=64)
+BIFPN_KERNELS = [
+    (tbf._fuse_kernel, {"out_ptr": "*{f}", "w_ptr": "*fp32", "NP": "i32", "C": "i32", "Ho": "i32", "Wo": "i32",
+                        **_input_sig(), **{k: "constexpr" for k in _MODES}}, _MODES),
+    (tbf._fuse_bwd1_kernel, {"g_ptr": "*fp32", "gpre_ptr": "*fp32", "part_ptr": "*fp32", "w_ptr": "*fp32",
+                             "NP": "i32", "C": "i32", "Ho": "i32", "Wo": "i32", **_input_sig(),
+                             **{k: "constexpr" for k in _MODES}}, _MODES),
+    (tbf._gather_kernel, {"gpre_ptr": "*fp32", "x_ptr": "*{f}", "gx_ptr": "*fp32", "w_ptr": "*fp32", "IDX": "i32",
+                          "NPI": "i32", "C": "i32", "H": "i32", "W": "i32", "Ho": "i32", "Wo": "i32", "sh": "fp32",
+                          "sw": "fp32", "pt": "i32", "pl": "i32", "RH": "i32", "RW": "i32", "MODE": "constexpr",
+                          "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}, dict(MODE=2, BLOCK_P=64, BLOCK_C=64)),
+]
+
+
+@pytest.mark.parametrize("arch", [90])  # these are large (3 inputs x 9 pool taps): one target keeps CI quick
+@pytest.mark.parametrize("dtype", ["bf16"])
+@pytest.mark.parametrize("kernel", BIFPN_KERNELS, ids=lambda k: k[0].fn.__name__)
+def test_bifpn_kernels_compile(kernel, dtype, arch):
+    fn, sig, consts = kernel
+    assert ".entry" in compile_ptx(fn, sig, consts, dtype, arch)
