@@ -10,6 +10,8 @@
 
 #include "common/cuda_check.h"
 #include "common/errors.h"
+#include "bifpn/fuse.cuh"
+#include "bifpn/fuse_api_cuda.h"
 #include "dwsep/dwsep.cuh"
 #include "dwsep/dwsep_api_cuda.h"
 #include "nms/nms_api_cuda.h"
@@ -60,4 +62,12 @@ NB_MODULE(_cuda, m) {
   m.def("dw_backward", &dw::dw_backward_api, "a"_a, "taps"_a, "gd"_a, "stride"_a, "pad"_a,
         "dilation"_a, "ga"_a.noconvert(), "part"_a.noconvert(), "stream"_a, "device"_a, release);
   m.attr("dw_pixels_per_block") = dw::kDwPixels;
+
+  namespace bf = effops::cuda::bifpn;
+  m.def("fuse_forward", &bf::fuse_forward_api, "inputs"_a, "weights"_a, "modes"_a, "scales"_a, "pads"_a,
+        "act"_a, "out"_a.noconvert(), "stream"_a, "device"_a, release);
+  m.def("fuse_backward", &bf::fuse_backward_api, "grad"_a, "inputs"_a, "weights"_a, "modes"_a, "scales"_a,
+        "pads"_a, "act"_a, "gpre"_a.noconvert(), "part"_a.noconvert(), "grads"_a.noconvert(), "stream"_a,
+        "device"_a, release);
+  m.attr("fuse_threads") = bf::kFuseThreads;
 }

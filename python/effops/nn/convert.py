@@ -3,8 +3,9 @@ models users already have for fused ones.
 
 Recognised blocks: timm ``DepthwiseSeparableConv`` and ``InvertedResidual`` (EfficientNet,
 tf_EfficientNet with TF 'same' padding, MobileNetV2/V3, ...), torchvision ``MBConv``
-(EfficientNet) and ``InvertedResidual`` (MobileNetV2, MobileNetV3), and effdet's
-``SeparableConv2d``. Each replacement keeps the original block's children under their original
+(EfficientNet) and ``InvertedResidual`` (MobileNetV2, MobileNetV3), effdet's BiFPN fusion nodes
+(``Fnode``: FpnCombine + after_combine -> weighted_fuse + fused separable conv) and its other
+``SeparableConv2d`` layers (the heads). Each replacement keeps the original block's children under their original
 names: the parameters and buffers are the same objects (shared, not copied), the state_dict
 keys are unchanged (checkpoints load either way), and training works (see effops.nn.dwsep).
 A block whose configuration the kernels cannot reproduce exactly (an unknown activation, a
@@ -259,8 +260,13 @@ def convert(model: nn.Module, *, copy_model: bool = False, report: bool = False,
         model = copy.deepcopy(model)
     rep = ConvertReport()
     rules = _rules()
+    from .bifpn import FusedFnode, convert_effdet_fnodes
+
+    convert_effdet_fnodes(model, rep)  # BiFPN nodes first: they contain separable convs
 
     def visit(parent: Optional[nn.Module], name: str, module: nn.Module, qual: str):
+        if isinstance(module, FusedFnode):
+            return module
         for match, make in rules:
             if match(module):
                 try:

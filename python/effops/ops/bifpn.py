@@ -35,7 +35,7 @@ from .. import _backend
 from ._common import check_tensor
 from .dwsep import ACT_CODES, _from_nhwc, _nhwc, act_grad, act_name, apply_act, same_padding
 
-_backend.register_op("weighted_fuse", ("cpu", "triton", "reference"))
+_backend.register_op("weighted_fuse", ("cpu", "cuda", "triton", "reference"))
 
 METHODS = ("fastattn", "attn", "sum")
 MODES = ("identity", "nearest", "maxpool", "maxpool_sym")
@@ -131,6 +131,43 @@ def _fuse_backward_cpu(grad, inputs, wn, modes, act, out_hw):
     return [_from_nhwc(g) for g in grads], gwn
 
 
+def _cuda_geometry(inputs, modes, out_hw):
+    """Per input: kernel mode (identity 0, nearest 1, pool 2), nearest ratios, pool pads."""
+    codes, scales, pads = [], [], []
+    for x, m in zip(inputs, modes):
+        H, W = x.shape[2:]
+        codes.append({"identity": 0, "nearest": 1}.get(m, 2))
+        scales += [float(torch.tensor(H, dtype=torch.float32) / out_hw[0]),
+                   float(torch.tensor(W, dtype=torch.float32) / out_hw[1])]
+        pads += list(maxpool_pads(m, H, W)) if m.startswith("maxpool") else [0, 0]
+    return codes, scales, pads
+
+
+def _fuse_cuda(inputs, wn, modes, act, out_hw):
+    out = _empty_like_out(inputs[0], out_hw)
+    x0 = inputs[0]
+    _backend._cuda.fuse_forward([_nhwc(x) for x in inputs], wn.detach().float().contiguous(),
+                                *_cuda_geometry(inputs, modes, out_hw), ACT_CODES[act], out,
+                                torch.cuda.current_stream(x0.device).cuda_stream, x0.device.index)
+    return _from_nhwc(out)
+
+
+def _fuse_backward_cuda(grad, inputs, wn, modes, act, out_hw):
+    x0 = inputs[0]
+    g = _nhwc(grad.float())
+    gpre = torch.empty_like(g)
+    blocks = -(-g.numel() // _backend._cuda.fuse_threads)
+    part = torch.empty(blocks, 4, dtype=torch.float32, device=x0.device)
+    grads = [torch.empty(x.shape[0], x.shape[2], x.shape[3], x.shape[1], dtype=torch.float32, device=x.device)
+             for x in inputs]
+    w = wn.detach().float().contiguous()
+    _backend._cuda.fuse_backward(g, [_nhwc(x) for x in inputs], w, *_cuda_geometry(inputs, modes, out_hw),
+                                 ACT_CODES[act], gpre, part, grads, torch.cuda.current_stream(x0.device).cuda_stream,
+                                 x0.device.index)
+    grads = [gpre * w[i] if m == "identity" else g_ for i, (m, g_) in enumerate(zip(modes, grads))]
+    return [_from_nhwc(t) for t in grads], part.double().sum(0)[: len(inputs)]
+
+
 def _fuse_triton(inputs, wn, modes, act, out_hw):
     from ..triton import bifpn as tb
 
@@ -206,6 +243,8 @@ def _fuse_op(inputs: List[Tensor], wn: Tensor, mode_codes: List[int], out_size: 
     backend = _select(inputs)
     if backend == "cpu":
         out = _fuse_cpu(inputs, wn, modes, act, out_hw)
+    elif backend == "cuda":
+        out = _fuse_cuda(inputs, wn, modes, act, out_hw)
     elif backend == "triton":
         out = _fuse_triton(inputs, wn, modes, act, out_hw)
     else:
@@ -226,7 +265,8 @@ def _fuse_bwd_op(grad: Tensor, inputs: List[Tensor], wn: Tensor, mode_codes: Lis
                  act: str) -> Tuple[List[Tensor], Tensor]:
     out_hw = _out_hw_of(out_size)
     modes = [MODES[c] for c in mode_codes]
-    fn = {"cpu": _fuse_backward_cpu, "triton": _fuse_backward_triton}.get(_select(inputs), _fuse_backward_reference)
+    fn = {"cpu": _fuse_backward_cpu, "cuda": _fuse_backward_cuda, "triton": _fuse_backward_triton}.get(
+        _select(inputs), _fuse_backward_reference)
     grads, gwn = fn(grad, inputs, wn, modes, act, out_hw)
     return [_like(g.to(x.dtype), x) for g, x in zip(grads, inputs)], gwn.to(wn.dtype).to(wn.device)
 
