@@ -14,7 +14,7 @@ struct Input {
   const T* x;  // [N, H, W, C]
   int64_t H, W;
   int mode;
-  float w;  // normalised weight
+  double w;  // normalised weight
 };
 
 // out[n, oh, ow, c] = act(sum_i w_i R_i(x_i)[n, oh, ow, c]), out [N, Ho, Wo, C].

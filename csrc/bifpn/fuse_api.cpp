@@ -22,7 +22,7 @@ std::vector<Input<T>> describe(const std::vector<CpuArray>& inputs, const CpuArr
   check(inputs.size() >= 2 && inputs.size() <= 4, op, ": 2 to 4 inputs");
   check(modes.size() == inputs.size(), op, ": one resample mode per input");
   check_shape(weights, {static_cast<int64_t>(inputs.size())}, op, "weights");
-  check_dtype(weights, nb::dtype<float>(), op, "weights");
+  check_dtype(weights, nb::dtype<double>(), op, "weights");
   std::vector<Input<T>> in;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const CpuArray& x = inputs[i];
@@ -31,7 +31,7 @@ std::vector<Input<T>> describe(const std::vector<CpuArray>& inputs, const CpuArr
     check(x.dtype() == inputs[0].dtype(), op, ": inputs must share one dtype");
     check(modes[i] >= kIdentity && modes[i] <= kMaxPoolSym, op, ": unknown resample mode");
     in.push_back({data_of<const T>(x), static_cast<int64_t>(x.shape(1)), static_cast<int64_t>(x.shape(2)), modes[i],
-                  data_of<const float>(weights)[i]});
+                  data_of<const double>(weights)[i]});
   }
   return in;
 }

@@ -83,10 +83,11 @@ def resample_reference(x: Tensor, mode: str, out_hw: Tuple[int, int]) -> Tensor:
 
 
 def normalize_weights(weights: Optional[Tensor], method: str, k: int, eps: float, device) -> Tensor:
-    """The k normalised fusion weights, float32, differentiable in ``weights``."""
+    """The k normalised fusion weights (float32; float64 for float64 weights), differentiable."""
+    dt = torch.float64 if weights is not None and weights.dtype == torch.float64 else torch.float32
     if method == "sum":
-        return torch.ones(k, dtype=torch.float32, device=device)
-    w = weights.to(torch.float32)
+        return torch.ones(k, dtype=dt, device=device)
+    w = weights.to(dt)
     if method == "attn":
         return torch.softmax(w, dim=0)
     r = torch.relu(w)
@@ -116,7 +117,7 @@ def _empty_like_out(x: Tensor, out_hw, dtype=None) -> Tensor:
 
 def _fuse_cpu(inputs, wn, modes, act, out_hw):
     out = _empty_like_out(inputs[0], out_hw)
-    _backend._C.fuse_forward([_nhwc(x) for x in inputs], wn.detach().float().contiguous(),
+    _backend._C.fuse_forward([_nhwc(x) for x in inputs], wn.detach().double().contiguous(),
                              [MODE_CODES[m] for m in modes], ACT_CODES[act], out, _threads())
     return _from_nhwc(out)
 
@@ -126,7 +127,7 @@ def _fuse_backward_cpu(grad, inputs, wn, modes, act, out_hw):
     grads = [torch.empty((x.shape[0], x.shape[1], *x.shape[2:]), dtype=acc, device=x.device,
                          memory_format=torch.channels_last).permute(0, 2, 3, 1) for x in inputs]
     gwn = torch.empty(len(inputs), dtype=torch.float64)
-    _backend._C.fuse_backward(_nhwc(grad.to(acc)), [_nhwc(x) for x in inputs], wn.detach().float().contiguous(),
+    _backend._C.fuse_backward(_nhwc(grad.to(acc)), [_nhwc(x) for x in inputs], wn.detach().double().contiguous(),
                               [MODE_CODES[m] for m in modes], ACT_CODES[act], grads, gwn, _threads())
     return [_from_nhwc(g) for g in grads], gwn
 
