@@ -12,7 +12,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common/errors.h"
 #include "common/parallel.h"
@@ -74,7 +76,14 @@ EFFOPS_INLINE V sample(const Plan<T>& p, size_t i, int64_t n, int64_t oh, int64_
   if (in.mode == kNearest)
     return loadv(in.x + ((n * in.H + p.src_h[i][oh]) * in.W + p.src_w[i][ow]) * C + c);
   using S = simd::elem_t<V>;
+  // int vector of the same width (for the NaN bookkeeping below)
+  typedef std::conditional_t<sizeof(S) == 4, int32_t, int64_t> I;
+  typedef I VI __attribute__((vector_size(sizeof(V))));
+  constexpr I kAbs = sizeof(S) == 4 ? I(0x7fffffff) : I(0x7fffffffffffffffLL);
+  constexpr I kInf = sizeof(S) == 4 ? I(0x7f800000) : I(0x7ff0000000000000LL);
+  constexpr I kQNaN = sizeof(S) == 4 ? I(0x7fc00000) : I(0x7ff8000000000000LL);
   V m = simd::splat<V>(-std::numeric_limits<S>::infinity());
+  VI nan = {};
   const int64_t h0 = 2 * oh - p.pt[i], w0 = 2 * ow - p.pl[i];
   for (int64_t dh = 0; dh < 3; ++dh) {
     const int64_t h = h0 + dh;
@@ -83,9 +92,18 @@ EFFOPS_INLINE V sample(const Plan<T>& p, size_t i, int64_t n, int64_t oh, int64_
       const int64_t w = w0 + dw;
       if (w < 0 || w >= in.W) continue;
       const V v = loadv(in.x + ((n * in.H + h) * in.W + w) * C + c);
-      m = ((v > m) | (v != v)) ? v : m;  // torch: a NaN in the window wins
+      // torch lets a NaN in the window win. NaNs are tracked with integer ops and blended in at
+      // the end: GCC scalarises a select on an unordered (NaN) comparison in these clones.
+      VI bits;
+      std::memcpy(&bits, &v, sizeof v);
+      nan |= (bits & kAbs) > kInf;
+      m = v > m ? v : m;
     }
   }
+  VI mb;
+  std::memcpy(&mb, &m, sizeof m);
+  mb = (nan & kQNaN) | (~nan & mb);
+  std::memcpy(&m, &mb, sizeof m);
   return m;
 }
 

@@ -4,4 +4,5 @@ Run them with ``effops bench <family> ...``; see ``effops bench --help``."""
 FAMILIES = {
     "nms": "effops.bench.bench_nms",
     "dwsep": "effops.bench.bench_dwsep",
+    "bifpn": "effops.bench.bench_bifpn",
 }
