@@ -276,14 +276,16 @@ def test_torch_compile_fullgraph():
 
 
 def test_autocast_casts_to_the_autocast_dtype():
-    x = torch.randn(2, 8, 9, 9)
-    dw, pw = torch.randn(8, 1, 3, 3), torch.randn(16, 8, 1, 1)
+    g = gen(13)
+    x = torch.randn(2, 8, 9, 9, generator=g)
+    dw, pw = torch.randn(8, 1, 3, 3, generator=g), torch.randn(16, 8, 1, 1, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = dwsep_conv(x, dw, pw)
         y, m = dw_conv_act(x, dw)
         p = pw_conv(x, pw)
     assert out.dtype == y.dtype == m.dtype == p.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), dwsep_conv(x, dw, pw), rtol=5e-2, atol=5e-2)
+    ref = dwsep_conv(x, dw, pw)
+    assert (out.float() - ref).abs().max() <= 2e-2 * ref.abs().max()  # bf16 rounding of inputs and result
 
 
 def test_noncontiguous_and_strided_inputs():
