@@ -20,6 +20,7 @@ _SEARCH_FIELDS = {
     "max_samples": ("proxy", "max_samples"), "channels": ("proxy", "channels"), "cells": ("proxy", "cells"),
     "epochs": ("proxy", "epochs"), "batch_size": ("proxy", "batch_size"), "lr": ("proxy", "lr"),
     "threads": ("proxy", "threads"), "device": ("proxy", "device"),
+    "latency_threads": ("proxy", "latency_threads"),
 }
 
 
@@ -87,6 +88,7 @@ def add_parsers(sub) -> None:
     sp.add_argument("--lr", type=_positive_float, help="default 0.1")
     sp.add_argument("--threads", type=_positive_int, help="torch threads per trial (default: cores / workers)")
     sp.add_argument("--device", help="device for training and latency (default cpu)")
+    sp.add_argument("--latency-threads", type=_positive_int, help="torch threads when timing latency (default 1)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=_search)
 
@@ -218,7 +220,7 @@ def _evaluate(args) -> int:
         proxy = config.proxy
         if args.epochs:
             proxy.epochs = args.epochs
-        table = LatencyTable(proxy.device, path=os.path.join(args.dir, LATENCY_TABLE))
+        table = LatencyTable(proxy.device, path=os.path.join(args.dir, LATENCY_TABLE), threads=proxy.latency_threads)
         lat = TableLatency(table, proxy)
         channels = args.channels or proxy.channels
         if args.match_latency:
@@ -241,7 +243,7 @@ def _evaluate(args) -> int:
         model = proxy.build(g)
         shape = proxy.input_shape(1)
         table_ms = lat(g)
-        direct_ms = measure_latency(model, shape, proxy.device)
+        direct_ms = measure_latency(model, shape, proxy.device, threads=proxy.latency_threads)
     except (ValueError, SearchError, DataError, GenotypeError) as e:
         return _fail("nas evaluate", e)
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0

@@ -91,8 +91,8 @@ def _tensor_file(path: str) -> Tuple[torch.Tensor, torch.Tensor]:
                 obj = {k: torch.from_numpy(z[k]) for k in z.files}
         else:
             obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, EOFError, ValueError, RuntimeError) as e:
-        raise DataError(f"data: cannot read {path!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - unpickling can fail in many ways; all mean "unreadable"
+        raise DataError(f"data: cannot read {path!r}: {type(e).__name__}: {e}") from None
     if isinstance(obj, torch.utils.data.TensorDataset):
         obj = obj.tensors
     if isinstance(obj, dict):

@@ -13,7 +13,7 @@
   network's own forward; ``measure_latency`` times a whole forward pass directly when that
   matters (the README comparison reports both). Timing takes, per entry, the minimum over
   ``repeats`` runs of the mean time per call (the minimum is the least disturbed by other
-  work on the machine).
+  work on the machine). Latency is single-threaded by default (``latency_threads``).
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ class ProxyConfig:
     weight_decay: float = 3e-4
     threads: int = 1  # torch threads per trial
     device: str = "cpu"
+    latency_threads: int = 1  # torch threads when timing ops (1: MnasNet's single-core latency)
 
     def __post_init__(self):
         for name, lo in (("channels", 2), ("cells", 1), ("stem_multiplier", 1), ("epochs", 1),
-                         ("batch_size", 1), ("threads", 1)):
+                         ("batch_size", 1), ("threads", 1), ("latency_threads", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -180,10 +181,15 @@ def _recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, max_samp
 
 
 def run_trial(payload: Dict[str, Any]) -> Dict[str, Any]:
-    """Worker entry point (picklable): ``{"genotype", "proxy", "seed"}`` -> proxy_train's dict."""
+    """Worker entry point (picklable): ``{"genotype", "proxy", "seed"}`` -> proxy_train's dict,
+    plus the host and process id that ran it."""
+    import socket
+
     config = ProxyConfig.from_dict(payload["proxy"])
     torch.set_num_threads(config.threads)
-    return proxy_train(Genotype.from_dict(payload["genotype"]), config, payload["seed"])
+    result = proxy_train(Genotype.from_dict(payload["genotype"]), config, payload["seed"])
+    result.update(host=socket.gethostname(), pid=os.getpid())
+    return result
 
 
 # =============================================================================== latency
@@ -214,13 +220,18 @@ def time_callable(fn: Callable[[], Any], device: torch.device, repeats: int = 5,
 
 
 def measure_latency(model: nn.Module, input_shape: Tuple[int, ...], device="cpu", repeats: int = 10,
-                    min_time_s: float = 0.02) -> float:
-    """A whole forward pass in eval mode, timed directly (milliseconds)."""
+                    min_time_s: float = 0.02, threads: int = 1) -> float:
+    """A whole forward pass in eval mode with ``threads`` torch threads, timed directly (ms)."""
     device = torch.device(device)
     model = model.to(device).eval()
     x = torch.randn(input_shape, device=device)
-    with torch.no_grad():
-        return time_callable(lambda: model(x), device, repeats, min_time_s)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            return time_callable(lambda: model(x), device, repeats, min_time_s)
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _costly_modules(model: nn.Module) -> List[nn.Module]:
@@ -258,14 +269,17 @@ def trace_latency_keys(model: nn.Module, input_shape: Tuple[int, ...]) -> List[T
 
 class LatencyTable:
     """Per-configuration latency cache (see the module docstring). ``path``: a JSON file the
-    table is loaded from (if it exists) and saved to after new measurements."""
+    table is loaded from (if it exists) and saved to after new measurements. ``threads``:
+    torch threads while timing; the default 1 is the single-core latency MnasNet optimises,
+    and it is also the setting least disturbed by other work on the machine (with more threads,
+    every op waits for the slowest core's scheduling)."""
 
     def __init__(self, device="cpu", repeats: int = 5, min_time_s: float = 0.002, path: Optional[str] = None,
-                 threads: Optional[int] = None):
+                 threads: int = 1):
         self.device = torch.device(device)
         self.repeats = repeats
         self.min_time_s = min_time_s
-        self.threads = threads or torch.get_num_threads()
+        self.threads = threads
         self.path = path
         self.entries: Dict[str, float] = {}
         self.measurements = 0  # how many entries this object has timed (cache misses)
@@ -350,8 +364,9 @@ def _probe_genotypes(space: NASNetSpace) -> Iterable[Genotype]:
     op = space.ops[0]
 
     def chain(m: int) -> Cell:
-        # Blocks 0..B-m-1 each feed the next block; the last m blocks are unused.
-        return Cell(tuple(Block(1 + i if 1 <= i <= B - m else 0, op, 0, op) for i in range(B)))
+        # Blocks 0..B-m-1 each feed the next block; the last m blocks are unused. Block 0
+        # reads both cell inputs, so both preprocessings exist.
+        return Cell(tuple(Block(1 + i if i <= B - m else 0, op, 0, op) for i in range(B)))
 
     for m_n in range(1, B + 1):
         for m_r in range(1, B + 1):

@@ -28,8 +28,10 @@ class CellModule(nn.Module):
     def __init__(self, cell: Cell, c_pp: int, c_p: int, C: int, reduction: bool, reduction_prev: bool):
         super().__init__()
         self.reduction = reduction
-        self.pre0 = make_preprocess(c_pp, C, reduce=reduction_prev)
-        self.pre1 = make_preprocess(c_p, C, reduce=False)
+        # A cell input no block uses (and the output does not concatenate) is not computed.
+        needed = set(cell.used_states()) | set(cell.output_states())
+        self.pre0 = make_preprocess(c_pp, C, reduce=reduction_prev) if 0 in needed else None
+        self.pre1 = make_preprocess(c_p, C, reduce=False) if 1 in needed else None
         self.inputs = [(b.input_a, b.input_b) for b in cell.blocks]
         ops = []
         for b in cell.blocks:
@@ -46,7 +48,7 @@ class CellModule(nn.Module):
         self.C = C
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
-        states = [self.pre0(s0), self.pre1(s1)]
+        states = [self.pre0(s0) if self.pre0 is not None else None, self.pre1(s1) if self.pre1 is not None else None]
         for i, (a, b) in enumerate(self.inputs):
             states.append(self.ops[2 * i](states[a]) + self.ops[2 * i + 1](states[b]))
         outs = []

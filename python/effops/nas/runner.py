@@ -420,7 +420,8 @@ class Search:
         """Load the run's latency table and time what it lacks, before any worker starts
         competing for the cores (a no-op with a user-supplied latency_fn)."""
         if self._latency_fn is None:
-            self.latency_table = LatencyTable(self.config.proxy.device, path=os.path.join(self.out_dir, LATENCY_TABLE))
+            self.latency_table = LatencyTable(self.config.proxy.device, path=os.path.join(self.out_dir, LATENCY_TABLE),
+                                              threads=self.config.proxy.latency_threads)
             self.latency_table.warm(self.space, self.config.proxy)
             self._latency_fn = TableLatency(self.latency_table, self.config.proxy)
 
@@ -434,7 +435,8 @@ class Search:
 
     def _finish(self, trial: Dict[str, Any], metrics: Dict[str, Any], reused_from: Optional[int] = None) -> Dict[str, Any]:
         g = Genotype.from_dict(trial["genotype"])
-        record = dict(metrics)
+        # numpy / torch scalars from a custom trial_fn become plain numbers for the JSON journal.
+        record = {k: v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v for k, v in metrics.items()}
         for k in ("trial", "genotype", "seed", "reward", "reused_from", "finished_at"):
             record.pop(k, None)
         record["latency_ms"] = self.latency(g) if "latency_ms" not in record else record["latency_ms"]
