@@ -108,8 +108,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--genotype", required=True,
                    help="'best', 'trial:ID', a name (nasnet-a, baseline), a JSON file or JSON text")
     p.add_argument("--channels", type=_positive_int, help="C (default: the search's)")
-    p.add_argument("--match-latency", metavar="best|trial:ID|MS",
-                   help="choose C so the table latency is closest to this trial's (or MS milliseconds)")
+    p.add_argument("--match-latency", metavar="best|trial:ID|GENOTYPE|MS",
+                   help="choose C so the table latency is closest to this trial's, this genotype's at the "
+                        "search's C, or MS milliseconds")
+    p.add_argument("--data-seed", type=int, help="held-out split seed (default: the search's; another seed "
+                   "avoids judging the found cell on the split that selected it)")
     p.add_argument("--epochs", type=_positive_int, help="default: the search's")
     p.add_argument("--seeds", type=_positive_int, default=1, help="train with seeds 0..K-1 (default 1)")
     p.set_defaults(func=_evaluate)
@@ -204,6 +207,7 @@ def _trial_record(records, spec: str):
 
 
 def _evaluate(args) -> int:
+    import dataclasses
     import statistics
 
     from .data import DataError
@@ -220,30 +224,36 @@ def _evaluate(args) -> int:
         proxy = config.proxy
         if args.epochs:
             proxy.epochs = args.epochs
+        if args.data_seed is not None:
+            proxy.data_seed = args.data_seed
         table = LatencyTable(proxy.device, path=os.path.join(args.dir, LATENCY_TABLE), threads=proxy.latency_threads)
         lat = TableLatency(table, proxy)
+        shape = proxy.input_shape(1)
+
+        def direct(genotype, c):  # whole forward pass, timed now
+            return measure_latency(proxy.build(genotype, c), shape, proxy.device, threads=proxy.latency_threads)
+
         channels = args.channels or proxy.channels
         if args.match_latency:
             ref = _trial_record(records, args.match_latency)
             if ref is not None:
-                target = ref["latency_ms"]
+                target = direct(Genotype.from_dict(ref["genotype"]), proxy.channels)
             else:
                 try:
                     target = float(args.match_latency)
                 except ValueError:
-                    raise ValueError(f"--match-latency must be best, trial:ID or milliseconds, got {args.match_latency!r}") from None
-            channels, _ = match_channels(lambda c: lat(g, c), target, channels)
-            print(f"--match-latency: target {target:.3f} ms -> C = {channels}")
-        proxy.channels = channels
+                    target = direct(load_genotype(args.match_latency, "--match-latency"), proxy.channels)
+            channels, _ = match_channels(lambda c: direct(g, c), target, channels)
+            print(f"--match-latency: target {target:.3f} ms (whole forward) -> C = {channels}")
+        trained = dataclasses.replace(proxy, channels=channels)
         accs = []
         for seed in range(args.seeds):
-            r = proxy_train(g, proxy, seed)
+            r = proxy_train(g, trained, seed)
             accs.append(r["accuracy"])
             print(f"seed {seed}: accuracy {r['accuracy']:.4f} ({r['train_seconds']:.1f} s)", flush=True)
-        model = proxy.build(g)
-        shape = proxy.input_shape(1)
-        table_ms = lat(g)
-        direct_ms = measure_latency(model, shape, proxy.device, threads=proxy.latency_threads)
+        model = proxy.build(g, channels)
+        table_ms = lat(g, channels)
+        direct_ms = direct(g, channels)
     except (ValueError, SearchError, DataError, GenotypeError) as e:
         return _fail("nas evaluate", e)
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0

@@ -87,7 +87,8 @@ def write_report(out_dir: str, top: int = 5) -> Dict[str, Any]:
         f"- data: {ds['name']} ({ds['train']} training / {ds['val']} held-out images, "
         f"{ds['image_size']}x{ds['image_size']}, {ds['num_classes']} classes)",
         f"- proxy: C={p['channels']}, N={p['cells']}, {p['epochs']} epoch(s), batch {p['batch_size']}, lr {p['lr']}",
-        "- latency: sum of per-op latencies from the latency table (batch 1, this machine)",
+        "- latency: latency-table estimate (per-op timings, calibrated on whole networks; batch 1, "
+        "this machine)",
         "",
         "## Best genotypes",
         "",
