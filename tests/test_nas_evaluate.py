@@ -177,10 +177,18 @@ def test_latency_grows_with_width_and_match_channels():
     table = fast_table()
     lat = TableLatency(table, cfg)
     # A fake latency keeps the search deterministic; the table's own monotonicity is noisy.
-    c, ms = match_channels(lambda c: 0.5 * c, 10.2, start=4)
-    assert (c, ms) == (20, 10.0)
-    c, ms = match_channels(lambda c: 0.5 * c, 1.0, start=64)
-    assert (c, ms) == (2, 1.0)
+    calls = []
+
+    def fake(c):
+        calls.append(c)
+        return 0.5 * c
+
+    assert match_channels(fake, 10.2, start=4) == (20, 10.0)  # the widest no slower than the target
+    assert len(calls) == len(set(calls)) < 12  # cached, and a bracket + bisection, not a scan
+    assert match_channels(fake, 9.9, start=64) == (19, 9.5)
+    assert match_channels(fake, 1.0, start=64) == (2, 1.0)
+    assert match_channels(fake, 0.1, start=8) == (2, 1.0)  # nothing is fast enough: the smallest
+    assert match_channels(fake, 1e9, start=8, c_max=100) == (100, 50.0)
     assert lat(HANDMADE_BASELINE, 32) > lat(HANDMADE_BASELINE, 4)
 
 

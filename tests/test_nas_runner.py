@@ -15,12 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-import effops.nas.runner as runner_mod
 from effops.cli import main as effops_main
 from effops.nas import (
     OPS,
     Genotype,
-    NASNetSpace,
     ProxyConfig,
     SearchConfig,
     SearchError,
@@ -31,7 +29,6 @@ from effops.nas import (
     pareto_front,
     read_journal,
     run_search,
-    write_report,
 )
 from effops.nas.runner import Search
 

@@ -211,7 +211,7 @@ def _evaluate(args) -> int:
     import statistics
 
     from .data import DataError
-    from .evaluate import LatencyTable, TableLatency, match_channels, measure_latency, proxy_train
+    from .evaluate import LatencyTable, TableLatency, match_channels, measure_latencies, proxy_train
     from .network import count_params
     from .runner import LATENCY_TABLE, SearchError, read_config, read_journal
     from .space import Genotype, GenotypeError, load_genotype
@@ -230,21 +230,31 @@ def _evaluate(args) -> int:
         lat = TableLatency(table, proxy)
         shape = proxy.input_shape(1)
 
-        def direct(genotype, c):  # whole forward pass, timed now
-            return measure_latency(proxy.build(genotype, c), shape, proxy.device, threads=proxy.latency_threads)
+        def timed(*models, rounds=40):  # whole forward passes, timed interleaved
+            return measure_latencies(list(models), shape, proxy.device, rounds, proxy.latency_threads)
 
         channels = args.channels or proxy.channels
+        ref_model, ref_name = None, None
         if args.match_latency:
             ref = _trial_record(records, args.match_latency)
             if ref is not None:
-                target = direct(Genotype.from_dict(ref["genotype"]), proxy.channels)
+                ref_model, ref_name = proxy.build(Genotype.from_dict(ref["genotype"])), args.match_latency
             else:
                 try:
-                    target = float(args.match_latency)
+                    target_ms = float(args.match_latency)
                 except ValueError:
-                    target = direct(load_genotype(args.match_latency, "--match-latency"), proxy.channels)
-            channels, _ = match_channels(lambda c: direct(g, c), target, channels)
-            print(f"--match-latency: target {target:.3f} ms (whole forward) -> C = {channels}")
+                    ref_model = proxy.build(load_genotype(args.match_latency, "--match-latency"))
+                    ref_name = args.match_latency
+            if ref_model is not None:
+                # Match the latency ratio to the reference, both timed together (robust to drift).
+                def ratio(c):
+                    a, b = timed(proxy.build(g, c), ref_model)
+                    return a / b
+
+                channels, _ = match_channels(ratio, 1.0, channels)
+            else:
+                channels, _ = match_channels(lambda c: timed(proxy.build(g, c))[0], target_ms, channels)
+            print(f"--match-latency {args.match_latency}: C = {channels}", flush=True)
         trained = dataclasses.replace(proxy, channels=channels)
         accs = []
         for seed in range(args.seeds):
@@ -253,14 +263,18 @@ def _evaluate(args) -> int:
             print(f"seed {seed}: accuracy {r['accuracy']:.4f} ({r['train_seconds']:.1f} s)", flush=True)
         model = proxy.build(g, channels)
         table_ms = lat(g, channels)
-        direct_ms = direct(g, channels)
+        if ref_model is not None:
+            direct_ms, ref_ms = timed(model, ref_model, rounds=200)
+            direct_note = f"{direct_ms:.3f} ms (whole forward; {ref_name}: {ref_ms:.3f} ms, timed interleaved)"
+        else:
+            direct_note = f"{timed(model, rounds=200)[0]:.3f} ms (whole forward)"
     except (ValueError, SearchError, DataError, GenotypeError) as e:
         return _fail("nas evaluate", e)
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
     print(f"genotype: {args.genotype}\n{g}")
     print(f"C={channels} N={proxy.cells} epochs={proxy.epochs}: accuracy {statistics.mean(accs):.4f} "
-          f"+- {sd:.4f} over {len(accs)} seed(s); latency {table_ms:.3f} ms (table), {direct_ms:.3f} ms "
-          f"(whole forward); {count_params(model):,} params; {r['flops'] / 1e6:.2f} MFLOPs")
+          f"+- {sd:.4f} over {len(accs)} seed(s); latency {direct_note}, {table_ms:.3f} ms (table estimate); "
+          f"{count_params(model):,} params; {r['flops'] / 1e6:.2f} MFLOPs")
     return 0
 
 

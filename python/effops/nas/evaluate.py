@@ -243,6 +243,30 @@ def measure_latency(model: nn.Module, input_shape: Tuple[int, ...], device="cpu"
         return time_callable(lambda: model(x), device, repeats, min_time_s)
 
 
+def measure_latencies(models: List[nn.Module], input_shape: Tuple[int, ...], device="cpu", rounds: int = 100,
+                      threads: int = 1) -> List[float]:
+    """Whole-forward latencies (ms) of several models, timed interleaved: each round calls
+    every model once; each model's latency is its fastest call. Interleaving exposes all
+    models to the same machine conditions, so their ratio is trustworthy even where absolute
+    times drift with other work on the machine."""
+    device = torch.device(device)
+    models = [m.to(device).eval() for m in models]
+    x = torch.randn(input_shape, device=device)
+    best = [float("inf")] * len(models)
+    with torch_threads(threads), torch.no_grad():
+        for m in models:  # warm-up
+            m(x)
+            m(x)
+        for _ in range(rounds):
+            for i, m in enumerate(models):
+                _sync(device)
+                t0 = time.perf_counter()
+                m(x)
+                _sync(device)
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return [b * 1e3 for b in best]
+
+
 def _costly_modules(model: nn.Module) -> List[nn.Module]:
     """Modules with a latency_spec, outermost only (a tagged module is timed as a whole)."""
     out, prefixes = [], []
@@ -444,8 +468,9 @@ class TableLatency:
 
 def match_channels(latency_of: Callable[[int], float], target_ms: float, start: int, c_min: int = 2,
                    c_max: int = 512) -> Tuple[int, float]:
-    """The channel count C in [c_min, c_max] whose latency ``latency_of(C)`` is closest to
-    ``target_ms`` (latency is taken to grow with C: a doubling bracket, then bisection).
+    """The largest channel count C in [c_min, c_max] whose latency ``latency_of(C)`` is at
+    most ``target_ms`` (``c_min`` if none is): the widest network that is no slower than the
+    target. Latency is taken to grow with C (a doubling bracket, then bisection).
     Returns (C, latency)."""
     cache: Dict[int, float] = {}
 
@@ -455,17 +480,21 @@ def match_channels(latency_of: Callable[[int], float], target_ms: float, start: 
         return cache[c]
 
     lo = hi = min(max(start, c_min), c_max)
-    if lat(lo) < target_ms:
-        while hi < c_max and lat(hi) < target_ms:
+    if lat(lo) <= target_ms:
+        while hi < c_max and lat(hi) <= target_ms:
             lo, hi = hi, min(2 * hi, c_max)
+        if lat(hi) <= target_ms:
+            return hi, lat(hi)
     else:
-        while lo > c_min and lat(lo) >= target_ms:
+        while lo > c_min and lat(lo) > target_ms:
             hi, lo = lo, max(lo // 2, c_min)
+        if lat(lo) > target_ms:
+            return lo, lat(lo)
+    # Now lat(lo) <= target < lat(hi).
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if lat(mid) < target_ms:
+        if lat(mid) <= target_ms:
             lo = mid
         else:
             hi = mid
-    c = min((lo, hi), key=lambda c: (abs(lat(c) - target_ms), c))
-    return c, lat(c)
+    return lo, lat(lo)
