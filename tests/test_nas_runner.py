@@ -33,12 +33,7 @@ from effops.nas import (
 from effops.nas.runner import Search
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 _TARGET = np.random.default_rng(7).integers(0, 1000, size=200)

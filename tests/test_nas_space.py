@@ -28,13 +28,7 @@ from effops.nas import ops as nas_ops
 from effops.nas.space import load_genotype
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread is fastest and immune to OpenMP stalls on a busy machine.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_thirteen_nasnet_ops():

@@ -60,6 +60,21 @@ class CellModule(nn.Module):
         return torch.cat(outs, dim=1)
 
 
+def _check_build_args(genotype, C, N, num_classes, stem, in_channels, stem_multiplier, stem_channels, dropout):
+    if not isinstance(genotype, Genotype):
+        raise TypeError(f"build: genotype must be a Genotype, got {type(genotype).__name__}")
+    for name, v, lo in (("C", C, 2), ("N", N, 1), ("num_classes", num_classes, 1), ("in_channels", in_channels, 1),
+                        ("stem_multiplier", stem_multiplier, 1), ("stem_channels", stem_channels, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"build: {name} must be an integer >= {lo}, got {v!r}")
+    if stem not in ("cifar", "imagenet"):
+        raise ValueError(f"build: stem must be 'cifar' or 'imagenet', got {stem!r}")
+    if stem == "imagenet" and C % 4:
+        raise ValueError(f"build: C must be a multiple of 4 with the imagenet stem (cells with C/4, C/2), got {C}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"build: dropout must be in [0, 1), got {dropout}")
+
+
 class NASNetwork(nn.Module):
     """A stack of cells built from a genotype (see the module docstring)."""
 
@@ -76,21 +91,20 @@ class NASNetwork(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
+        _check_build_args(genotype, C, N, num_classes, stem, in_channels, stem_multiplier, stem_channels, dropout)
         self.genotype = genotype
         cells: List[CellModule] = []
         if stem == "cifar":
             c_stem = stem_multiplier * C
             self.stem = make_stem("cifar", in_channels, c_stem)
             c_pp, c_p, reduction_prev = c_stem, c_stem, False
-        elif stem == "imagenet":
+        else:  # "imagenet" (checked above)
             self.stem = make_stem("imagenet", in_channels, stem_channels)
             c_pp, c_p, reduction_prev = stem_channels, stem_channels, False
             for div in (4, 2):  # two reduction cells with C/4 and C/2 filters
                 cell = CellModule(genotype.reduce, c_pp, c_p, C // div, True, reduction_prev)
                 cells.append(cell)
                 c_pp, c_p, reduction_prev = c_p, cell.multiplier * (C // div), True
-        else:
-            raise ValueError(f"build: stem must be 'cifar' or 'imagenet', got {stem!r}")
         self.num_stem_cells = len(cells)
         c = C
         for stage in range(3):
@@ -114,32 +128,14 @@ class NASNetwork(nn.Module):
         return self.head(s1)
 
 
-def build(
-    genotype: Genotype,
-    C: int,
-    N: int,
-    num_classes: int,
-    stem: str = "cifar",
-    in_channels: int = 3,
-    stem_multiplier: int = 3,
-    stem_channels: int = 32,
-    dropout: float = 0.0,
-) -> NASNetwork:
-    """The network of ``genotype``: N normal cells per stage, C filters in the first stage.
+def build(genotype: Genotype, C: int, N: int, num_classes: int, **kwargs) -> NASNetwork:
+    """The network of ``genotype``: N normal cells per stage, C filters in the first stage;
+    keyword arguments as ``NASNetwork`` (stem, in_channels, stem_multiplier, stem_channels,
+    dropout).
 
     ``build(NASNET_A, 44, 4, 1000, stem="imagenet")`` is NASNet-A (mobile, 4 @ 1056).
     """
-    if not isinstance(genotype, Genotype):
-        raise TypeError(f"build: genotype must be a Genotype, got {type(genotype).__name__}")
-    for name, v, lo in (("C", C, 2), ("N", N, 1), ("num_classes", num_classes, 1), ("in_channels", in_channels, 1),
-                        ("stem_multiplier", stem_multiplier, 1), ("stem_channels", stem_channels, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"build: {name} must be an integer >= {lo}, got {v!r}")
-    if stem == "imagenet" and C % 4:
-        raise ValueError(f"build: C must be a multiple of 4 with the imagenet stem (cells with C/4, C/2), got {C}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"build: dropout must be in [0, 1), got {dropout}")
-    return NASNetwork(genotype, C, N, num_classes, stem, in_channels, stem_multiplier, stem_channels, dropout)
+    return NASNetwork(genotype, C, N, num_classes, **kwargs)
 
 
 def count_params(model: nn.Module) -> int:
