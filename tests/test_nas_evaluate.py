@@ -99,6 +99,16 @@ def test_bad_data_gives_clear_errors(tmp_path):
         load_dataset("digits", val_fraction=1.0)
 
 
+def test_unreadable_data_path(tmp_path, monkeypatch):
+    torch.save({"x": torch.zeros(4, 3, 3), "y": torch.arange(4)}, tmp_path / "locked.pt")
+    import effops.nas.data as data_mod
+
+    # Tests may run as root, for whom chmod 000 does not stop reading: deny access instead.
+    monkeypatch.setattr(data_mod.os, "access", lambda path, mode: False)
+    with pytest.raises(DataError, match="data: '.*locked.pt' is not readable \\(permission denied\\)"):
+        load_dataset(str(tmp_path / "locked.pt"))
+
+
 # ------------------------------------------------------------------------------ training
 TINY = dict(max_samples=400, channels=4, epochs=1, batch_size=32, threads=1)
 

@@ -30,7 +30,7 @@ from effops.nas import (
     read_journal,
     run_search,
 )
-from effops.nas.runner import Search
+from effops.nas.runner import Search, TrialError
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -130,8 +130,9 @@ def test_crash_inside_a_trial_and_a_torn_journal_line(tmp_path):
             raise Crash("worker died")
         return fake_trial(payload)
 
-    with pytest.raises(Crash):
+    with pytest.raises(TrialError, match=r"trial 4 failed: Crash: worker died; .*--resume") as e:
         run_search(config(), out, trial_fn=flaky, latency_fn=fake_latency, report=False)
+    assert isinstance(e.value.error, Crash)
     assert len(read_journal(out)) == 4
     with open(os.path.join(out, "journal.jsonl"), "ab") as f:
         f.write(b'{"trial": 4, "genotype": {"norm')  # the run died while writing a line
@@ -258,6 +259,22 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "--rank must be in 1..2, got 9" in capsys.readouterr().err
     assert effops_main(["search", "--out", out, "--resume", "--epochs", "5"]) == 2
     assert "--resume: --epochs 5 differs from the saved search's 3" in capsys.readouterr().err
+
+
+def test_cli_evaluate_with_latency_matching(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run_search(config(budget=3), out, trial_fn=fake_trial, latency_fn=fake_latency, report=False)
+    argv = ["nas", "evaluate", out, "--epochs", "1", "--data-seed", "1"]
+    assert effops_main(argv + ["--genotype", "baseline", "--channels", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "C=4 N=1 epochs=1: accuracy" in text and "ms (whole forward)" in text and "42,530" not in text
+    assert effops_main(argv + ["--genotype", "best", "--match-latency", "baseline"]) == 0
+    text = capsys.readouterr().out
+    assert "--match-latency baseline: C = " in text and "(whole forward; baseline: " in text
+    assert effops_main(argv + ["--genotype", "trial:7"]) == 2
+    assert "trial 7 is not in the journal" in capsys.readouterr().err
+    assert effops_main(argv + ["--genotype", "missing.json"]) == 2
+    assert "--genotype: 'missing.json' is neither a named genotype" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ real runs

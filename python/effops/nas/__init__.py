@@ -21,7 +21,7 @@ from .evaluate import (
 from .network import NASNetwork, build, count_params
 from .objective import MNAS_W, Objective, mnas_reward, pareto_front
 from .report import draw_genotype, export, load_exported, plot_pareto, write_report
-from .runner import SearchConfig, SearchError, read_journal, run_search
+from .runner import SearchConfig, SearchError, TrialError, read_journal, run_search
 from .space import (
     HANDMADE_BASELINE,
     NAMED_GENOTYPES,
@@ -44,6 +44,6 @@ __all__ = [
     "DataError", "Dataset", "load_dataset",
     "ProxyConfig", "proxy_train", "count_flops", "LatencyTable", "TableLatency", "measure_latency",
     "Objective", "mnas_reward", "MNAS_W", "pareto_front",
-    "SearchConfig", "SearchError", "run_search", "read_journal",
+    "SearchConfig", "SearchError", "TrialError", "run_search", "read_journal",
     "write_report", "plot_pareto", "draw_genotype", "export", "load_exported",
 ]

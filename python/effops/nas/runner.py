@@ -56,6 +56,18 @@ class SearchError(RuntimeError):
     """A search that cannot start or continue (bad out dir, inconsistent files)."""
 
 
+class TrialError(SearchError):
+    """A trial raised in its worker. The search stops; ``--resume`` runs the trial again."""
+
+    def __init__(self, trial: Dict[str, Any], error: BaseException):
+        self.trial = trial
+        self.error = error
+        super().__init__(
+            f"trial {trial['trial']} failed: {type(error).__name__}: {error}; fix the cause, then continue "
+            "with --resume (finished trials are kept; this one runs again)"
+        )
+
+
 @dataclass
 class SearchConfig:
     strategy: str = "evolution"
@@ -216,7 +228,10 @@ class _InlineBackend:
 
     def wait(self) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         trial, payload = self.queue.pop(0)
-        return trial, self.trial_fn(payload)
+        try:
+            return trial, self.trial_fn(payload)
+        except Exception as e:
+            raise TrialError(trial, e) from e
 
     def close(self) -> None:
         self.queue.clear()
@@ -237,7 +252,10 @@ class _PoolBackend:
         done, _ = cf.wait(list(self.futures), return_when=cf.FIRST_COMPLETED)
         fut = min(done, key=lambda f: self.futures[f]["trial"])
         trial = self.futures.pop(fut)
-        return trial, fut.result()
+        try:
+            return trial, fut.result()
+        except Exception as e:  # the worker's exception, or BrokenProcessPool if it died
+            raise TrialError(trial, e) from e
 
     def close(self) -> None:
         for f in self.futures:
@@ -270,7 +288,10 @@ class _RayBackend:
         done, _ = self.ray.wait(list(self.refs), num_returns=1)
         ref = done[0]
         trial = self.refs.pop(ref)
-        return trial, self.ray.get(ref)
+        try:
+            return trial, self.ray.get(ref)
+        except Exception as e:
+            raise TrialError(trial, e) from e
 
     def close(self) -> None:
         for ref in self.refs:
