@@ -138,3 +138,13 @@ def pytest_sessionfinish(session, exitstatus):
     if exitstatus == 0 and session.testscollected and _PASSED["n"] == 0:
         session.exitstatus = 1
         print("\nERROR: no test passed (all skipped or deselected): nothing was tested")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch thread (restored afterwards): for tiny tensors one thread is
+    fastest, and it is immune to OpenMP stalls when other work keeps the second core busy."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

@@ -1,4 +1,4 @@
-"""The ``effops`` command: ``effops info``, ``effops bench``."""
+"""The ``effops`` command: ``effops info``, ``effops bench``, ``effops search``, ``effops nas ...``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     sp.add_argument("--no-save", action="store_true", help="do not append rows to the CSV files")
     sp.add_argument("--table", action="store_true", help="print the markdown table of the saved results and exit")
     sp.set_defaults(func=_bench)
+    from .nas.cli import add_parsers as _add_nas_parsers
+
+    _add_nas_parsers(sub)  # search, nas {export,report,evaluate,show}
     args = p.parse_args(argv)
     return args.func(args)
 
