@@ -232,50 +232,41 @@ def test_make_op_rejects_unknown():
         nas_ops.make_op("conv_3x3", 4, 3)
 
 
-def test_sep_conv_is_two_relu_dw_pw_bn_units():
+def test_sep_conv_is_two_fused_relu_dw_pw_bn_units():
+    from effops.nn import DWSeparableConv2d
+
     op = nas_ops.make_op("sep_conv_5x5", 8, 2)
     units = list(op.children())
-    assert len(units) == 2
-    first = list(units[0].children())
-    assert [type(m) for m in first] == [nn.ReLU, nn.Conv2d, nn.Conv2d, nn.BatchNorm2d]
-    assert first[1].groups == 8 and first[1].kernel_size == (5, 5) and first[1].stride == (2, 2)
-    assert first[2].kernel_size == (1, 1)
-    assert list(units[1].children())[1].stride == (1, 1)
+    assert len(units) == 2 and all(isinstance(u, DWSeparableConv2d) for u in units)
+    first = units[0]
+    assert first.preact and first.act_name == "relu" and first.bn_dw is None and first.bn_pw is not None
+    assert first.conv_dw.groups == 8 and first.conv_dw.kernel_size == (5, 5) and first.conv_dw.stride == (2, 2)
+    assert units[1].conv_dw.stride == (1, 1)
     # params: 2 x (depthwise 8*25 + pointwise 8*8 + BN 2*8)
     assert count_params(op) == 2 * (8 * 25 + 64 + 16)
 
 
-def test_separable_swap_point_uses_fused_module_when_present(monkeypatch):
-    calls = []
-
-    class FakeDWSep(nn.Module):
-        def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding="same", dilation=1,
-                     act=None, preact=False):
-            super().__init__()
-            calls.append((in_channels, out_channels, kernel_size, stride, padding, dilation, act, preact))
-            local = nas_ops._LocalSeparable(in_channels, out_channels, kernel_size, stride, dilation)
-            self.body = nn.Sequential(*list(local.children())[:3])  # ReLU, depthwise, pointwise
-
-        def forward(self, x):
-            return self.body(x)
-
-    fake = types.ModuleType("effops.nn")
-    fake.DWSeparableConv2d = FakeDWSep
-    monkeypatch.setitem(sys.modules, "effops.nn", fake)
-    unit = nas_ops._separable(4, 6, 3, 2)
-    assert calls == [(4, 6, 3, 2, 1, 1, None, True)]
-    local = nas_ops._LocalSeparable(4, 6, 3, 2)
-    assert count_params(unit) == count_params(local)
-    assert unit(torch.randn(1, 4, 9, 9)).shape == local(torch.randn(1, 4, 9, 9)).shape == (1, 6, 5, 5)
-
-
-def test_separable_swap_point_matches_local_composition():
-    # Whatever _separable resolves to in this build, it must be the NASNet unit's shape and size.
-    for c_in, c_out, k, s in [(4, 4, 3, 1), (5, 7, 7, 2)]:
-        unit, local = nas_ops._separable(c_in, c_out, k, s), nas_ops._LocalSeparable(c_in, c_out, k, s)
+@pytest.mark.parametrize("train", [False, True])
+def test_separable_unit_equals_local_composition(train):
+    """The fused unit computes ReLU -> dw -> pw -> BN exactly as the plain-PyTorch composition
+    (same weights), in train mode (batch statistics) and in eval mode (folded BN)."""
+    torch.manual_seed(0)
+    for c_in, c_out, k, s, d in [(4, 4, 3, 1, 1), (5, 7, 7, 2, 1), (6, 6, 3, 1, 2)]:
+        unit = nas_ops._separable(c_in, c_out, k, s, d)
+        local = nas_ops._LocalSeparable(c_in, c_out, k, s, d)
         assert count_params(unit) == count_params(local)
-        x = torch.randn(2, c_in, 11, 11)
-        assert unit(x).shape == local(x).shape
+        _, dw, pw, bn = local.children()
+        dw.weight.data.copy_(unit.conv_dw.weight)
+        pw.weight.data.copy_(unit.conv_pw.weight)
+        bn.running_var.uniform_(0.5, 2.0)
+        unit.bn_pw.running_var.copy_(bn.running_var)
+        unit.train(train), local.train(train)
+        x = torch.randn(2, c_in, 11, 11, requires_grad=True)
+        a, b = unit(x), local(x)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        (ga,) = torch.autograd.grad(a.square().sum(), x)
+        (gb,) = torch.autograd.grad(b.square().sum(), x)
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
 
 
 def test_factorized_reduce_odd_channels_and_sizes():

@@ -185,3 +185,19 @@ def test_mbconv_module_eval_and_train_agree_on_statistics():
             y_ref = block(x)
     torch.testing.assert_close(y_eval, y_ref, rtol=1e-4, atol=1e-5)
     assert "expand_to=64" in repr(block) and "se=True" in repr(block)
+
+
+def test_flop_counter_sees_the_fused_ops():
+    """torch.utils.flop_counter counts the custom ops like the convs they replace, also in
+    inference (the prepared fast path steps aside when a dispatch mode is watching)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build("timm", "efficientnet_b0")
+    fused = convert(copy.deepcopy(model))
+    x = torch.randn(1, 3, 64, 64)
+    counts = []
+    for m in (model, fused):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            m(x)
+        counts.append(fc.get_total_flops())
+    assert abs(counts[1] - counts[0]) / counts[0] < 0.01, counts

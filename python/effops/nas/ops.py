@@ -86,36 +86,13 @@ class _LocalSeparable(nn.Sequential):
 
 
 def _separable(c_in: int, c_out: int, k: int, stride: int, dilation: int = 1) -> nn.Module:
-    """The one swap point for the separable convolution unit: ReLU -> depthwise k x k ->
-    pointwise 1x1 -> BN. Uses effops's fused ``effops.nn.DWSeparableConv2d`` when the package
-    has it (pre-activation ReLU, BN after the pointwise conv, no bias), else the pure-PyTorch
-    composition above. Both compute the same function with the same parameter count."""
-    fused = getattr(_effops_nn(), "DWSeparableConv2d", None)
-    if fused is not None:
-        return _fused_separable(fused, c_in, c_out, k, stride, dilation)
-    return _LocalSeparable(c_in, c_out, k, stride, dilation)
+    """The separable convolution unit, ReLU -> depthwise k x k -> pointwise 1x1 -> BN, as one
+    fused effops module (pre-activation order; BN folded into the kernel in inference).
+    _LocalSeparable is the same function in plain PyTorch (the tests compare the two)."""
+    from ..nn import DWSeparableConv2d
 
-
-def _effops_nn():
-    """``effops.nn`` if this build has it, else None (a broken effops.nn still raises)."""
-    import importlib
-
-    try:
-        return importlib.import_module("effops.nn")
-    except ModuleNotFoundError as e:
-        if e.name in ("effops.nn",):
-            return None
-        raise
-
-
-def _fused_separable(cls, c_in: int, c_out: int, k: int, stride: int, dilation: int) -> nn.Module:
-    # The planned API of effops.nn.DWSeparableConv2d (being written in parallel): adjust here
-    # when it lands; tests/test_nas_space.py checks shape and parameter count against the
-    # local composition.
-    return nn.Sequential(
-        cls(c_in, c_out, k, stride=stride, padding=dilation * (k - 1) // 2, dilation=dilation, act=None, preact=True),
-        nn.BatchNorm2d(c_out),
-    )
+    return DWSeparableConv2d(c_in, c_out, k, stride=stride, padding=dilation * (k - 1) // 2, dilation=dilation,
+                             act="relu", preact=True, dw_norm=False, pw_norm=True, bias=False)
 
 
 class SepConv(nn.Sequential):

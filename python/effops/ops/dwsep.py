@@ -842,8 +842,12 @@ def pw_conv(y: Tensor, weight: Tensor, *, channel_scale: Optional[Tensor] = None
 # =============================================================================== prepared
 def _fast_path_ok(x: Tensor, needs_grad: bool) -> bool:
     """True when a call can go straight to the CPU kernel: eager inference (nothing needs a
-    gradient, no tracing, no autocast), CPU float32/bfloat16 input, the cpu backend selected."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
+    gradient, no tracing, no autocast, no dispatch mode such as a FLOP counter or fake tensors
+    watching), a plain CPU float32/bfloat16 tensor, the cpu backend selected."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dim() == 4 and _get_current_dispatch_mode() is None
             and not (torch.is_grad_enabled() and (needs_grad or x.requires_grad))
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
             and _backend._C is not None and _backend.forced_backend() in (None, "cpu"))
@@ -947,3 +951,36 @@ class PreparedPW(_Prepared):
                 and (residual is None or tuple(residual.shape) == (y.shape[0], self.weight.shape[0], *y.shape[2:]))):
             return _like_input(_pw_run(y, self._weights(y), channel_scale, self.act, residual), y)
         return pw_conv(y, self.weight, channel_scale=channel_scale, residual=residual, **self.kw)
+
+
+# =============================================================================== FLOP counting
+# torch.utils.flop_counter cannot look inside custom ops: declare their multiply-adds (x2, the
+# counter's convention for convolutions; the backward ops count twice the forward).
+def _register_flops():
+    try:
+        from torch.utils.flop_counter import register_flop_formula
+    except ImportError:  # older torch
+        return
+
+    def dwsep(x_shape, dw_shape, pw_shape, *args, out_shape=None, **kwargs):
+        return 2 * x_shape[0] * out_shape[2] * out_shape[3] * x_shape[1] * (dw_shape[2] * dw_shape[3] + pw_shape[0])
+
+    def dw(x_shape, w_shape, *args, out_shape=None, **kwargs):
+        y = out_shape[0]
+        return 2 * y[0] * y[1] * y[2] * y[3] * w_shape[2] * w_shape[3]
+
+    def pw(y_shape, w_shape, *args, out_shape=None, **kwargs):
+        return 2 * y_shape[0] * y_shape[2] * y_shape[3] * y_shape[1] * w_shape[0]
+
+    register_flop_formula(torch.ops.effops.dwsep_conv)(dwsep)
+    register_flop_formula(torch.ops.effops.dw_conv_act)(dw)
+    register_flop_formula(torch.ops.effops.pw_conv)(pw)
+    register_flop_formula(torch.ops.effops.dwsep_conv_backward)(
+        lambda g, x, dw_w, pw_w, *a, out_shape=None, **k: 2 * dwsep(x, dw_w, pw_w, out_shape=g))
+    register_flop_formula(torch.ops.effops.dw_conv_act_backward)(
+        lambda gy, gm, x, w, *a, out_shape=None, **k: 2 * dw(x, w, out_shape=(gy,)))
+    register_flop_formula(torch.ops.effops.pw_conv_backward)(
+        lambda g, y, w, *a, out_shape=None, **k: 2 * pw(y, w))
+
+
+_register_flops()
