@@ -5,6 +5,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "bifpn/fuse_api.h"
+#include "common/parallel.h"
 #include "dwsep/dwsep_api.h"
 #include "nms/nms_api.h"
 
@@ -46,6 +47,9 @@ NB_MODULE(_C, m) {
         "out"_a.noconvert(), "threads"_a, release);
   m.def("fuse_backward", &effops::bifpn::fuse_backward_api, "grad"_a, "inputs"_a, "weights"_a, "modes"_a,
         "act"_a, "grads"_a.noconvert(), "grad_weights"_a.noconvert(), "threads"_a, release);
+
+  m.def("use_openmp_runtime", &effops::use_openmp_runtime, "path"_a);
+  m.def("parallel_runtime", &effops::parallel_runtime);
 
   m.def("build_info", []() {
     nb::dict d;

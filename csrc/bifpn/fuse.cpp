@@ -67,16 +67,39 @@ Plan<T> make_plan(const std::vector<Input<T>>& in, int64_t N, int64_t C, int64_t
   return p;
 }
 
-// The resampled value of input i at output pixel (n, oh, ow), channel vector c.
-template <class T, class V>
-EFFOPS_INLINE V sample(const Plan<T>& p, size_t i, int64_t n, int64_t oh, int64_t ow, int64_t c) {
+// ------------------------------------------------------------------------ forward
+// Where input i's values at one output pixel come from: one pixel (identity, nearest, or a pool
+// window with one valid tap) or the valid taps of a max-pool window. Found once per pixel, so
+// the channel loop only loads.
+template <class T>
+struct Taps {
+  const T* at[9];
+  int n;
+};
+
+template <class T>
+EFFOPS_INLINE void taps_of(const Plan<T>& p, size_t i, int64_t n, int64_t oh, int64_t ow, Taps<T>& t) {
   const Input<T>& in = p.in[i];
   const int64_t C = p.C;
-  if (in.mode == kIdentity) return loadv(in.x + ((n * in.H + oh) * in.W + ow) * C + c);
-  if (in.mode == kNearest)
-    return loadv(in.x + ((n * in.H + p.src_h[i][oh]) * in.W + p.src_w[i][ow]) * C + c);
+  if (in.mode == kIdentity || in.mode == kNearest) {
+    const int64_t h = in.mode == kIdentity ? oh : p.src_h[i][oh], w = in.mode == kIdentity ? ow : p.src_w[i][ow];
+    t.at[0] = in.x + ((n * in.H + h) * in.W + w) * C;
+    t.n = 1;
+    return;
+  }
+  t.n = 0;
+  const int64_t h0 = 2 * oh - p.pt[i], w0 = 2 * ow - p.pl[i];
+  for (int64_t h = std::max<int64_t>(h0, 0); h < std::min(h0 + 3, in.H); ++h)
+    for (int64_t w = std::max<int64_t>(w0, 0); w < std::min(w0 + 3, in.W); ++w)
+      t.at[t.n++] = in.x + ((n * in.H + h) * in.W + w) * C;
+}
+
+// The max over a window's taps at channels [c, c + L); a NaN anywhere wins (as in torch).
+template <class T, class V>
+EFFOPS_INLINE V window_max(const Taps<T>& t, int64_t c) {
   using S = simd::elem_t<V>;
-  // int vector of the same width (for the NaN bookkeeping below)
+  // NaNs are tracked with integer ops and blended in at the end: GCC scalarises a select on an
+  // unordered (NaN) comparison in the target clones.
   typedef std::conditional_t<sizeof(S) == 4, int32_t, int64_t> I;
   typedef I VI __attribute__((vector_size(sizeof(V))));
   constexpr I kAbs = sizeof(S) == 4 ? I(0x7fffffff) : I(0x7fffffffffffffffLL);
@@ -84,21 +107,12 @@ EFFOPS_INLINE V sample(const Plan<T>& p, size_t i, int64_t n, int64_t oh, int64_
   constexpr I kQNaN = sizeof(S) == 4 ? I(0x7fc00000) : I(0x7ff8000000000000LL);
   V m = simd::splat<V>(-std::numeric_limits<S>::infinity());
   VI nan = {};
-  const int64_t h0 = 2 * oh - p.pt[i], w0 = 2 * ow - p.pl[i];
-  for (int64_t dh = 0; dh < 3; ++dh) {
-    const int64_t h = h0 + dh;
-    if (h < 0 || h >= in.H) continue;
-    for (int64_t dw = 0; dw < 3; ++dw) {
-      const int64_t w = w0 + dw;
-      if (w < 0 || w >= in.W) continue;
-      const V v = loadv(in.x + ((n * in.H + h) * in.W + w) * C + c);
-      // torch lets a NaN in the window win. NaNs are tracked with integer ops and blended in at
-      // the end: GCC scalarises a select on an unordered (NaN) comparison in these clones.
-      VI bits;
-      std::memcpy(&bits, &v, sizeof v);
-      nan |= (bits & kAbs) > kInf;
-      m = v > m ? v : m;
-    }
+  for (int j = 0; j < t.n; ++j) {
+    const V v = loadv(t.at[j] + c);
+    VI bits;
+    std::memcpy(&bits, &v, sizeof v);
+    nan |= (bits & kAbs) > kInf;
+    m = v > m ? v : m;
   }
   VI mb;
   std::memcpy(&mb, &m, sizeof m);
@@ -108,49 +122,109 @@ EFFOPS_INLINE V sample(const Plan<T>& p, size_t i, int64_t n, int64_t oh, int64_
 }
 
 template <class T, class S>
-S sample_s(const Plan<T>& p, size_t i, int64_t n, int64_t oh, int64_t ow, int64_t c) {
-  const Input<T>& in = p.in[i];
-  const int64_t C = p.C;
-  if (in.mode == kIdentity) return to_f(in.x[((n * in.H + oh) * in.W + ow) * C + c]);
-  if (in.mode == kNearest) return to_f(in.x[((n * in.H + p.src_h[i][oh]) * in.W + p.src_w[i][ow]) * C + c]);
+EFFOPS_INLINE S window_max_s(const Taps<T>& t, int64_t c) {
   S m = -std::numeric_limits<S>::infinity();
-  const int64_t h0 = 2 * oh - p.pt[i], w0 = 2 * ow - p.pl[i];
-  for (int64_t h = std::max<int64_t>(h0, 0); h < std::min(h0 + 3, in.H); ++h)
-    for (int64_t w = std::max<int64_t>(w0, 0); w < std::min(w0 + 3, in.W); ++w) {
-      const S v = to_f(in.x[((n * in.H + h) * in.W + w) * C + c]);
-      if (v > m || std::isnan(v)) m = v;
-    }
+  for (int j = 0; j < t.n; ++j) {
+    const S v = to_f(t.at[j][c]);
+    if (v > m || std::isnan(v)) m = v;
+  }
   return m;
 }
 
-// ------------------------------------------------------------------------ forward
-template <class T>
-EFFOPS_INLINE void fwd_body(const Plan<T>& p, T* out, int64_t task) {
-  using F = typename simd::Traits<T>::F;
+// One input's contribution to `len` accumulator values: acc = w * v (kInit), acc += w * v, and on
+// the last input out = act(acc) (kFinish) instead of storing acc. Load(j) gives the input's
+// vector at j, LoadS(j) its scalar.
+enum Step : int { kAdd = 0, kInit = 1, kFinish = 2 };
+
+template <int S, class T, class F, class Load, class LoadS>
+EFFOPS_INLINE void combine(F* acc, T* out, int64_t len, F w, int act, Load load, LoadS load_s) {
   using V = typename simd::Traits<T>::V;
   constexpr int64_t L = simd::Traits<T>::L;
-  const int64_t n = task / p.blocks, oh0 = (task % p.blocks) * p.rpt;
-  const int64_t C = p.C, CL = C / L * L;
-  for (int64_t oh = oh0; oh < std::min(p.Ho, oh0 + p.rpt); ++oh)
-    for (int64_t ow = 0; ow < p.Wo; ++ow) {
-      T* o = out + ((n * p.Ho + oh) * p.Wo + ow) * C;
-      int64_t c = 0;
-      for (; c < CL; c += L) {
-        V acc = simd::splat<V>(F(0));
-        for (size_t i = 0; i < p.in.size(); ++i) acc += F(p.in[i].w) * sample<T, V>(p, i, n, oh, ow, c);
-        storev(o + c, simd::act_v(acc, p.act));
-      }
-      for (; c < C; ++c) {
-        F acc = 0;
-        for (size_t i = 0; i < p.in.size(); ++i) acc += F(p.in[i].w) * sample_s<T, F>(p, i, n, oh, ow, c);
-        simd::store_s(o + c, simd::act_s(acc, p.act));
-      }
-    }
+  int64_t j = 0;
+  for (; j + L <= len; j += L) {
+    V a = w * load(j);
+    if constexpr (!(S & kInit)) a += loadv(acc + j);
+    if constexpr (S & kFinish)
+      storev(out + j, simd::act_v(a, act));
+    else
+      storev(acc + j, a);
+  }
+  for (; j < len; ++j) {
+    F a = w * load_s(j);
+    if constexpr (!(S & kInit)) a += acc[j];
+    if constexpr (S & kFinish)
+      simd::store_s(out + j, simd::act_s(a, act));
+    else
+      acc[j] = a;
+  }
 }
 
-EFFOPS_CONV_CLONES void fwd_task(const Plan<float>& p, float* o, int64_t t) { fwd_body(p, o, t); }
-EFFOPS_CONV_CLONES void fwd_task(const Plan<double>& p, double* o, int64_t t) { fwd_body(p, o, t); }
-EFFOPS_CONV_CLONES void fwd_task(const Plan<simd::bf16>& p, simd::bf16* o, int64_t t) { fwd_body(p, o, t); }
+// Input i's contribution to output row (n, oh). Identity rows are one contiguous run; nearest
+// inputs go pixel by pixel; a max pool takes the max over its (up to 3) input rows for the
+// whole row first (into `vm`, W * C values), then over 3 columns of that per output pixel.
+template <int S, class T, class F>
+EFFOPS_INLINE void row_step(const Plan<T>& p, size_t i, int64_t n, int64_t oh, F* acc, F* vm, T* out) {
+  using V = typename simd::Traits<T>::V;
+  constexpr int64_t L = simd::Traits<T>::L;
+  const Input<T>& in = p.in[i];
+  const int64_t C = p.C;
+  const F w = F(in.w);
+  if (in.mode == kIdentity) {
+    const T* x = in.x + (n * in.H + oh) * in.W * C;
+    combine<S>(acc, out, p.Wo * C, w, p.act, [&](int64_t j) { return loadv(x + j); },
+               [&](int64_t j) { return to_f(x[j]); });
+    return;
+  }
+  if (in.mode == kNearest) {
+    const T* row = in.x + (n * in.H + p.src_h[i][oh]) * in.W * C;
+    for (int64_t ow = 0; ow < p.Wo; ++ow) {
+      const T* x = row + p.src_w[i][ow] * C;
+      combine<S>(acc + ow * C, out + ow * C, C, w, p.act, [&](int64_t j) { return loadv(x + j); },
+                 [&](int64_t j) { return to_f(x[j]); });
+    }
+    return;
+  }
+  Taps<T> rows;
+  rows.n = 0;
+  const int64_t h0 = 2 * oh - p.pt[i];
+  for (int64_t h = std::max<int64_t>(h0, 0); h < std::min(h0 + 3, in.H); ++h)
+    rows.at[rows.n++] = in.x + (n * in.H + h) * in.W * C;
+  const int64_t len = in.W * C;
+  int64_t j = 0;
+  for (; j + L <= len; j += L) storev(vm + j, window_max<T, V>(rows, j));
+  for (; j < len; ++j) vm[j] = window_max_s<T, F>(rows, j);
+  Taps<F> cols;
+  for (int64_t ow = 0; ow < p.Wo; ++ow) {
+    const int64_t w0 = 2 * ow - p.pl[i];
+    cols.n = 0;
+    for (int64_t x = std::max<int64_t>(w0, 0); x < std::min(w0 + 3, in.W); ++x) cols.at[cols.n++] = vm + x * C;
+    combine<S>(acc + ow * C, out + ow * C, C, w, p.act, [&](int64_t j) { return window_max<F, V>(cols, j); },
+               [&](int64_t j) { return window_max_s<F, F>(cols, j); });
+  }
+}
+
+// One task: output rows [oh0, oh0 + rpt) of image n, each accumulated in `acc` (Wo * C values,
+// the worker's scratch, in L1/L2) input by input, the activation applied with the last input.
+template <class T>
+EFFOPS_INLINE void fwd_body(const Plan<T>& p, T* out, int64_t task, typename simd::Traits<T>::F* acc) {
+  auto* vm = acc + p.Wo * p.C;
+  const int64_t n = task / p.blocks, oh0 = (task % p.blocks) * p.rpt;
+  const size_t k = p.in.size();
+  for (int64_t oh = oh0; oh < std::min(p.Ho, oh0 + p.rpt); ++oh) {
+    T* o = out + (n * p.Ho + oh) * p.Wo * p.C;
+    row_step<kInit>(p, 0, n, oh, acc, vm, o);
+    for (size_t i = 1; i + 1 < k; ++i) row_step<kAdd>(p, i, n, oh, acc, vm, o);
+    row_step<kFinish>(p, k - 1, n, oh, acc, vm, o);
+  }
+}
+
+EFFOPS_CONV_CLONES void fwd_task(const Plan<float>& p, float* o, int64_t t, float* acc) { fwd_body(p, o, t, acc); }
+EFFOPS_CONV_CLONES void fwd_task(const Plan<double>& p, double* o, int64_t t, double* acc) {
+  fwd_body(p, o, t, acc);
+}
+EFFOPS_CONV_CLONES void fwd_task(const Plan<simd::bf16>& p, simd::bf16* o, int64_t t, float* acc) {
+  fwd_body(p, o, t, acc);
+}
 
 // ------------------------------------------------------------------------ backward pass 1
 // gpre = g * act'(pre); part[task, i] = sum over the task's pixels of gpre * R_i(x_i).
@@ -183,14 +257,16 @@ void bwd_pass1(const Plan<T>& p, const F* g, F* gpre, double* part, int64_t task
   const size_t k = p.in.size();
   double* pt = part + task * k;
   std::fill(pt, pt + k, 0.0);
-  std::vector<F> v(k);
+  F v[4];
+  Taps<T> taps[4];
   for (int64_t oh = oh0; oh < std::min(p.Ho, oh0 + p.rpt); ++oh)
     for (int64_t ow = 0; ow < p.Wo; ++ow) {
       const int64_t o = ((n * p.Ho + oh) * p.Wo + ow) * C;
+      for (size_t i = 0; i < k; ++i) taps_of(p, i, n, oh, ow, taps[i]);
       for (int64_t c = 0; c < C; ++c) {
         F pre = 0;
         for (size_t i = 0; i < k; ++i) {
-          v[i] = sample_s<T, F>(p, i, n, oh, ow, c);
+          v[i] = taps[i].n == 1 ? to_f(taps[i].at[0][c]) : window_max_s<T, F>(taps[i], c);
           pre += F(p.in[i].w) * v[i];
         }
         const F gp = g[o + c] * act_grad_s(pre, p.act);
@@ -258,7 +334,12 @@ void fuse_forward(const std::vector<Input<T>>& in, int64_t N, int64_t C, int64_t
   if (N * C * Ho * Wo == 0) return;
   const Plan<T> p = make_plan(in, N, C, Ho, Wo, act, threads);
   const double work = double(N) * Ho * Wo * C * in.size() * 4;
-  parallel_for(N * p.blocks, work > (1 << 20) ? threads : 1, [&](int64_t t, int) { fwd_task(p, out, t); });
+  const int workers = max_workers(N * p.blocks, work > (1 << 16) ? threads : 1);
+  using F = typename simd::Traits<T>::F;
+  int64_t per = Wo * C;  // a worker's scratch: the output row's sums, then a pooled row
+  for (const auto& x : in) per = std::max(per, Wo * C + x.W * C);
+  std::vector<F> acc(static_cast<size_t>(workers * per));
+  parallel_for(N * p.blocks, workers, [&](int64_t t, int w) { fwd_task(p, out, t, acc.data() + w * per); });
 }
 
 template <class T, class F>

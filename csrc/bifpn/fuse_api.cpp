@@ -17,12 +17,11 @@ void dispatch(const CpuArray& x, const char* op, F&& f) {
 
 // Inputs as kernel descriptors, after checking they agree with each other and with out (N, C).
 template <class T>
-std::vector<Input<T>> describe(const std::vector<CpuArray>& inputs, const CpuArray& weights,
+std::vector<Input<T>> describe(const std::vector<CpuArray>& inputs, const std::vector<double>& weights,
                                const std::vector<int>& modes, int64_t N, int64_t C, const char* op) {
   check(inputs.size() >= 2 && inputs.size() <= 4, op, ": 2 to 4 inputs");
   check(modes.size() == inputs.size(), op, ": one resample mode per input");
-  check_shape(weights, {static_cast<int64_t>(inputs.size())}, op, "weights");
-  check_dtype(weights, nb::dtype<double>(), op, "weights");
+  check(weights.size() == inputs.size(), op, ": one weight per input");
   std::vector<Input<T>> in;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const CpuArray& x = inputs[i];
@@ -31,7 +30,7 @@ std::vector<Input<T>> describe(const std::vector<CpuArray>& inputs, const CpuArr
     check(x.dtype() == inputs[0].dtype(), op, ": inputs must share one dtype");
     check(modes[i] >= kIdentity && modes[i] <= kMaxPoolSym, op, ": unknown resample mode");
     in.push_back({data_of<const T>(x), static_cast<int64_t>(x.shape(1)), static_cast<int64_t>(x.shape(2)), modes[i],
-                  data_of<const double>(weights)[i]});
+                  weights[i]});
   }
   return in;
 }
@@ -50,7 +49,7 @@ void check_sizes(const std::vector<CpuArray>& inputs, const std::vector<int>& mo
 
 }  // namespace
 
-void fuse_forward_api(const std::vector<CpuArray>& inputs, const CpuArray& weights,
+void fuse_forward_api(const std::vector<CpuArray>& inputs, const std::vector<double>& weights,
                       const std::vector<int>& modes, int act, const CpuArray& out, int threads) {
   const char* op = "fuse_forward";
   check(out.ndim() == 4, op, ": out must be NHWC");
@@ -64,7 +63,7 @@ void fuse_forward_api(const std::vector<CpuArray>& inputs, const CpuArray& weigh
 }
 
 void fuse_backward_api(const CpuArray& grad, const std::vector<CpuArray>& inputs,
-                       const CpuArray& weights, const std::vector<int>& modes, int act,
+                       const std::vector<double>& weights, const std::vector<int>& modes, int act,
                        const std::vector<CpuArray>& grads, const CpuArray& grad_weights, int threads) {
   const char* op = "fuse_backward";
   check(grad.ndim() == 4, op, ": grad must be NHWC");

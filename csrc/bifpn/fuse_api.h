@@ -6,10 +6,10 @@
 
 namespace effops::bifpn {
 
-void fuse_forward_api(const std::vector<CpuArray>& inputs, const CpuArray& weights,
+void fuse_forward_api(const std::vector<CpuArray>& inputs, const std::vector<double>& weights,
                       const std::vector<int>& modes, int act, const CpuArray& out, int threads);
 void fuse_backward_api(const CpuArray& grad, const std::vector<CpuArray>& inputs,
-                       const CpuArray& weights, const std::vector<int>& modes, int act,
+                       const std::vector<double>& weights, const std::vector<int>& modes, int act,
                        const std::vector<CpuArray>& grads, const CpuArray& grad_weights, int threads);
 
 }  // namespace effops::bifpn

@@ -18,16 +18,100 @@ import threading
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 
+
+class _DLPackCalls:
+    """A compiled module whose functions take tensors as DLPack capsules.
+
+    nanobind imports a tensor argument by calling ``Tensor.__dlpack__``, a Python method that
+    costs ~2 us per tensor (version, stream and grad checks); a kernel call with 8 tensor
+    arguments spent more time there than in the kernel at small shapes. The ops validate
+    their arguments before calling, so this passes ``torch.utils.dlpack.to_dlpack`` capsules
+    (~0.2 us), converting tensors and lists of tensors in the arguments; other attributes pass
+    through unchanged."""
+
+    def __init__(self, module):
+        self._module = module
+        self._calls: Dict[str, object] = {}
+
+    def __getattr__(self, name: str):
+        fn = self._calls.get(name)
+        if fn is None:
+            fn = getattr(self._module, name)
+            if callable(fn):
+                fn = self._calls[name] = _with_capsules(fn)
+        return fn
+
+
+def _capsule(a):
+    if isinstance(a, torch.Tensor):
+        return _to_dlpack(a)
+    if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+        return [_to_dlpack(t) for t in a]
+    return a
+
+
+def _with_capsules(fn):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return fn(*[_capsule(a) for a in args], **{k: _capsule(v) for k, v in kwargs.items()})
+    return call
+
+
 try:
-    from . import _C  # type: ignore[attr-defined]
+    from . import _C as _C_module  # type: ignore[attr-defined]
+
+    _C = _DLPackCalls(_C_module)
 
     _C_ERROR: Optional[str] = None
 except ImportError as e:  # pragma: no cover - only on a broken install
     _C = None
     _C_ERROR = f"{type(e).__name__}: {e}"
+
+
+def torch_openmp_runtime() -> Optional[str]:
+    """The path of the OpenMP runtime library torch runs its CPU ops on (Linux), or None."""
+    if "OpenMP" not in torch.__config__.parallel_info().split("ATen parallel backend:")[-1].split("\n")[0]:
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "omp" in line}
+    except OSError:
+        return None
+    names = ("libgomp", "libiomp5", "libomp")
+    paths = sorted(p for p in paths if os.path.basename(p).startswith(names))
+    torch_dir = os.path.dirname(os.path.dirname(torch.__file__))
+    own = [p for p in paths if p.startswith(os.path.join(torch_dir, "torch"))]  # torch/lib, torch.libs
+    if own:
+        return own[0]
+    return paths[0] if len(paths) == 1 else None  # a system runtime; ambiguous if several
+
+
+def _setup_parallel() -> str:
+    """effops's CPU kernels run their parallel loops on torch's OpenMP threads when they can
+    (EFFOPS_PARALLEL=auto, the default, or openmp), else on effops's own pool (pool)."""
+    want = os.environ.get("EFFOPS_PARALLEL", "auto").strip().lower() or "auto"
+    if want not in ("auto", "openmp", "pool"):
+        raise ValueError(f"EFFOPS_PARALLEL={want!r}: expected auto, openmp or pool")
+    if want == "pool":
+        return "pool (EFFOPS_PARALLEL=pool)"
+    path = torch_openmp_runtime()
+    if path is None:
+        if want == "openmp":
+            raise RuntimeError("EFFOPS_PARALLEL=openmp: torch's OpenMP runtime was not found in this process")
+        return "pool (torch's OpenMP runtime not found)"
+    why = _C_module.use_openmp_runtime(path)
+    if why:
+        if want == "openmp":
+            raise RuntimeError(f"EFFOPS_PARALLEL=openmp: {why}")
+        return f"pool ({why})"
+    return f"torch's OpenMP threads ({path})"
+
+
+PARALLEL = _setup_parallel() if _C is not None else "none"
 
 if importlib.util.find_spec(f"{__package__}._cuda") is None:
     _cuda = None
@@ -37,7 +121,7 @@ if importlib.util.find_spec(f"{__package__}._cuda") is None:
     )
 else:
     try:
-        _cuda = importlib.import_module(f"{__package__}._cuda")
+        _cuda = _DLPackCalls(importlib.import_module(f"{__package__}._cuda"))
         _CUDA_IMPORT_ERROR = None
     except ImportError as e:
         _cuda = None
@@ -75,7 +159,10 @@ def forced_backend() -> Optional[str]:
     name = getattr(_local, "forced", None)
     if name is not None:
         return name
-    env = os.environ.get("EFFOPS_BACKEND", "").strip().lower()
+    env = os.environ.get("EFFOPS_BACKEND")
+    if not env:
+        return None
+    env = env.strip().lower()
     if not env or env == "auto":
         return None
     if env not in BACKENDS:
@@ -164,7 +251,7 @@ def select(op: str, device: torch.device) -> str:
 def build_info() -> Dict[str, object]:
     info: Dict[str, object] = {"torch": torch.__version__}
     if _C is not None:
-        info["cpu"] = dict(_C.build_info())
+        info["cpu"] = dict(_C.build_info(), threads=PARALLEL)
     else:
         info["cpu"] = f"unavailable: {_C_ERROR}"
     if _cuda is not None:

@@ -17,8 +17,9 @@ Resample modes R_i, computed while reading (no resampled copy is written):
 * ``'maxpool_sym'`` - 3x3 max pool, stride 2, padding 1 (``nn.MaxPool2d(3, 2, 1)``, effdet's
   non-tf models). NaN propagates through both pools as in torch.
 
-The weight normalisation is done in float32 by differentiable torch ops on the k weights; the
-kernels receive the normalised weights and return the gradient with respect to them. Inputs of
+The weight normalisation is done in float64 by differentiable torch ops on the k weights (by
+Python floats, the same arithmetic, on the eager CPU inference path); the kernels receive the
+normalised weights and return the gradient with respect to them. Inputs of
 float32/bfloat16 (and float16 on CUDA/Triton) are accumulated in float32.
 """
 
@@ -33,7 +34,8 @@ from torch import Tensor
 
 from .. import _backend
 from ._common import check_tensor
-from .dwsep import ACT_CODES, _from_nhwc, _nhwc, act_grad, act_name, apply_act, same_padding
+from .dwsep import (ACT_CODES, _fast_path_ok, _from_nhwc, _nhwc, act_grad, act_name, apply_act,
+                    same_padding)
 
 _backend.register_op("weighted_fuse", ("cpu", "cuda", "triton", "reference"))
 
@@ -83,8 +85,8 @@ def resample_reference(x: Tensor, mode: str, out_hw: Tuple[int, int]) -> Tensor:
 
 
 def normalize_weights(weights: Optional[Tensor], method: str, k: int, eps: float, device) -> Tensor:
-    """The k normalised fusion weights (float32; float64 for float64 weights), differentiable."""
-    dt = torch.float64 if weights is not None and weights.dtype == torch.float64 else torch.float32
+    """The k normalised fusion weights, float64, differentiable."""
+    dt = torch.float64
     if method == "sum":
         return torch.ones(k, dtype=dt, device=device)
     w = weights.to(dt)
@@ -92,6 +94,21 @@ def normalize_weights(weights: Optional[Tensor], method: str, k: int, eps: float
         return torch.softmax(w, dim=0)
     r = torch.relu(w)
     return r / (r.sum() + eps)
+
+
+def normalized_floats(weights: Optional[Tensor], method: str, k: int, eps: float) -> List[float]:
+    """``normalize_weights`` as Python floats (CPU weights; no autograd)."""
+    if method == "sum":
+        return [1.0] * k
+    w = weights.tolist()
+    if method == "attn":
+        m = max(w)
+        e = [math.exp(v - m) for v in w]
+        s = sum(e)
+        return [v / s for v in e]
+    r = [0.0 if v <= 0 else v for v in w]  # relu; NaN stays NaN
+    s = sum(r) + eps
+    return [v / s for v in r]
 
 
 def weighted_fuse_reference(inputs: Sequence[Tensor], wn: Tensor, modes: Sequence[str], act: str,
@@ -117,7 +134,7 @@ def _empty_like_out(x: Tensor, out_hw, dtype=None) -> Tensor:
 
 def _fuse_cpu(inputs, wn, modes, act, out_hw):
     out = _empty_like_out(inputs[0], out_hw)
-    _backend._C.fuse_forward([_nhwc(x) for x in inputs], wn.detach().double().contiguous(),
+    _backend._C.fuse_forward([_nhwc(x) for x in inputs], wn.detach().double().tolist(),
                              [MODE_CODES[m] for m in modes], ACT_CODES[act], out, _threads())
     return _from_nhwc(out)
 
@@ -127,7 +144,7 @@ def _fuse_backward_cpu(grad, inputs, wn, modes, act, out_hw):
     grads = [torch.empty((x.shape[0], x.shape[1], *x.shape[2:]), dtype=acc, device=x.device,
                          memory_format=torch.channels_last).permute(0, 2, 3, 1) for x in inputs]
     gwn = torch.empty(len(inputs), dtype=torch.float64)
-    _backend._C.fuse_backward(_nhwc(grad.to(acc)), [_nhwc(x) for x in inputs], wn.detach().double().contiguous(),
+    _backend._C.fuse_backward(_nhwc(grad.to(acc)), [_nhwc(x) for x in inputs], wn.detach().double().tolist(),
                               [MODE_CODES[m] for m in modes], ACT_CODES[act], grads, gwn, _threads())
     return [_from_nhwc(g) for g in grads], gwn
 
@@ -371,5 +388,13 @@ def weighted_fuse(inputs: Sequence[Tensor], weights: Optional[Tensor], *, resamp
         elif resampled_size(m, h, w) != out_hw:
             raise ValueError(f"{op}: resample[{i}]={m!r} maps inputs[{i}] ({h}x{w}) to "
                              f"{'x'.join(map(str, resampled_size(m, h, w)))}, not the output size {out_hw[0]}x{out_hw[1]}")
+    if _fast_path_ok(x0, weights is not None and weights.requires_grad) and all(
+            type(x) is torch.Tensor and not x.requires_grad for x in xs[1:]):
+        # eager CPU inference: straight to the kernel, no dispatch and no tensor for the weights
+        out = _empty_like_out(x0, out_hw)
+        _backend._C.fuse_forward([_nhwc(x) for x in xs], normalized_floats(weights, method, len(xs), float(eps)),
+                                 [MODE_CODES[m] for m in resample], ACT_CODES[a], out, _threads())
+        out = _from_nhwc(out)
+        return out if x0.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
     wn = normalize_weights(weights, method, len(xs), float(eps), x0.device)
     return torch.ops.effops.weighted_fuse(list(xs), wn, [MODE_CODES[m] for m in resample], list(out_hw), a)

@@ -37,6 +37,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch import Tensor
 
 from .. import _backend
@@ -844,13 +845,15 @@ def _fast_path_ok(x: Tensor, needs_grad: bool) -> bool:
     """True when a call can go straight to the CPU kernel: eager inference (nothing needs a
     gradient, no tracing, no autocast, no dispatch mode such as a FLOP counter or fake tensors
     watching), a plain CPU float32/bfloat16 tensor, the cpu backend selected."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and x.dim() == 4 and _get_current_dispatch_mode() is None
+    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and not x.is_cuda
+            and x.dtype in _FAST_DTYPES and x.dim() == 4
             and not (torch.is_grad_enabled() and (needs_grad or x.requires_grad))
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and _get_current_dispatch_mode() is None
+            and not torch.is_autocast_enabled("cpu") and x.device.type == "cpu"
             and _backend._C is not None and _backend.forced_backend() in (None, "cpu"))
+
+
+_FAST_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class _Prepared:
