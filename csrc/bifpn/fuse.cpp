@@ -334,7 +334,7 @@ void fuse_forward(const std::vector<Input<T>>& in, int64_t N, int64_t C, int64_t
   if (N * C * Ho * Wo == 0) return;
   const Plan<T> p = make_plan(in, N, C, Ho, Wo, act, threads);
   const double work = double(N) * Ho * Wo * C * in.size() * 4;
-  const int workers = max_workers(N * p.blocks, work > (1 << 16) ? threads : 1);
+  const int workers = max_workers(N * p.blocks, work > (1 << 17) ? threads : 1);
   using F = typename simd::Traits<T>::F;
   int64_t per = Wo * C;  // a worker's scratch: the output row's sums, then a pooled row
   for (const auto& x : in) per = std::max(per, Wo * C + x.W * C);

@@ -43,21 +43,21 @@ EFFOPS_INLINE void with_act(int act, Fn&& f) {
   }
 }
 
-// The epilogue of one vector of channels: affine, activation, store, channel sums.
-template <class V, class F, class O>
-EFFOPS_INLINE void dw_finish(V acc, int64_t c, const F* scale, const F* bias, int act, O* o,
-                             F* sums) {
+// The epilogue of one vector of channels: affine, activation (ACT, a compile-time code),
+// store; returns the stored value (for the channel sums).
+template <int ACT, class V, class F, class O>
+EFFOPS_INLINE V dw_finish(V acc, int64_t c, const F* scale, const F* bias, O* o) {
   if (scale) acc = acc * loadv(scale + c);
   if (bias) acc = acc + loadv(bias + c);
-  acc = act_v(acc, act);
+  acc = act_v(acc, ACT);
   storev(o + c, acc);
-  if (sums) storev(sums + c, loadv(sums + c) + acc);
+  return acc;
 }
 
 // One output pixel, with bounds checks on every tap (border pixels; the channel tail).
-template <class S, class O, class F>
+template <int ACT, class S, class O, class F>
 EFFOPS_INLINE void dw_pixel(const ConvGeom& g, const S* const* rows, const F* taps,
-                            const F* scale, const F* bias, int act, int64_t ow, int64_t c_begin,
+                            const F* scale, const F* bias, int64_t ow, int64_t c_begin,
                             O* o, F* sums) {
   using V = typename simd::Traits<F>::V;
   constexpr int64_t L = simd::Traits<F>::L;
@@ -75,7 +75,8 @@ EFFOPS_INLINE void dw_pixel(const ConvGeom& g, const S* const* rows, const F* ta
         acc += loadv(r + iw * C + c) * loadv(taps + (kh * KW + kw) * C + c);
       }
     }
-    dw_finish(acc, c, scale, bias, act, o, sums);
+    acc = dw_finish<ACT>(acc, c, scale, bias, o);
+    if (sums) storev(sums + c, loadv(sums + c) + acc);
   }
   for (; c < C; ++c) {
     F acc = F(0);
@@ -90,7 +91,7 @@ EFFOPS_INLINE void dw_pixel(const ConvGeom& g, const S* const* rows, const F* ta
     }
     if (scale) acc *= scale[c];
     if (bias) acc += bias[c];
-    acc = act_s(acc, act);
+    acc = act_s(acc, ACT);
     simd::store_s(o + c, acc);
     if (sums) sums[c] += acc;
   }
@@ -98,11 +99,11 @@ EFFOPS_INLINE void dw_pixel(const ConvGeom& g, const S* const* rows, const F* ta
 
 // PB interior pixels ow, ow + 1, ... (every tap in bounds), full channel vectors: each tap's
 // weights are loaded once for the PB pixels. KWC is the kernel width when known at compile
-// time (3, 5, 7), else 0.
-template <int PB, int KWC, class S, class O, class F>
+// time (3, 5, 7), else 0. The channel sums of the PB pixels are added up in registers and
+// added to `sums` once (a load-add-store per pixel would chain through store forwarding).
+template <int PB, int KWC, int ACT, class S, class O, class F>
 EFFOPS_INLINE void dw_interior(const ConvGeom& g, const S* const* rows, const F* taps,
-                               const F* scale, const F* bias, int act, int64_t ow, O* o,
-                               F* sums) {
+                               const F* scale, const F* bias, int64_t ow, O* o, F* sums) {
   using V = typename simd::Traits<F>::V;
   constexpr int64_t L = simd::Traits<F>::L;
   const int64_t C = g.C, CL = C / L * L, KH = g.KH, KW = KWC ? KWC : g.KW;
@@ -124,20 +125,22 @@ EFFOPS_INLINE void dw_interior(const ConvGeom& g, const S* const* rows, const F*
         for (int j = 0; j < PB; ++j) acc[j] += loadv(p + j * step) * w;
       }
     }
+    V total = simd::splat<V>(F(0));
 #pragma GCC unroll 8
-    for (int j = 0; j < PB; ++j) dw_finish(acc[j], c, scale, bias, act, o + j * C, sums);
+    for (int j = 0; j < PB; ++j) total += dw_finish<ACT>(acc[j], c, scale, bias, o + j * C);
+    if (sums) storev(sums + c, loadv(sums + c) + total);
   }
 }
 
 // Output pixels [ow0, ow1) of one output row. rows[kh] points at the input row (W x C elements)
 // tap row kh reads, or is null where that row is padding. The result for pixel ow goes to
 // out + (ow - ow0) * C. sums (may be null) accumulates the stored values per channel.
-template <int KWC, class S, class O, class F>
+template <int KWC, int ACT, class S, class O, class F>
 EFFOPS_INLINE void dw_row_k(const ConvGeom& g, const S* const* rows, const F* taps,
-                            const F* scale, const F* bias, int act, int64_t ow0, int64_t ow1,
-                            O* out, F* sums) {
+                            const F* scale, const F* bias, int64_t ow0, int64_t ow1, O* out,
+                            F* sums) {
   constexpr int64_t L = simd::Traits<F>::L;
-  constexpr int PB = 8;
+  constexpr int PB = 4;
   const int64_t C = g.C, CL = C / L * L, KW = KWC ? KWC : g.KW;
   // interior pixels: ow * sw - pl >= 0 and ow * sw - pl + (KW - 1) * dw <= W - 1
   const int64_t span = (KW - 1) * g.dw;
@@ -146,30 +149,33 @@ EFFOPS_INLINE void dw_row_k(const ConvGeom& g, const S* const* rows, const F* ta
   lo = std::min(std::max(lo, ow0), ow1);
   hi = std::min(std::max(hi, lo), ow1);
   for (int64_t ow = ow0; ow < lo; ++ow)
-    dw_pixel(g, rows, taps, scale, bias, act, ow, 0, out + (ow - ow0) * C, sums);
+    dw_pixel<ACT>(g, rows, taps, scale, bias, ow, 0, out + (ow - ow0) * C, sums);
   int64_t ow = lo;
   for (; ow + PB <= hi; ow += PB)
-    dw_interior<PB, KWC>(g, rows, taps, scale, bias, act, ow, out + (ow - ow0) * C, sums);
+    dw_interior<PB, KWC, ACT>(g, rows, taps, scale, bias, ow, out + (ow - ow0) * C, sums);
   for (; ow < hi; ++ow)
-    dw_interior<1, KWC>(g, rows, taps, scale, bias, act, ow, out + (ow - ow0) * C, sums);
+    dw_interior<1, KWC, ACT>(g, rows, taps, scale, bias, ow, out + (ow - ow0) * C, sums);
   if (CL < C)  // channel tail of the interior pixels
     for (int64_t o2 = lo; o2 < hi; ++o2)
-      dw_pixel(g, rows, taps, scale, bias, act, o2, CL, out + (o2 - ow0) * C, sums);
+      dw_pixel<ACT>(g, rows, taps, scale, bias, o2, CL, out + (o2 - ow0) * C, sums);
   for (ow = hi; ow < ow1; ++ow)
-    dw_pixel(g, rows, taps, scale, bias, act, ow, 0, out + (ow - ow0) * C, sums);
+    dw_pixel<ACT>(g, rows, taps, scale, bias, ow, 0, out + (ow - ow0) * C, sums);
 }
 
+// The activation a compile-time constant, the kernel width too for 3 and 5.
 template <class S, class O, class F>
 EFFOPS_INLINE void dw_row(const ConvGeom& g, const S* const* rows, const F* taps, const F* scale,
                           const F* bias, int act, int64_t ow0, int64_t ow1, O* out, F* sums) {
-  switch (g.KW) {
-    case 3:
-      return dw_row_k<3>(g, rows, taps, scale, bias, act, ow0, ow1, out, sums);
-    case 5:
-      return dw_row_k<5>(g, rows, taps, scale, bias, act, ow0, ow1, out, sums);
-    default:
-      return dw_row_k<0>(g, rows, taps, scale, bias, act, ow0, ow1, out, sums);
-  }
+  with_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
+    switch (g.KW) {
+      case 3:
+        return dw_row_k<3, A()>(g, rows, taps, scale, bias, ow0, ow1, out, sums);
+      case 5:
+        return dw_row_k<5, A()>(g, rows, taps, scale, bias, ow0, ow1, out, sums);
+      default:
+        return dw_row_k<0, A()>(g, rows, taps, scale, bias, ow0, ow1, out, sums);
+    }
+  });
 }
 
 // Input rows [ih0, ih1) of image n, activated (in_act) into a float buffer: the input of the
