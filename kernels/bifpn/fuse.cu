@@ -8,59 +8,11 @@
 
 #include "bifpn/fuse.cuh"
 #include "common/cuda_check.h"
+#include "common/float_math.cuh"
 
 namespace effops::cuda::bifpn {
 namespace {
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <class T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-__device__ __forceinline__ float act_fn(float x, int act) {
-  switch (act) {
-    case 1: return x < 0.f ? 0.f : x;
-    case 2: return x < 0.f ? 0.f : (x > 6.f ? 6.f : x);
-    case 3: return x / (1.f + expf(-x));
-    case 4: {
-      float t = x + 3.f;
-      t = t < 0.f ? 0.f : (t > 6.f ? 6.f : t);
-      return x * t * (1.f / 6.f);
-    }
-    case 5: return 1.f / (1.f + expf(-x));
-    default: return x;
-  }
-}
-
-__device__ __forceinline__ float act_grad(float x, int act) {
-  switch (act) {
-    case 1: return x > 0.f ? 1.f : 0.f;
-    case 2: return (x > 0.f && x < 6.f) ? 1.f : 0.f;
-    case 3: {
-      const float s = 1.f / (1.f + expf(-x));
-      return s * (1.f + x * (1.f - s));
-    }
-    case 4: return x < -3.f ? 0.f : (x <= 3.f ? x / 3.f + 0.5f : 1.f);
-    case 5: {
-      const float s = 1.f / (1.f + expf(-x));
-      return s * (1.f - s);
-    }
-    default: return 1.f;
-  }
-}
 
 __device__ __forceinline__ int64_t nearest_src(int64_t dst, float scale, int64_t n_in) {
   const int64_t s = static_cast<int64_t>(floorf(static_cast<float>(dst) * scale));

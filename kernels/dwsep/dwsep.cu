@@ -13,49 +13,12 @@
 #include <cuda_fp16.h>
 
 #include "common/cuda_check.h"
+#include "common/float_math.cuh"
 #include "dwsep/dwsep.cuh"
 
 namespace effops::cuda::dwsep {
 namespace {
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <class T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// Activation codes of effops.ops.dwsep.ACTIVATIONS; comparisons keep NaN, as torch does.
-__device__ __forceinline__ float act_fn(float x, int act) {
-  switch (act) {
-    case 1:
-      return x < 0.f ? 0.f : x;
-    case 2:
-      return x < 0.f ? 0.f : (x > 6.f ? 6.f : x);
-    case 3:
-      return x / (1.f + expf(-x));
-    case 4: {
-      float t = x + 3.f;
-      t = t < 0.f ? 0.f : (t > 6.f ? 6.f : t);
-      return x * t * (1.f / 6.f);
-    }
-    case 5:
-      return 1.f / (1.f + expf(-x));
-    default:
-      return x;
-  }
-}
 
 // Raw depthwise value of output pixel p (flattened n, oh, ow), channel c.
 template <class T>

@@ -4,21 +4,15 @@
 #include <cuda_fp16.h>
 
 #include "common/cuda_check.h"
+#include "common/dtype_dispatch.h"
 #include "dwsep/dwsep.cuh"
 
 namespace effops::cuda::dwsep {
 namespace {
 
-const nb::dlpack::dtype kF32 = nb::dtype<float>();
-const nb::dlpack::dtype kF16{static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 16, 1};
-const nb::dlpack::dtype kBF16{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1};
-
 template <class F>
 void dispatch(const CudaArray& x, const char* op, F&& f) {
-  if (x.dtype() == kF32) return f(float{});
-  if (x.dtype() == kF16) return f(__half{});
-  if (x.dtype() == kBF16) return f(__nv_bfloat16{});
-  fail(op, ": x must be float32, float16 or bfloat16 on CUDA, got ", dtype_name(x.dtype()));
+  dispatch_float(x, op, "x", static_cast<F&&>(f));
 }
 
 const float* vec(const OptC& v, int64_t n, const char* op, const char* name) {
