@@ -12,18 +12,9 @@ import torch.nn as nn
 
 from ..nn import BiFPN
 from ..ops import weighted_fuse
-from .harness import EFFOPS, Case
+from .harness import EFFOPS, Case, inference
 
 CL = torch.channels_last
-
-
-def _inference(impls):
-    def wrap(fn):
-        def run():
-            with torch.inference_mode():
-                return fn()
-        return run
-    return {k: wrap(f) for k, f in impls.items()}
 
 
 def _check(outs):
@@ -75,7 +66,7 @@ def cases(device: torch.device, quick: bool = False) -> List[Case]:
                 impls["torch.compile"] = lambda xs=xs, cc=cc: cc(xs)
             nbytes = (sum(x.numel() for x in xs) + batch * 64 * s * s) * xs[0].element_size()
             out.append(Case("weighted_fuse", f"D0 {kind} {len(sizes)} inputs 64ch {s}x{s} b{batch}", dname,
-                            _inference(impls), _check, bytes_moved=nbytes))
+                            inference(impls), _check, bytes_moved=nbytes))
     out.extend(_bifpn_cases(device, dt, dname, quick, compile_))
     return out
 
@@ -101,4 +92,4 @@ def _bifpn_cases(device, dt, dname, quick, compile_) -> List[Case]:
     if compile_:
         cf = torch.compile(fpn, dynamic=False)
         impls["torch.compile"] = lambda: cf(list(feats))
-    return [Case("bifpn", f"D0 BiFPN 3 layers b2 {size}x{size}", dname, _inference(impls), _check)]
+    return [Case("bifpn", f"D0 BiFPN 3 layers b2 {size}x{size}", dname, inference(impls), _check)]

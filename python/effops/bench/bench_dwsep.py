@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..nn import DWSeparableConv2d, convert
-from .harness import EFFOPS, Case
+from .harness import EFFOPS, Case, inference
 
 CL = torch.channels_last
 
@@ -73,16 +73,6 @@ def _fused_from(eager: nn.Module, preact: bool) -> DWSeparableConv2d:
     return m.eval()
 
 
-def _inference(impls):
-    """Forward passes are inference: every implementation runs under torch.inference_mode()."""
-    def wrap(fn):
-        def run():
-            with torch.inference_mode():
-                return fn()
-        return run
-    return {k: wrap(f) for k, f in impls.items()}
-
-
 def _check(outs):
     ref = outs["eager (channels_last)"]
     for k, v in outs.items():
@@ -106,7 +96,7 @@ def _block_case(name: str, eager: nn.Module, fused: nn.Module, x: torch.Tensor, 
     if compile_:
         compiled = torch.compile(eager_cl, dynamic=False)
         impls["torch.compile"] = lambda: compiled(x_cl, r_cl) if res is not None else compiled(x_cl)
-    return Case("dwsep_conv", name, "fp32", _inference(impls), _check, bytes_moved=bytes_moved)
+    return Case("dwsep_conv", name, "fp32", inference(impls), _check, bytes_moved=bytes_moved)
 
 
 def cases(device: torch.device, quick: bool = False) -> List[Case]:
@@ -157,7 +147,7 @@ def model_cases(quick: bool, compile_: bool) -> List[Case]:
         if compile_:
             c = torch.compile(model, dynamic=False)
             impls["torch.compile"] = lambda c=c: c(x)
-        out.append(Case("model", f"timm {name} b{batch} {size}x{size} (convert)", "fp32", _inference(impls), _check))
+        out.append(Case("model", f"timm {name} b{batch} {size}x{size} (convert)", "fp32", inference(impls), _check))
     return out
 
 
@@ -170,7 +160,7 @@ def gpu_cases(device: torch.device, quick: bool) -> List[Case]:
         fused = _fused_from(eager, preact=True)
         x = torch.randn(8, 64, s, s, device=device, dtype=dt).contiguous(memory_format=CL)
         out.append(Case("dwsep_conv", f"D0 BiFPN 64ch {s}x{s} b8", "bf16",
-                        _inference({EFFOPS: lambda f=fused, x=x: f(x), "eager (channels_last)": lambda e=eager, x=x: e(x)}),
+                        inference({EFFOPS: lambda f=fused, x=x: f(x), "eager (channels_last)": lambda e=eager, x=x: e(x)}),
                         _check_bf16, bytes_moved=2 * x.numel() * 2))
         xg = x.detach().clone().requires_grad_(True)
 

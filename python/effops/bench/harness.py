@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import math
 import os
 import platform
 import re
@@ -103,6 +104,16 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
 _COPY_GBPS: Dict[str, float] = {}
 
 
+def inference(impls: Dict[str, Callable[[], object]]) -> Dict[str, Callable[[], object]]:
+    """The same implementations, each run under torch.inference_mode() (forward-pass cases)."""
+    def wrap(fn):
+        def run():
+            with torch.inference_mode():
+                return fn()
+        return run
+    return {k: wrap(f) for k, f in impls.items()}
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Measured copy bandwidth (GB/s, bytes read + written) of a large tensor copy."""
     key = str(device)
@@ -179,7 +190,7 @@ def append_rows(rows: List[Dict[str, object]], path: Path) -> None:
 
 
 def markdown_table(results_dir: str) -> str:
-    """The README table: the latest run of each (op, case, backend) per device file."""
+    """The README table: the latest run of each (op, case, backend) per device file, one row per case."""
     out = []
     for path in sorted(Path(results_dir).glob("*.csv")):
         with open(path) as f:
@@ -193,16 +204,25 @@ def markdown_table(results_dir: str) -> str:
         for (op, case, dtype, backend), r in latest.items():
             cases.setdefault((op, case, dtype), {})[backend] = r
         out.append(f"**{rows[-1]['device']}** (torch {rows[-1]['torch']}, {rows[-1]['date']})\n")
-        out.append("| op | case | dtype | effops ms | baseline | baseline ms | effops speed-up |")
-        out.append("|---|---|---|---|---|---|---|")
+        out.append("| op | case | dtype | effops ms | effops GB/s (% of copy) | baselines: ms (effops speed-up) |")
+        out.append("|---|---|---|---|---|---|")
         for (op, case, dtype), by in cases.items():
             eff = by.get(EFFOPS)
             if eff is None:
                 continue
-            for backend, r in by.items():
-                if backend == EFFOPS:
-                    continue
-                out.append(f"| {op} | {case} | {dtype} | {float(eff['median_ms']):.3f} | {backend} | "
-                           f"{float(r['median_ms']):.3f} | {float(r['ratio']):.1f}x |")
+            bw = f"{float(eff['gbps']):.1f} ({float(eff['pct_of_copy']):.0f}%)" if eff.get("gbps") else ""
+            base = "; ".join(f"{backend} {float(r['median_ms']):.3f} ({float(r['ratio']):.1f}x)"
+                             for backend, r in by.items() if backend != EFFOPS)
+            out.append(f"| {op} | {case} | {dtype} | {float(eff['median_ms']):.3f} | {bw} | {base} |")
+        ratios: Dict[tuple, List[float]] = {}
+        for (op, case, dtype), by in cases.items():
+            if EFFOPS in by:
+                for backend, r in by.items():
+                    if backend != EFFOPS:
+                        ratios.setdefault((op, dtype, backend), []).append(float(r["ratio"]))
+        means = [f"{op} ({dtype}) vs {backend}: {math.exp(sum(map(math.log, v)) / len(v)):.2f}x over {len(v)} cases"
+                 for (op, dtype, backend), v in ratios.items() if len(v) > 1]
+        if means:
+            out.append("\nGeometric mean speed-ups: " + "; ".join(means) + ".")
         out.append("")
     return "\n".join(out)

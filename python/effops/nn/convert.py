@@ -71,6 +71,22 @@ class _Adopted(nn.Module):
         return f"fused replacement of {self._original_class}"
 
 
+def _check_stages(expand: Optional[ConvStage], dw: ConvStage, proj: ConvStage) -> None:
+    """Raise Unsupported unless [expand 1x1] -> depthwise -> project 1x1, each with a BatchNorm
+    (or none) and a supported activation, is what the fused kernels compute."""
+    if expand is not None:
+        check_pointwise(expand.conv)
+    check_depthwise(dw.conv)
+    check_pointwise(proj.conv)
+    for s in (expand, dw, proj):
+        if s is not None:
+            check_bn(s.bn)
+            act_of(s.act)
+            if s.bn is not None and type(s.bn).__name__ not in ("BatchNormAct2d", "BatchNorm2d"):
+                raise Unsupported(f"norm layer {type(s.bn).__name__}")
+    padding_of(dw.conv)
+
+
 # ------------------------------------------------------------------------------ timm
 class FusedTimmBlock(_Adopted):
     """timm DepthwiseSeparableConv / InvertedResidual (children conv_pw?, bn1, conv_dw, bn2, aa, se,
@@ -96,18 +112,7 @@ class FusedTimmBlock(_Adopted):
         return expand, dw, proj
 
     def _validate(self):
-        expand, dw, proj = self._stages()
-        if expand is not None:
-            check_pointwise(expand.conv)
-        check_depthwise(dw.conv)
-        check_pointwise(proj.conv)
-        for s in (expand, dw, proj):
-            if s is not None:
-                check_bn(s.bn)
-                act_of(s.act)
-                if s.bn is not None and type(s.bn).__name__ not in ("BatchNormAct2d", "BatchNorm2d"):
-                    raise Unsupported(f"norm layer {type(s.bn).__name__}")
-        padding_of(dw.conv)
+        _check_stages(*self._stages())
         se_gate_of(getattr(self, "se", None))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -167,16 +172,7 @@ class FusedTorchvisionBlock(_Adopted):
         return expand, self._stage(*self.spec["dw"]), self._stage(*self.spec["project"])
 
     def _validate(self):
-        expand, dw, proj = self._stages()
-        if expand is not None:
-            check_pointwise(expand.conv)
-        check_depthwise(dw.conv)
-        check_pointwise(proj.conv)
-        for s in (expand, dw, proj):
-            if s is not None:
-                check_bn(s.bn)
-                act_of(s.act)
-        padding_of(dw.conv)
+        _check_stages(*self._stages())
         se_gate_of(self.get_submodule(self.spec["se"]) if self.spec["se"] else None)
 
     def forward(self, x: Tensor) -> Tensor:
