@@ -311,7 +311,7 @@ class LatencyTable:
 
     Calibration. An op timed alone, over and over, runs hotter than inside a network (warm
     caches and allocator, no other ops in between): on a 2-core EPYC the plain sum of entries
-    was ~35% below the whole forward pass of random NASNet cells at C=8. ``calibrate`` times
+    was 30-50% below the whole forward pass of random NASNet cells at C=8. ``calibrate`` times
     whole networks directly (the warm-up probes plus random members of the space) and fits
     ``latency = scale * sum + offset`` by least squares; ``estimate`` applies it when present
     (mean error on random cells ~10% instead of ~35%). The fit belongs to one network family
