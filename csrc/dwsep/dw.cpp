@@ -49,8 +49,10 @@ EFFOPS_INLINE void fwd_task_body(const FwdArgs<T>& a, int64_t task) {
   if (a.in_act == simd::kNone) {
     const T* rows[64];
     for (int64_t oh = oh0; oh < oh1; ++oh) {
+      const T* pf[2];
       tap_rows(g, oh, xn, 0, rows);
-      dw_row(g, rows, a.taps, a.scale, a.bias, a.act, 0, g.Wo, yn + oh * g.Wo * g.C, sums);
+      next_rows(g, oh, xn, pf);
+      dw_row(g, rows, a.taps, a.scale, a.bias, a.act, 0, g.Wo, yn + oh * g.Wo * g.C, sums, pf);
     }
     return;
   }

@@ -138,7 +138,7 @@ EFFOPS_INLINE void dw_interior(const ConvGeom& g, const S* const* rows, const F*
 template <int KWC, int ACT, class S, class O, class F>
 EFFOPS_INLINE void dw_row_k(const ConvGeom& g, const S* const* rows, const F* taps,
                             const F* scale, const F* bias, int64_t ow0, int64_t ow1, O* out,
-                            F* sums) {
+                            F* sums, const S* const* pf) {
   constexpr int64_t L = simd::Traits<F>::L;
   constexpr int PB = 4;
   const int64_t C = g.C, CL = C / L * L, KW = KWC ? KWC : g.KW;
@@ -151,8 +151,18 @@ EFFOPS_INLINE void dw_row_k(const ConvGeom& g, const S* const* rows, const F* ta
   for (int64_t ow = ow0; ow < lo; ++ow)
     dw_pixel<ACT>(g, rows, taps, scale, bias, ow, 0, out + (ow - ow0) * C, sums);
   int64_t ow = lo;
-  for (; ow + PB <= hi; ow += PB)
+  // Software prefetch of the rows the next output row adds (pf, see next_rows), the part under
+  // these pixels: large inputs stream from DRAM, and the hardware prefetcher, which stops at
+  // every 4 KiB page, leaves the loads exposed once the activation lengthens the loop body.
+  const int64_t pf_bytes = PB * g.sw * C * static_cast<int64_t>(sizeof(S));
+  for (; ow + PB <= hi; ow += PB) {
+    for (int r = 0; r < 2; ++r)
+      if (pf[r]) {
+        const char* b = reinterpret_cast<const char*>(pf[r] + (ow * g.sw - g.pl) * C);
+        for (int64_t i = 0; i < pf_bytes; i += 64) __builtin_prefetch(b + i, 0, 3);
+      }
     dw_interior<PB, KWC, ACT>(g, rows, taps, scale, bias, ow, out + (ow - ow0) * C, sums);
+  }
   for (; ow < hi; ++ow)
     dw_interior<1, KWC, ACT>(g, rows, taps, scale, bias, ow, out + (ow - ow0) * C, sums);
   if (CL < C)  // channel tail of the interior pixels
@@ -163,17 +173,21 @@ EFFOPS_INLINE void dw_row_k(const ConvGeom& g, const S* const* rows, const F* ta
 }
 
 // The activation a compile-time constant, the kernel width too for 3 and 5.
+// pf: up to 2 input rows to prefetch while computing (next_rows), null entries for none.
 template <class S, class O, class F>
 EFFOPS_INLINE void dw_row(const ConvGeom& g, const S* const* rows, const F* taps, const F* scale,
-                          const F* bias, int act, int64_t ow0, int64_t ow1, O* out, F* sums) {
+                          const F* bias, int act, int64_t ow0, int64_t ow1, O* out, F* sums,
+                          const S* const* pf = nullptr) {
+  const S* none[2] = {nullptr, nullptr};
+  if (!pf) pf = none;
   with_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
     switch (g.KW) {
       case 3:
-        return dw_row_k<3, A()>(g, rows, taps, scale, bias, ow0, ow1, out, sums);
+        return dw_row_k<3, A()>(g, rows, taps, scale, bias, ow0, ow1, out, sums, pf);
       case 5:
-        return dw_row_k<5, A()>(g, rows, taps, scale, bias, ow0, ow1, out, sums);
+        return dw_row_k<5, A()>(g, rows, taps, scale, bias, ow0, ow1, out, sums, pf);
       default:
-        return dw_row_k<0, A()>(g, rows, taps, scale, bias, ow0, ow1, out, sums);
+        return dw_row_k<0, A()>(g, rows, taps, scale, bias, ow0, ow1, out, sums, pf);
     }
   });
 }
@@ -201,6 +215,17 @@ EFFOPS_INLINE void tap_rows(const ConvGeom& g, int64_t oh, const S* src, int64_t
   for (int64_t kh = 0; kh < g.KH; ++kh) {
     const int64_t ih = oh * g.sh - g.pt + kh * g.dh;
     rows[kh] = (ih < 0 || ih >= g.H) ? nullptr : src + (ih - src_ih0) * g.W * g.C;
+  }
+}
+
+// The input rows that output row oh + 1 reads and row oh does not (the last min(sh, 2) tap rows
+// of row oh + 1), in image x_n, or null outside the input: what dw_row prefetches.
+template <class S>
+EFFOPS_INLINE void next_rows(const ConvGeom& g, int64_t oh, const S* x_n, const S** pf) {
+  for (int64_t r = 0; r < 2; ++r) {
+    const int64_t ih = (oh + 1) * g.sh - g.pt + (g.KH - 1) * g.dh - r;
+    const bool fresh = r < g.sh && oh + 1 < g.Ho;
+    pf[r] = (fresh && ih >= 0 && ih < g.H) ? x_n + ih * g.W * g.C : nullptr;
   }
 }
 

@@ -203,10 +203,13 @@ EFFOPS_INLINE void dwsep_task_body(const DwsepArgs<T>& a, int64_t task) {
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     const F* frows[64];
     const T* trows[64];
-    if (a.preact)
+    const T* pf[2];
+    if (a.preact) {
       tap_rows<F>(g, oh, band.data(), ih0, frows);
-    else
+    } else {
       tap_rows<T>(g, oh, xn, 0, trows);
+      next_rows(g, oh, xn, pf);
+    }
     const int64_t out_row = (n * g.Ho + oh) * g.Wo;
     for (int64_t ow0 = 0; ow0 < g.Wo; ow0 += a.P) {
       const int64_t ow1 = std::min(g.Wo, ow0 + a.P);
@@ -215,7 +218,7 @@ EFFOPS_INLINE void dwsep_task_body(const DwsepArgs<T>& a, int64_t task) {
                static_cast<F*>(nullptr));
       else
         dw_row(g, trows, a.taps, a.dw_scale, a.dw_bias, a.act, ow0, ow1, dbuf.data(),
-               static_cast<F*>(nullptr));
+               static_cast<F*>(nullptr), pf);
       const int64_t o = (out_row + ow0) * a.Co;
       gemm_rows<I>(dbuf.data(), g.C, 0, ow1 - ow0, g.C, static_cast<const F*>(nullptr), 1, a.bp,
                    a.Co, a.pw_scale, a.pw_bias, a.pw_act, a.res ? a.res + o : nullptr, a.out + o,
