@@ -4,8 +4,8 @@
 // each task body is compiled three times (AVX-512, AVX2+FMA, baseline) and the driver packs the
 // weights for the tile of the ISA it picked at run time.
 //
-// Fused depthwise-separable conv: a task is one output row of one image. It computes the
-// depthwise stage for up to P pixels of the row into a small float buffer (cache-resident), then
+// Fused depthwise-separable conv: a task is a block of output rows of one image. It computes the
+// depthwise stage for P pixels at a time (crossing row ends) into a small float buffer (cache-resident), then
 // runs the pointwise GEMM on that buffer and writes the output: the input is read once, the
 // output written once, and the depthwise result never goes to memory.
 #include <algorithm>
@@ -200,30 +200,31 @@ EFFOPS_INLINE void dwsep_task_body(const DwsepArgs<T>& a, int64_t task) {
     band_of(g, oh0, oh1, ih0, ih1);
     with_act(a.act, [&](auto IA) EFFOPS_LAMBDA_INLINE { activate_band<T, F, IA()>(xn, g, ih0, ih1, band); });
   }
-  for (int64_t oh = oh0; oh < oh1; ++oh) {
-    const F* frows[64];
-    const T* trows[64];
-    const T* pf[2];
-    if (a.preact) {
-      tap_rows<F>(g, oh, band.data(), ih0, frows);
-    } else {
-      tap_rows<T>(g, oh, xn, 0, trows);
-      next_rows(g, oh, xn, pf);
+  // Pixels [oh0 * Wo, oh1 * Wo) of the image in chunks of P, a chunk crossing row ends where it
+  // must (NHWC pixels are contiguous): the GEMM gets full MR-row tiles also on narrow maps
+  // (at 14 or 7 pixels per row, row-sized chunks left most of the second tile empty).
+  const int64_t p_end = oh1 * g.Wo;
+  for (int64_t p0 = oh0 * g.Wo; p0 < p_end; p0 += a.P) {
+    const int64_t p1 = std::min(p_end, p0 + a.P);
+    for (int64_t p = p0; p < p1;) {  // the depthwise stage, one row segment at a time
+      const int64_t oh = p / g.Wo, ow0 = p % g.Wo, ow1 = std::min(g.Wo, ow0 + (p1 - p));
+      F* d = dbuf.data() + (p - p0) * g.C;
+      if (a.preact) {
+        const F* frows[64];
+        tap_rows<F>(g, oh, band.data(), ih0, frows);
+        dw_row(g, frows, a.taps, a.dw_scale, a.dw_bias, simd::kNone, ow0, ow1, d, static_cast<F*>(nullptr));
+      } else {
+        const T* trows[64];
+        const T* pf[2];
+        tap_rows<T>(g, oh, xn, 0, trows);
+        next_rows(g, oh, xn, pf);
+        dw_row(g, trows, a.taps, a.dw_scale, a.dw_bias, a.act, ow0, ow1, d, static_cast<F*>(nullptr), pf);
+      }
+      p += ow1 - ow0;
     }
-    const int64_t out_row = (n * g.Ho + oh) * g.Wo;
-    for (int64_t ow0 = 0; ow0 < g.Wo; ow0 += a.P) {
-      const int64_t ow1 = std::min(g.Wo, ow0 + a.P);
-      if (a.preact)
-        dw_row(g, frows, a.taps, a.dw_scale, a.dw_bias, simd::kNone, ow0, ow1, dbuf.data(),
-               static_cast<F*>(nullptr));
-      else
-        dw_row(g, trows, a.taps, a.dw_scale, a.dw_bias, a.act, ow0, ow1, dbuf.data(),
-               static_cast<F*>(nullptr), pf);
-      const int64_t o = (out_row + ow0) * a.Co;
-      gemm_rows<I>(dbuf.data(), g.C, 0, ow1 - ow0, g.C, static_cast<const F*>(nullptr), 1, a.bp,
-                   a.Co, a.pw_scale, a.pw_bias, a.pw_act, a.res ? a.res + o : nullptr, a.out + o,
-                   a.Co, ap);
-    }
+    const int64_t o = (n * g.Ho * g.Wo + p0) * a.Co;
+    gemm_rows<I>(dbuf.data(), g.C, 0, p1 - p0, g.C, static_cast<const F*>(nullptr), 1, a.bp, a.Co,
+                 a.pw_scale, a.pw_bias, a.pw_act, a.res ? a.res + o : nullptr, a.out + o, a.Co, ap);
   }
 }
 
