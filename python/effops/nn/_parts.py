@@ -194,8 +194,8 @@ def _version_key(tensors) -> Optional[tuple]:
             key.append(None)
         elif t.is_inference():
             return None
-        else:
-            key.append((t.data_ptr(), t._version, t.dtype, t.device))
+        else:  # a new dtype or device means new storage: the data pointer covers them
+            key.append((t.data_ptr(), t._version))
     return tuple(key)
 
 
@@ -242,15 +242,18 @@ def sepconv_forward(x: Tensor, dw: ConvStage, pw: ConvStage, *, preact: Optional
         d = dw.post(d)
         p = pw.post(pw_conv(d, pw.conv.weight, bias=pw.conv.bias))
         return p if residual is None else p + residual
-    dws, dwb = dw.affine()
-    pws, pwb = pw.affine()
-    kw = dict(stride=dw.conv.stride, padding=padding_of(dw.conv), dilation=dw.conv.dilation, dw_scale=dws,
-              dw_bias=dwb, act=preact if preact else dw.act_name, pw_scale=pws, pw_bias=pwb, pw_act=pw.act_name,
-              preact=bool(preact))
+
+    def kw():  # folded BN and options; only on a cache miss in inference
+        dws, dwb = dw.affine()
+        pws, pwb = pw.affine()
+        return dict(stride=dw.conv.stride, padding=padding_of(dw.conv), dilation=dw.conv.dilation, dw_scale=dws,
+                    dw_bias=dwb, act=preact if preact else dw.act_name, pw_scale=pws, pw_bias=pwb,
+                    pw_act=pw.act_name, preact=bool(preact))
+
     if cache is not None and _inference(x, (dw, pw)):
-        op = _prepared(cache, "dwsep", (dw, pw), lambda: PreparedDWSep(dw.conv.weight, pw.conv.weight, **kw))
+        op = _prepared(cache, "dwsep", (dw, pw), lambda: PreparedDWSep(dw.conv.weight, pw.conv.weight, **kw()))
         return op(x, residual)
-    return dwsep_conv(x, dw.conv.weight, pw.conv.weight, residual=residual, **kw)
+    return dwsep_conv(x, dw.conv.weight, pw.conv.weight, residual=residual, **kw())
 
 
 def mbconv_forward(x: Tensor, expand: Optional[ConvStage], dw: ConvStage, se: Optional[Callable[[Tensor], Tensor]],
@@ -276,34 +279,48 @@ def mbconv_forward(x: Tensor, expand: Optional[ConvStage], dw: ConvStage, se: Op
         def get(name, stages, make, call):  # prepared op in inference, else the public op
             return _prepared(cache, name, stages, make) if fast else call
 
+        folded = {}
+
+        def aff(stage):  # folded BN, computed when a cache misses or the public op runs
+            if stage.bn is None:
+                return None, stage.conv.bias
+            r = folded.get(stage.bn)
+            if r is None:
+                r = folded[stage.bn] = stage.affine()
+            return r
+
         if expand is not None:
-            es, eb = expand.affine()
             op = get("expand", (expand,),
-                     lambda: PreparedPW(expand.conv.weight, scale=es, bias=eb, act=expand.act_name),
-                     lambda t: pw_conv(t, expand.conv.weight, scale=es, bias=eb, act=expand.act_name))
+                     lambda: PreparedPW(expand.conv.weight, scale=aff(expand)[0], bias=aff(expand)[1],
+                                        act=expand.act_name),
+                     lambda t: pw_conv(t, expand.conv.weight, scale=aff(expand)[0], bias=aff(expand)[1],
+                                       act=expand.act_name))
             h = op(x)
         else:
             h = x
-        ds, db = dw.affine()
-        ps, pb = project.affine()
         residual = x if res_in_kernel else None
         dwkw = dict(stride=dw.conv.stride, padding=padding_of(dw.conv), dilation=dw.conv.dilation)
         if se is None:
-            kw = dict(dwkw, dw_scale=ds, dw_bias=db, act=dw.act_name, pw_scale=ps, pw_bias=pb, pw_act=project.act_name)
+            def kw():
+                (ds, db), (ps, pb) = aff(dw), aff(project)
+                return dict(dwkw, dw_scale=ds, dw_bias=db, act=dw.act_name, pw_scale=ps, pw_bias=pb,
+                            pw_act=project.act_name)
             op = get("dwsep", (dw, project),
-                     lambda: PreparedDWSep(dw.conv.weight, project.conv.weight, **kw),
-                     lambda t, r: dwsep_conv(t, dw.conv.weight, project.conv.weight, residual=r, **kw))
+                     lambda: PreparedDWSep(dw.conv.weight, project.conv.weight, **kw()),
+                     lambda t, r: dwsep_conv(t, dw.conv.weight, project.conv.weight, residual=r, **kw()))
             out = op(h, residual)
         else:
             dop = get("dw", (dw,),
-                      lambda: PreparedDW(dw.conv.weight, scale=ds, bias=db, act=dw.act_name, **dwkw),
-                      lambda t: dw_conv_act(t, dw.conv.weight, scale=ds, bias=db, act=dw.act_name, **dwkw))
+                      lambda: PreparedDW(dw.conv.weight, scale=aff(dw)[0], bias=aff(dw)[1], act=dw.act_name, **dwkw),
+                      lambda t: dw_conv_act(t, dw.conv.weight, scale=aff(dw)[0], bias=aff(dw)[1], act=dw.act_name,
+                                            **dwkw))
             y, means = dop(h)
             gates = se(means[:, :, None, None])[:, :, 0, 0].to(y.dtype)
             pop = get("project", (project,),
-                      lambda: PreparedPW(project.conv.weight, scale=ps, bias=pb, act=project.act_name),
-                      lambda t, c, r: pw_conv(t, project.conv.weight, channel_scale=c, scale=ps, bias=pb,
-                                              act=project.act_name, residual=r))
+                      lambda: PreparedPW(project.conv.weight, scale=aff(project)[0], bias=aff(project)[1],
+                                         act=project.act_name),
+                      lambda t, c, r: pw_conv(t, project.conv.weight, channel_scale=c, scale=aff(project)[0],
+                                              bias=aff(project)[1], act=project.act_name, residual=r))
             out = pop(y, gates, residual)
         if res_in_kernel or not skip:
             return out
