@@ -154,11 +154,12 @@ EFFOPS_INLINE void dw_row_k(const ConvGeom& g, const S* const* rows, const F* ta
   // Software prefetch of the rows the next output row adds (pf, see next_rows), the part under
   // these pixels: large inputs stream from DRAM, and the hardware prefetcher, which stops at
   // every 4 KiB page, leaves the loads exposed once the activation lengthens the loop body.
-  const int64_t pf_bytes = PB * g.sw * C * static_cast<int64_t>(sizeof(S));
   for (; ow + PB <= hi; ow += PB) {
+    const int64_t iw = ow * g.sw - g.pl;  // >= 0 for interior pixels
+    const int64_t pf_bytes = std::min<int64_t>(PB * g.sw, g.W - iw) * C * static_cast<int64_t>(sizeof(S));
     for (int r = 0; r < 2; ++r)
-      if (pf[r]) {
-        const char* b = reinterpret_cast<const char*>(pf[r] + (ow * g.sw - g.pl) * C);
+      if (pf[r]) {  // stays inside the row: no pointer past the input is formed
+        const char* b = reinterpret_cast<const char*>(pf[r] + iw * C);
         for (int64_t i = 0; i < pf_bytes; i += 64) __builtin_prefetch(b + i, 0, 3);
       }
     dw_interior<PB, KWC, ACT>(g, rows, taps, scale, bias, ow, out + (ow - ow0) * C, sums);
