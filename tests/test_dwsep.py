@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import random
 import sys
+import zlib
 
 import pytest
 import torch
@@ -71,6 +72,14 @@ def reference(t, p, dtype):
                                   p["preact"])
 
 
+def rounded(t, dtype):
+    """The case's tensors rounded to dtype and back to float64: the inputs a dtype kernel really
+    receives, so the float64 truth does not charge the kernel for input quantisation (which, on
+    outputs that cancel to ~0 - a few output values, relu6 - can exceed any atol relative to the
+    output scale, whatever the kernel does)."""
+    return {k: None if v is None else v.to(dtype).to(torch.float64) for k, v in t.items()}
+
+
 def assert_close_to_truth(got, truth, eager, dtype):
     """The rule of DESIGN.md: |kernel - fp64| <= 2 |eager - fp64| + atol, elementwise max."""
     got, truth, eager = got.double(), truth.double(), eager.double()
@@ -108,7 +117,8 @@ def sweep(n, seed, small=False):
                          f"-{p['padding']}-{p['act']}-{p['C']}x{p['H']}x{p['W']}-{p['layout']}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dwsep_cpu_matches_reference(p, dtype):
-    t = make_case(p, seed=hash(str(p)) % 1000)
+    # the seed must not depend on the process (str hashes are salted per process)
+    t = rounded(make_case(p, seed=zlib.crc32(str(p).encode()) % 1000), dtype)
     with effops.use_backend("cpu"):
         got = call_dwsep(t, p, dtype, p["layout"])
     assert got.dtype == dtype

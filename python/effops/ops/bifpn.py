@@ -127,9 +127,9 @@ def _threads() -> int:
 
 
 def _empty_like_out(x: Tensor, out_hw, dtype=None) -> Tensor:
+    """An NHWC buffer [N, Ho, Wo, C] (its permute(0, 3, 1, 2) is a channels_last NCHW tensor)."""
     N, C = x.shape[:2]
-    return torch.empty((N, C, *out_hw), dtype=dtype or x.dtype, device=x.device,
-                       memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    return torch.empty((N, out_hw[0], out_hw[1], C), dtype=dtype or x.dtype, device=x.device)
 
 
 def _fuse_cpu(inputs, wn, modes, act, out_hw):
