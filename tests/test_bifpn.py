@@ -162,6 +162,31 @@ def test_bad_input():
         weighted_fuse([a, b.to("meta")], w, resample=["identity", "nearest"])
 
 
+def test_repeated_calls_use_the_validated_plan_and_stay_exact():
+    """The second and later eager inference calls of one configuration skip Python validation;
+    results, weight updates, layouts and errors must be exactly those of the first call."""
+    xs, w = make(("identity", "nearest", "maxpool"), (9, 7), C=6, dtype=torch.float32, seed=5)
+    modes = ["identity", "nearest", "maxpool"]
+    B._PLANS.clear()
+    with torch.inference_mode():
+        first = weighted_fuse(xs, w, resample=modes)
+        assert B._PLANS  # recorded
+        again = weighted_fuse(xs, w, resample=modes)
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        w2 = w * 3 - 1  # new weight values: same plan, new normalisation
+        torch.testing.assert_close(weighted_fuse(xs, w2, resample=modes),
+                                   fused_reference(xs, w2, modes, "fastattn", "silu", (9, 7), torch.float32))
+        nchw = [x.contiguous() for x in xs]  # other layout: same plan key, output follows the input
+        out = weighted_fuse(nchw, w, resample=modes)
+        assert out.is_contiguous() and torch.equal(out, first.contiguous())
+        with pytest.raises(ValueError, match="cannot be upsampled"):  # a new shape is validated again
+            weighted_fuse([xs[0], torch.randn(2, 6, 10, 7), xs[2]], w, resample=modes)
+    # outside inference: the autograd path, not the plan
+    xg = [x.clone().requires_grad_() for x in xs]
+    weighted_fuse(xg, w, resample=modes).sum().backward()
+    assert all(x.grad is not None for x in xg)
+
+
 # ------------------------------------------------------------------------------ modules
 def test_bifpn_graph_is_efficientdets():
     nodes = effops.nn.bifpn_nodes()

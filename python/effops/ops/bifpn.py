@@ -312,6 +312,36 @@ _fuse_op.register_autograd(_fuse_backward, setup_context=_fuse_setup)
 
 
 # =============================================================================== public API
+# Configurations that passed weighted_fuse's checks on the eager CPU inference path, keyed by
+# everything those checks read (shapes, dtypes, modes, options): a repeated call - a BiFPN node
+# in a loop - skips the ~10 us of Python validation. The per-call conditions of the fast path
+# (no grad, no tracing, no autocast, plain CPU tensors, cpu backend) are still checked.
+_PLANS: dict = {}
+
+
+def _plan_key(inputs, weights, resample, method, eps, act, out_size):
+    try:
+        if not isinstance(inputs, (list, tuple)) or type(weights) not in (torch.Tensor, torch.nn.Parameter):
+            return None
+        return (tuple((x.shape, x.dtype) for x in inputs), weights.shape, weights.dtype, tuple(resample), method,
+                float(eps), act, None if out_size is None else tuple(out_size))
+    except (AttributeError, TypeError):
+        return None
+
+
+def _validated_plan(inputs, weights, resample, method, eps, act, out_size):
+    if not _PLANS or not isinstance(inputs, (list, tuple)) or not inputs:
+        return None
+    for x in inputs:
+        if type(x) is not torch.Tensor or not x.is_cpu or x.requires_grad:
+            return None
+    if weights is None or not weights.is_cpu or not _fast_path_ok(inputs[0], weights.requires_grad):
+        return None
+    key = _plan_key(inputs, weights, resample, method, eps, act, out_size)
+    plan = _PLANS.get(key) if key is not None else None
+    return None if plan is None else (key, plan)
+
+
 def weighted_fuse(inputs: Sequence[Tensor], weights: Optional[Tensor], *, resample: Sequence[str],
                   method: str = "fastattn", eps: float = 1e-4, act: Optional[str] = "silu",
                   out_size: Optional[Tuple[int, int]] = None) -> Tensor:
@@ -327,6 +357,14 @@ def weighted_fuse(inputs: Sequence[Tensor], weights: Optional[Tensor], *, resamp
         out_size: the output (H, W); default: the size of the first 'identity' input.
     """
     op = "weighted_fuse"
+    plan = _validated_plan(inputs, weights, resample, method, eps, act, out_size)
+    if plan is not None:  # eager CPU inference on a configuration validated before
+        key, (out_hw, codes, act_code) = plan
+        out = _empty_like_out(inputs[0], out_hw)
+        _backend._C.fuse_forward([_nhwc(x) for x in inputs], normalized_floats(weights, method, len(inputs), float(eps)),
+                                 codes, act_code, out, _threads())
+        out = _from_nhwc(out)
+        return out if inputs[0].is_contiguous(memory_format=torch.channels_last) else out.contiguous()
     if not isinstance(inputs, (list, tuple)):
         raise TypeError(f"{op}: inputs must be a list of tensors, got {type(inputs).__name__}")
     if not 2 <= len(inputs) <= 4:
@@ -395,6 +433,11 @@ def weighted_fuse(inputs: Sequence[Tensor], weights: Optional[Tensor], *, resamp
         _backend._C.fuse_forward([_nhwc(x) for x in xs], normalized_floats(weights, method, len(xs), float(eps)),
                                  [MODE_CODES[m] for m in resample], ACT_CODES[a], out, _threads())
         out = _from_nhwc(out)
+        key = _plan_key(inputs, weights, resample, method, eps, act, out_size)
+        if key is not None:
+            if len(_PLANS) >= 256:
+                _PLANS.clear()
+            _PLANS[key] = (out_hw, [MODE_CODES[m] for m in resample], ACT_CODES[a])
         return out if x0.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
     wn = normalize_weights(weights, method, len(xs), float(eps), x0.device)
     return torch.ops.effops.weighted_fuse(list(xs), wn, [MODE_CODES[m] for m in resample], list(out_hw), a)
