@@ -160,6 +160,12 @@ def test_bad_input():
         weighted_fuse([a, b.double()], w, resample=["identity", "nearest"])
     with pytest.raises(ValueError, match="one device"):
         weighted_fuse([a, b.to("meta")], w, resample=["identity", "nearest"])
+    with pytest.raises(ValueError, match=r"inputs\[0\] must be a 4-d tensor \[N, C, H, W\]"):
+        weighted_fuse([a[0], b], w, resample=["identity", "nearest"])
+    with pytest.raises(TypeError, match=r"inputs\[0\] must be float32, bfloat16, float16 or float64, got torch.int64"):
+        weighted_fuse([a.long(), b.long()], w, resample=["identity", "nearest"])
+    with pytest.raises(TypeError, match="float16 is supported on CUDA"):
+        weighted_fuse([a.half(), b.half()], w, resample=["identity", "nearest"])
 
 
 def test_repeated_calls_use_the_validated_plan_and_stay_exact():

@@ -279,48 +279,44 @@ def mbconv_forward(x: Tensor, expand: Optional[ConvStage], dw: ConvStage, se: Op
         def get(name, stages, make, call):  # prepared op in inference, else the public op
             return _prepared(cache, name, stages, make) if fast else call
 
-        folded = {}
+        # Folded BN and options of a stage, computed only where used: on a prepared-op cache miss,
+        # or per call on the public-op path.
+        def pw_kw(stage):
+            scale, bias = stage.affine()
+            return dict(scale=scale, bias=bias, act=stage.act_name)
 
-        def aff(stage):  # folded BN, computed when a cache misses or the public op runs
-            if stage.bn is None:
-                return None, stage.conv.bias
-            r = folded.get(stage.bn)
-            if r is None:
-                r = folded[stage.bn] = stage.affine()
-            return r
+        geo = dict(stride=dw.conv.stride, padding=padding_of(dw.conv), dilation=dw.conv.dilation)
+
+        def dw_kw():
+            scale, bias = dw.affine()
+            return dict(geo, scale=scale, bias=bias, act=dw.act_name)
 
         if expand is not None:
             op = get("expand", (expand,),
-                     lambda: PreparedPW(expand.conv.weight, scale=aff(expand)[0], bias=aff(expand)[1],
-                                        act=expand.act_name),
-                     lambda t: pw_conv(t, expand.conv.weight, scale=aff(expand)[0], bias=aff(expand)[1],
-                                       act=expand.act_name))
+                     lambda: PreparedPW(expand.conv.weight, **pw_kw(expand)),
+                     lambda t: pw_conv(t, expand.conv.weight, **pw_kw(expand)))
             h = op(x)
         else:
             h = x
         residual = x if res_in_kernel else None
-        dwkw = dict(stride=dw.conv.stride, padding=padding_of(dw.conv), dilation=dw.conv.dilation)
         if se is None:
-            def kw():
-                (ds, db), (ps, pb) = aff(dw), aff(project)
-                return dict(dwkw, dw_scale=ds, dw_bias=db, act=dw.act_name, pw_scale=ps, pw_bias=pb,
+            def sep_kw():
+                (ds, db), (ps, pb) = dw.affine(), project.affine()
+                return dict(geo, dw_scale=ds, dw_bias=db, act=dw.act_name, pw_scale=ps, pw_bias=pb,
                             pw_act=project.act_name)
             op = get("dwsep", (dw, project),
-                     lambda: PreparedDWSep(dw.conv.weight, project.conv.weight, **kw()),
-                     lambda t, r: dwsep_conv(t, dw.conv.weight, project.conv.weight, residual=r, **kw()))
+                     lambda: PreparedDWSep(dw.conv.weight, project.conv.weight, **sep_kw()),
+                     lambda t, r: dwsep_conv(t, dw.conv.weight, project.conv.weight, residual=r, **sep_kw()))
             out = op(h, residual)
         else:
             dop = get("dw", (dw,),
-                      lambda: PreparedDW(dw.conv.weight, scale=aff(dw)[0], bias=aff(dw)[1], act=dw.act_name, **dwkw),
-                      lambda t: dw_conv_act(t, dw.conv.weight, scale=aff(dw)[0], bias=aff(dw)[1], act=dw.act_name,
-                                            **dwkw))
+                      lambda: PreparedDW(dw.conv.weight, **dw_kw()),
+                      lambda t: dw_conv_act(t, dw.conv.weight, **dw_kw()))
             y, means = dop(h)
             gates = se(means[:, :, None, None])[:, :, 0, 0].to(y.dtype)
             pop = get("project", (project,),
-                      lambda: PreparedPW(project.conv.weight, scale=aff(project)[0], bias=aff(project)[1],
-                                         act=project.act_name),
-                      lambda t, c, r: pw_conv(t, project.conv.weight, channel_scale=c, scale=aff(project)[0],
-                                              bias=aff(project)[1], act=project.act_name, residual=r))
+                      lambda: PreparedPW(project.conv.weight, **pw_kw(project)),
+                      lambda t, c, r: pw_conv(t, project.conv.weight, channel_scale=c, residual=r, **pw_kw(project)))
             out = pop(y, gates, residual)
         if res_in_kernel or not skip:
             return out

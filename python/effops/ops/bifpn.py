@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import _backend
 from ._common import check_tensor
-from .dwsep import (ACT_CODES, _fast_path_ok, _from_nhwc, _nhwc, act_grad, act_name, apply_act,
+from .dwsep import (ACT_CODES, _autocast, _check_x, _fast_path_ok, _from_nhwc, _nhwc, act_grad, act_name, apply_act,
                     same_padding)
 
 _backend.register_op("weighted_fuse", ("cpu", "cuda", "triton", "reference"))
@@ -338,8 +338,16 @@ def _validated_plan(inputs, weights, resample, method, eps, act, out_size):
     if weights is None or not weights.is_cpu or not _fast_path_ok(inputs[0], weights.requires_grad):
         return None
     key = _plan_key(inputs, weights, resample, method, eps, act, out_size)
-    plan = _PLANS.get(key) if key is not None else None
-    return None if plan is None else (key, plan)
+    return _PLANS.get(key) if key is not None else None
+
+
+def _fuse_eager_cpu(xs, weights, method: str, eps: float, out_hw, codes: List[int], act_code: int) -> Tensor:
+    """The eager CPU inference call: straight to the kernel, no dispatch, weights as floats."""
+    out = _empty_like_out(xs[0], out_hw)
+    _backend._C.fuse_forward([_nhwc(x) for x in xs], normalized_floats(weights, method, len(xs), eps), codes,
+                             act_code, out, _threads())
+    out = _from_nhwc(out)
+    return out if xs[0].is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
 def weighted_fuse(inputs: Sequence[Tensor], weights: Optional[Tensor], *, resample: Sequence[str],
@@ -359,27 +367,13 @@ def weighted_fuse(inputs: Sequence[Tensor], weights: Optional[Tensor], *, resamp
     op = "weighted_fuse"
     plan = _validated_plan(inputs, weights, resample, method, eps, act, out_size)
     if plan is not None:  # eager CPU inference on a configuration validated before
-        key, (out_hw, codes, act_code) = plan
-        out = _empty_like_out(inputs[0], out_hw)
-        _backend._C.fuse_forward([_nhwc(x) for x in inputs], normalized_floats(weights, method, len(inputs), float(eps)),
-                                 codes, act_code, out, _threads())
-        out = _from_nhwc(out)
-        return out if inputs[0].is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+        return _fuse_eager_cpu(inputs, weights, method, float(eps), *plan)
     if not isinstance(inputs, (list, tuple)):
         raise TypeError(f"{op}: inputs must be a list of tensors, got {type(inputs).__name__}")
     if not 2 <= len(inputs) <= 4:
         raise ValueError(f"{op}: inputs must hold 2 to 4 tensors, got {len(inputs)}")
-    xs = [check_tensor(op, f"inputs[{i}]", x) for i, x in enumerate(inputs)]
-    if torch.is_autocast_enabled(xs[0].device.type):
-        dt = torch.get_autocast_dtype(xs[0].device.type)
-        xs = [x.to(dt) for x in xs]
-    x0 = xs[0]
-    if x0.dim() != 4:
-        raise ValueError(f"{op}: inputs[0] must be [N, C, H, W], got shape {list(x0.shape)}")
-    if x0.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"{op}: inputs must be float32, bfloat16, float16 or float64, got {x0.dtype}")
-    if x0.dtype == torch.float16 and x0.device.type == "cpu":
-        raise TypeError(f"{op}: float16 is supported on CUDA; on the CPU use bfloat16 or float32")
+    xs = list(_autocast(*(check_tensor(op, f"inputs[{i}]", x) for i, x in enumerate(inputs))))
+    x0 = _check_x(op, xs[0], "inputs[0]")
     for i, x in enumerate(xs[1:], 1):
         if x.dim() != 4 or x.shape[:2] != x0.shape[:2]:
             raise ValueError(f"{op}: inputs[{i}] must be [N, C, H, W] with N, C = {list(x0.shape[:2])} like inputs[0] "
@@ -428,16 +422,13 @@ def weighted_fuse(inputs: Sequence[Tensor], weights: Optional[Tensor], *, resamp
                              f"{'x'.join(map(str, resampled_size(m, h, w)))}, not the output size {out_hw[0]}x{out_hw[1]}")
     if _fast_path_ok(x0, weights is not None and weights.requires_grad) and all(
             type(x) is torch.Tensor and not x.requires_grad for x in xs[1:]):
-        # eager CPU inference: straight to the kernel, no dispatch and no tensor for the weights
-        out = _empty_like_out(x0, out_hw)
-        _backend._C.fuse_forward([_nhwc(x) for x in xs], normalized_floats(weights, method, len(xs), float(eps)),
-                                 [MODE_CODES[m] for m in resample], ACT_CODES[a], out, _threads())
-        out = _from_nhwc(out)
+        # eager CPU inference: remember the validated configuration for the next call
+        plan = (out_hw, [MODE_CODES[m] for m in resample], ACT_CODES[a])
         key = _plan_key(inputs, weights, resample, method, eps, act, out_size)
         if key is not None:
             if len(_PLANS) >= 256:
                 _PLANS.clear()
-            _PLANS[key] = (out_hw, [MODE_CODES[m] for m in resample], ACT_CODES[a])
-        return out if x0.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+            _PLANS[key] = plan
+        return _fuse_eager_cpu(xs, weights, method, float(eps), *plan)
     wn = normalize_weights(weights, method, len(xs), float(eps), x0.device)
     return torch.ops.effops.weighted_fuse(list(xs), wn, [MODE_CODES[m] for m in resample], list(out_hw), a)
