@@ -57,17 +57,7 @@ NB_MODULE(_C, m) {
     nb::dict d;
     d["version"] = EFFOPS_VERSION;
     d["compiler"] = EFFOPS_CXX_COMPILER;
-#if defined(__x86_64__) && defined(__linux__)
-    // Kernels carry clones per ISA and pick one at run time: dwsep/bifpn x86-64-v4 (AVX-512),
-    // v3 (AVX2+FMA) and baseline; nms AVX2 and baseline.
-    __builtin_cpu_init();
-    const bool v4 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const char* isa = v4 ? "x86-64-v4 (AVX-512)" : v3 ? "x86-64-v3 (AVX2+FMA)" : "x86-64 baseline";
-    d["simd"] = std::string("clones per ISA chosen at run time; this CPU: ") + isa;
-#else
-    d["simd"] = "compiler default";
-#endif
+    d["simd"] = std::string("clones per ISA chosen at run time; this CPU: ") + effops::dwsep::cpu_isa_name();
     return d;
   });
 }

@@ -83,6 +83,21 @@ struct BwdArgs {
   int64_t rpt, blocks;
 };
 
+// Along one axis: the output positions o that read input position i, and the tap t they read
+// it with (i = o * stride - pad + t * dil); returns how many (at most k).
+EFFOPS_INLINE int64_t readers_of(int64_t i, int64_t pad, int64_t k, int64_t dil, int64_t stride,
+                                 int64_t n_out, int64_t* outs, int64_t* taps) {
+  int64_t n = 0;
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t v = i + pad - t * dil;
+    if (v < 0 || v % stride) continue;
+    const int64_t o = v / stride;
+    if (o >= n_out) continue;
+    outs[n] = o, taps[n] = t, ++n;
+  }
+  return n;
+}
+
 // dL/da by gathering, for each input pixel, the output pixels whose taps read it.
 template <class F>
 EFFOPS_INLINE void bwd_input_body(const BwdArgs<F>& b, int64_t task) {
@@ -94,24 +109,11 @@ EFFOPS_INLINE void bwd_input_body(const BwdArgs<F>& b, int64_t task) {
   const int64_t ih1 = std::min(g.H, ih0 + b.rpt);
   const F* gdn = b.gd + n * g.Ho * g.Wo * C;
   for (int64_t ih = ih0; ih < ih1; ++ih) {
-    // output rows reading input row ih, and the tap row they read it with
-    int64_t ohs[64], khs[64], nk = 0;
-    for (int64_t kh = 0; kh < g.KH; ++kh) {
-      const int64_t t = ih + g.pt - kh * g.dh;
-      if (t < 0 || t % g.sh) continue;
-      const int64_t oh = t / g.sh;
-      if (oh >= g.Ho) continue;
-      ohs[nk] = oh, khs[nk] = kh, ++nk;
-    }
+    int64_t ohs[64], khs[64];
+    const int64_t nk = readers_of(ih, g.pt, g.KH, g.dh, g.sh, g.Ho, ohs, khs);
     for (int64_t iw = 0; iw < g.W; ++iw) {
-      int64_t ows[64], kws[64], nw = 0;
-      for (int64_t kw = 0; kw < g.KW; ++kw) {
-        const int64_t t = iw + g.pl - kw * g.dw;
-        if (t < 0 || t % g.sw) continue;
-        const int64_t ow = t / g.sw;
-        if (ow >= g.Wo) continue;
-        ows[nw] = ow, kws[nw] = kw, ++nw;
-      }
+      int64_t ows[64], kws[64];
+      const int64_t nw = readers_of(iw, g.pl, g.KW, g.dw, g.sw, g.Wo, ows, kws);
       F* o = b.ga + ((n * g.H + ih) * g.W + iw) * C;
       int64_t c = 0;
       for (; c < CL; c += L) {

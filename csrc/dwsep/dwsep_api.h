@@ -26,4 +26,7 @@ void dwsep_forward_api(const CpuArray& x, const CpuArray& taps, const CpuArray& 
                        const std::vector<int64_t>& dilation, int act, int pw_act, bool preact,
                        const CpuArray& out, int threads);
 
+// The instruction set the GEMM tiles (and with it the kernels' clones) use on this CPU.
+const char* cpu_isa_name();
+
 }  // namespace effops::dwsep

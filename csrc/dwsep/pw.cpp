@@ -353,4 +353,12 @@ EFFOPS_INSTANTIATE(float)
 EFFOPS_INSTANTIATE(double)
 EFFOPS_INSTANTIATE(simd::bf16)
 
+const char* cpu_isa_name() {
+  switch (cpu_isa()) {
+    case kV4: return "x86-64-v4 (AVX-512)";
+    case kV3: return "x86-64-v3 (AVX2+FMA)";
+    default: return "baseline";
+  }
+}
+
 }  // namespace effops::dwsep

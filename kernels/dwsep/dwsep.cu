@@ -20,6 +20,19 @@ namespace effops::cuda::dwsep {
 namespace {
 
 
+// The pointwise GEMM's epilogue for output channel co at out[e]: per-channel affine (scale,
+// bias may be null), activation, residual, store in T.
+template <class T>
+__device__ __forceinline__ void store_epilogue(float v, int64_t co, const float* __restrict__ scale,
+                                               const float* __restrict__ bias, int act,
+                                               const T* __restrict__ res, T* __restrict__ out, int64_t e) {
+  if (scale) v *= scale[co];
+  if (bias) v += bias[co];
+  v = act_fn(v, act);
+  if (res) v += to_f(res[e]);
+  out[e] = from_f<T>(v);
+}
+
 // Raw depthwise value of output pixel p (flattened n, oh, ow), channel c.
 template <class T>
 __device__ __forceinline__ float dw_value(const T* __restrict__ x, const float* __restrict__ taps,
@@ -97,12 +110,7 @@ __global__ void __launch_bounds__(256)
     for (int j = 0; j < 4; ++j) {
       const int64_t co = co0 + to + j;
       if (co >= Co) continue;
-      float v = acc[i][j];
-      if (pws) v *= pws[co];
-      if (pwb) v += pwb[co];
-      v = act_fn(v, pw_act);
-      if (res) v += to_f(res[p * Co + co]);
-      out[p * Co + co] = from_f<T>(v);
+      store_epilogue(acc[i][j], co, pws, pwb, pw_act, res, out, p * Co + co);
     }
   }
 }
@@ -192,12 +200,7 @@ __global__ void __launch_bounds__(256)
     for (int j = 0; j < 4; ++j) {
       const int64_t co = n0 + tn + j;
       if (co >= Co) continue;
-      float v = acc[i][j];
-      if (s) v *= s[co];
-      if (b) v += b[co];
-      v = act_fn(v, act);
-      if (res) v += to_f(res[m * Co + co]);
-      out[m * Co + co] = from_f<T>(v);
+      store_epilogue(acc[i][j], co, s, b, act, res, out, m * Co + co);
     }
   }
 }

@@ -63,6 +63,34 @@ def _dw_tile(x_ptr, w_ptr, n, oh, ow, pmask, cs, cmask, H, W, C,
 
 
 @triton.jit
+def _dot_acc(acc, a, b, like_ptr, F32_DOT: tl.constexpr):
+    """acc + a @ b: float32 in IEEE precision (no tf32), else on the tensor cores in the
+    storage dtype of like_ptr, accumulating in float32."""
+    if F32_DOT:
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        acc += tl.dot(a.to(like_ptr.dtype.element_ty), b.to(like_ptr.dtype.element_ty))
+    return acc
+
+
+@triton.jit
+def _store_epilogue(acc, rows, rmask, cols, cmask, Co, s_ptr, b_ptr, res_ptr, out_ptr, ACT: tl.constexpr,
+                    HAS_S: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr):
+    """The pointwise GEMM's epilogue for the [rows, cols] tile of a [*, Co] output: per-channel
+    affine, activation, residual, store in the output dtype."""
+    if HAS_S:
+        acc = acc * tl.load(s_ptr + cols, mask=cmask, other=0.0)[None, :]
+    if HAS_B:
+        acc = acc + tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
+    acc = _act(acc, ACT)
+    offs = rows[:, None] * Co + cols[None, :]
+    om = rmask[:, None] & cmask[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + offs, mask=om, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=om)
+
+
+@triton.jit
 def _dwsep_kernel(x_ptr, taps_ptr, pw_ptr, dws_ptr, dwb_ptr, pws_ptr, pwb_ptr, res_ptr, out_ptr,
                   NP, H, W, C, Ho, Wo, Co, PT, PL,
                   SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
@@ -95,20 +123,9 @@ def _dwsep_kernel(x_ptr, taps_ptr, pw_ptr, dws_ptr, dwb_ptr, pws_ptr, pwb_ptr, r
             d = _act(d, ACT)
         d = tl.where(cmask[None, :], d, 0.0)
         wt = tl.load(pw_ptr + co[None, :] * C + cs[:, None], mask=cmask[:, None] & comask[None, :], other=0.0)
-        if F32_DOT:
-            acc += tl.dot(d, wt.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(d.to(x_ptr.dtype.element_ty), wt.to(x_ptr.dtype.element_ty))
-    if HAS_PWS:
-        acc = acc * tl.load(pws_ptr + co, mask=comask, other=0.0)[None, :]
-    if HAS_PWB:
-        acc = acc + tl.load(pwb_ptr + co, mask=comask, other=0.0)[None, :]
-    acc = _act(acc, PW_ACT)
-    offs = p[:, None] * Co + co[None, :]
-    om = pmask[:, None] & comask[None, :]
-    if HAS_RES:
-        acc += tl.load(res_ptr + offs, mask=om, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=om)
+        acc = _dot_acc(acc, d, wt, x_ptr, F32_DOT)
+    _store_epilogue(acc, p, pmask, co, comask, Co, pws_ptr, pwb_ptr, res_ptr, out_ptr, PW_ACT, HAS_PWS, HAS_PWB,
+                    HAS_RES)
 
 
 @triton.jit
@@ -157,20 +174,8 @@ def _pw_kernel(a_ptr, w_ptr, cs_ptr, s_ptr, b_ptr, res_ptr, out_ptr, M, HW, C, C
             a = a.to(tl.float32) * tl.load(cs_ptr + img[:, None] * C + rk[None, :],
                                            mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
         wt = tl.load(w_ptr + rn[None, :] * C + rk[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
-        if F32_DOT:
-            acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(a.to(a_ptr.dtype.element_ty), wt.to(a_ptr.dtype.element_ty))
-    if HAS_S:
-        acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0)[None, :]
-    if HAS_B:
-        acc = acc + tl.load(b_ptr + rn, mask=nmask, other=0.0)[None, :]
-    acc = _act(acc, ACT)
-    offs = rm[:, None] * Co + rn[None, :]
-    om = mmask[:, None] & nmask[None, :]
-    if HAS_RES:
-        acc += tl.load(res_ptr + offs, mask=om, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=om)
+        acc = _dot_acc(acc, a, wt, a_ptr, F32_DOT)
+    _store_epilogue(acc, rm, mmask, rn, nmask, Co, s_ptr, b_ptr, res_ptr, out_ptr, ACT, HAS_S, HAS_B, HAS_RES)
 
 
 @triton.jit
