@@ -1,6 +1,7 @@
 """Benchmark cases of the depthwise-separable family: the fused op against the same block in
 eager PyTorch (channels_last and NCHW) and under torch.compile, on EfficientDet-D0's BiFPN/head
-shapes and MobileNetV2's block shapes; and whole timm models before and after convert()."""
+shapes and MobileNetV2's block shapes; the MBConv split (dw_conv_act, pw_conv) on EfficientNet-B0's
+squeeze-excite block shapes; and whole timm models before and after convert()."""
 
 from __future__ import annotations
 
@@ -127,7 +128,89 @@ def cases(device: torch.device, quick: bool = False) -> List[Case]:
         nbytes = 4 * (x.numel() + 2 * batch * co * ho * ho if res is not None else x.numel() + batch * co * ho * ho)
         out.append(_block_case(f"MobileNetV2 {c}->{co} {hw}x{hw} s{stride} b{batch}", eager, fused, x, res, compile_,
                                nbytes))
+    out.extend(se_split_cases(g, batch, quick, compile_))
     out.extend(model_cases(quick, compile_))
+    return out
+
+
+class EagerDWSE(nn.Module):
+    """EfficientNet's depthwise stage with the squeeze-excite pool: depthwise + BN + SiLU, mean."""
+
+    def __init__(self, c: int, k: int, stride: int):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = torch.nn.functional.silu(self.bn(self.dw(x)))
+        return y, y.mean((2, 3))
+
+
+class EagerSEProject(nn.Module):
+    """EfficientNet's projection after squeeze-excite: y * gate -> 1x1 conv -> BN (+ residual)."""
+
+    def __init__(self, c: int, co: int):
+        super().__init__()
+        self.pw = nn.Conv2d(c, co, 1, bias=False)
+        self.bn = nn.BatchNorm2d(co)
+
+    def forward(self, y, gate, res):
+        return self.bn(self.pw(y * gate[:, :, None, None])) + res
+
+
+def _check_pair(outs):
+    """_check on each output of the implementations that return (y, means)."""
+    for i in range(2):
+        err = _check({k: v[i] for k, v in outs.items()})
+        if err:
+            return err
+    return None
+
+
+def se_split_cases(g, batch: int, quick: bool, compile_: bool) -> List[Case]:
+    """dw_conv_act (depthwise + BN + act + SE pool in one pass) and pw_conv (SE scale applied while
+    loading, 1x1 conv, BN, residual) on EfficientNet-B0 stage shapes (224x224 input)."""
+    from ..ops import dw_conv_act, pw_conv
+    from ..nn._parts import fold_bn
+
+    out: List[Case] = []
+    for c, k, hw, stride in [(96, 3, 112, 2), (144, 5, 56, 2), (240, 3, 28, 2), (672, 5, 14, 1)]:
+        if quick and hw > 28:
+            hw //= 4
+        eager = _randomize_bn(EagerDWSE(c, k, stride), c).eval()
+        eager_cl = copy.deepcopy(eager).to(memory_format=CL)
+        x = torch.randn(batch, c, hw, hw, generator=g).contiguous(memory_format=CL)
+        s, b = fold_bn(eager.bn, None)
+        s, b = s.detach(), b.detach()
+        w = eager.dw.weight.detach()
+        impls = {EFFOPS: lambda x=x, w=w, s=s, b=b, k=k, st=stride: dw_conv_act(x, w, stride=st, padding=k // 2,
+                                                                                 scale=s, bias=b, act="silu"),
+                 "eager (channels_last)": lambda m=eager_cl, x=x: m(x)}
+        if compile_:
+            cc = torch.compile(eager_cl, dynamic=False)
+            impls["torch.compile"] = lambda cc=cc, x=x: cc(x)
+        ho = (hw + stride - 1) // stride
+        out.append(Case("dw_conv_act", f"EfficientNet-B0 {c}ch k{k} {hw}x{hw} s{stride} b{batch}", "fp32",
+                        inference(impls), _check_pair, bytes_moved=4 * (x.numel() + batch * c * ho * ho)))
+    for c, co, hw in [(144, 24, 56), (240, 40, 28), (480, 80, 14), (1152, 192, 7)]:
+        if quick and hw > 28:
+            hw //= 4
+        eager = _randomize_bn(EagerSEProject(c, co), co).eval()
+        eager_cl = copy.deepcopy(eager).to(memory_format=CL)
+        y = torch.randn(batch, c, hw, hw, generator=g).contiguous(memory_format=CL)
+        gate = torch.rand(batch, c, generator=g)
+        res = torch.randn(batch, co, hw, hw, generator=g).contiguous(memory_format=CL)
+        s, b = fold_bn(eager.bn, None)
+        s, b = s.detach(), b.detach()
+        w = eager.pw.weight.detach()
+        impls = {EFFOPS: lambda y=y, w=w, gate=gate, s=s, b=b, res=res: pw_conv(y, w, channel_scale=gate, scale=s,
+                                                                                bias=b, residual=res),
+                 "eager (channels_last)": lambda m=eager_cl, y=y, gate=gate, res=res: m(y, gate, res)}
+        if compile_:
+            cc = torch.compile(eager_cl, dynamic=False)
+            impls["torch.compile"] = lambda cc=cc, y=y, gate=gate, res=res: cc(y, gate, res)
+        out.append(Case("pw_conv", f"EfficientNet-B0 SE project {c}->{co} {hw}x{hw} b{batch}", "fp32",
+                        inference(impls), _check, bytes_moved=4 * (y.numel() + 2 * batch * co * hw * hw)))
     return out
 
 
