@@ -1,7 +1,11 @@
 """Argument checks and small helpers shared by the op families.
 
-Every public op validates its arguments before any work: wrong types raise TypeError, wrong
-shapes, values or devices raise ValueError, and each message names the op and the argument.
+Every public op validates its arguments before any work: wrong types raise
+``EffopsTypeError`` (a TypeError), wrong shapes, values, sizes or devices raise
+``EffopsInputError`` (a ValueError), and each message names the op and the argument. Both are
+also RuntimeErrors: torchvision's ops (and code written against them, e.g. its own tests)
+report every bad input as RuntimeError, so ``except RuntimeError`` keeps working when effops
+replaces them, and ``except ValueError`` / ``except TypeError`` work too.
 The checks look only at metadata (shape, dtype, device), never at tensor values, so they are
 free under torch.compile and cause no host synchronisation on CUDA.
 """
@@ -17,29 +21,44 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# Sizes, strides, paddings and counts the kernels index with must fit int64 arithmetic with room
+# to spare: every such argument is bounded here, in Python, so the compiled code never sees a
+# value whose products or sums could overflow (and nanobind never sees one >= 2**63).
+MAX_SIZE = 2**31 - 1
+
+
+class EffopsInputError(ValueError, RuntimeError):
+    """A bad argument value, shape, size or device (a ValueError, and a RuntimeError as
+    torchvision reports bad input)."""
+
+
+class EffopsTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype (a TypeError, and a RuntimeError as torchvision
+    reports bad input)."""
+
 
 def check_tensor(op: str, name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise EffopsTypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     return t
 
 
 def check_float(op: str, name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
     if t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{op}: {name} must have a floating dtype ({allowed}), got {t.dtype}")
+        raise EffopsTypeError(f"{op}: {name} must have a floating dtype ({allowed}), got {t.dtype}")
 
 
 def check_integer(op: str, name: str, t: torch.Tensor) -> None:
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{op}: {name} must have an integer dtype, got {t.dtype}")
+        raise EffopsTypeError(f"{op}: {name} must have an integer dtype, got {t.dtype}")
 
 
 def check_shape(op: str, name: str, t: torch.Tensor, shape: Sequence[Optional[int]], what: str = "") -> None:
     ok = t.dim() == len(shape) and all(s is None or t.shape[i] == s for i, s in enumerate(shape))
     if not ok:
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{op}: {name} must have shape {want}{what}, got {list(t.shape)}")
+        raise EffopsInputError(f"{op}: {name} must have shape {want}{what}, got {list(t.shape)}")
 
 
 def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> torch.device:
@@ -47,33 +66,46 @@ def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> torch.devic
     dev = items[0][1].device
     for k, v in items[1:]:
         if v.device != dev:
-            raise ValueError(
+            raise EffopsInputError(
                 f"{op}: all tensors must be on one device; {items[0][0]} is on {dev}, {k} is on {v.device}"
             )
     return dev
 
 
-def check_real(op: str, name: str, v: object, *, allow_nan: bool = True) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__}")
-    f = float(v)
+def check_real(op: str, name: str, v: object, *, allow_nan: bool = True, allow_inf: bool = True,
+               allow_bool: bool = False) -> float:
+    """A Python (or numpy) real number as a float. allow_bool: accept True/False as 1.0/0.0, as
+    torch's schema parser does for a ``float`` argument (torchvision.ops.nms(b, s, True) works)."""
+    if (isinstance(v, bool) and not allow_bool) or not isinstance(v, numbers.Real):
+        raise EffopsTypeError(f"{op}: {name} must be a real number, got {type(v).__name__}")
+    try:
+        f = float(v)
+    except OverflowError:  # a huge int or Fraction: not representable as a double
+        raise EffopsInputError(f"{op}: {name} = {v!r} is out of the float64 range") from None
     if not allow_nan and math.isnan(f):
-        raise ValueError(f"{op}: {name} must not be NaN")
+        raise EffopsInputError(f"{op}: {name} must not be NaN")
+    if not allow_inf and math.isinf(f):
+        raise EffopsInputError(f"{op}: {name} must be finite, got {f}")
     return f
 
 
-def check_int(op: str, name: str, v: object, *, minimum: Optional[int] = None) -> int:
+def check_int(op: str, name: str, v: object, *, minimum: Optional[int] = None,
+              maximum: Optional[int] = MAX_SIZE) -> int:
+    """An integer argument in [minimum, maximum] (maximum defaults to MAX_SIZE: every integer the
+    kernels see is a size or count; pass maximum=None only for values that are never indexed)."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{op}: {name} must be an integer, got {type(v).__name__}")
+        raise EffopsTypeError(f"{op}: {name} must be an integer, got {type(v).__name__}")
     i = int(v)
     if minimum is not None and i < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {i}")
+        raise EffopsInputError(f"{op}: {name} must be >= {minimum}, got {i}")
+    if maximum is not None and i > maximum:
+        raise EffopsInputError(f"{op}: {name} must be <= {maximum}, got {i}")
     return i
 
 
 def check_choice(op: str, name: str, v: object, choices: Sequence[str]) -> str:
     if not isinstance(v, str) or v not in choices:
-        raise ValueError(f"{op}: {name} must be one of {list(choices)}, got {v!r}")
+        raise EffopsInputError(f"{op}: {name} must be one of {list(choices)}, got {v!r}")
     return v
 
 

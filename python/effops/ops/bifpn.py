@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from ._common import check_tensor
+from ._common import EffopsInputError, EffopsTypeError, check_tensor
 from .dwsep import (ACT_CODES, _autocast, _check_x, _fast_path_ok, _from_nhwc, _nhwc, act_grad, act_name, apply_act,
                     same_padding)
 
@@ -369,56 +369,56 @@ def weighted_fuse(inputs: Sequence[Tensor], weights: Optional[Tensor], *, resamp
     if plan is not None:  # eager CPU inference on a configuration validated before
         return _fuse_eager_cpu(inputs, weights, method, float(eps), *plan)
     if not isinstance(inputs, (list, tuple)):
-        raise TypeError(f"{op}: inputs must be a list of tensors, got {type(inputs).__name__}")
+        raise EffopsTypeError(f"{op}: inputs must be a list of tensors, got {type(inputs).__name__}")
     if not 2 <= len(inputs) <= 4:
-        raise ValueError(f"{op}: inputs must hold 2 to 4 tensors, got {len(inputs)}")
+        raise EffopsInputError(f"{op}: inputs must hold 2 to 4 tensors, got {len(inputs)}")
     xs = list(_autocast(*(check_tensor(op, f"inputs[{i}]", x) for i, x in enumerate(inputs))))
     x0 = _check_x(op, xs[0], "inputs[0]")
     for i, x in enumerate(xs[1:], 1):
         if x.dim() != 4 or x.shape[:2] != x0.shape[:2]:
-            raise ValueError(f"{op}: inputs[{i}] must be [N, C, H, W] with N, C = {list(x0.shape[:2])} like inputs[0] "
+            raise EffopsInputError(f"{op}: inputs[{i}] must be [N, C, H, W] with N, C = {list(x0.shape[:2])} like inputs[0] "
                              f"(mismatched channels or batch), got {list(x.shape)}")
         if x.dtype != x0.dtype:
-            raise TypeError(f"{op}: all inputs must have one dtype; inputs[0] is {x0.dtype}, inputs[{i}] is {x.dtype}")
+            raise EffopsTypeError(f"{op}: all inputs must have one dtype; inputs[0] is {x0.dtype}, inputs[{i}] is {x.dtype}")
         if x.device != x0.device:
-            raise ValueError(f"{op}: all inputs must be on one device; inputs[0] is on {x0.device}, "
+            raise EffopsInputError(f"{op}: all inputs must be on one device; inputs[0] is on {x0.device}, "
                              f"inputs[{i}] is on {x.device}")
     if not isinstance(resample, (list, tuple)) or len(resample) != len(xs):
-        raise ValueError(f"{op}: resample must list one mode per input ({len(xs)}), got {resample!r}")
+        raise EffopsInputError(f"{op}: resample must list one mode per input ({len(xs)}), got {resample!r}")
     for i, m in enumerate(resample):
         if m not in MODES:
-            raise ValueError(f"{op}: resample[{i}] must be one of {list(MODES)}, got {m!r}")
+            raise EffopsInputError(f"{op}: resample[{i}] must be one of {list(MODES)}, got {m!r}")
     if method not in METHODS:
-        raise ValueError(f"{op}: method must be one of {list(METHODS)}, got {method!r}")
+        raise EffopsInputError(f"{op}: method must be one of {list(METHODS)}, got {method!r}")
     if weights is None:
         if method != "sum":
-            raise ValueError(f"{op}: weights are required for method {method!r}")
+            raise EffopsInputError(f"{op}: weights are required for method {method!r}")
     else:
         weights = check_tensor(op, "weights", weights)
         if tuple(weights.shape) != (len(xs),):
-            raise ValueError(f"{op}: weights must have shape [{len(xs)}] (one per input), got {list(weights.shape)}")
+            raise EffopsInputError(f"{op}: weights must have shape [{len(xs)}] (one per input), got {list(weights.shape)}")
         if not weights.dtype.is_floating_point:
-            raise TypeError(f"{op}: weights must have a floating dtype, got {weights.dtype}")
+            raise EffopsTypeError(f"{op}: weights must have a floating dtype, got {weights.dtype}")
         if weights.device != x0.device:
-            raise ValueError(f"{op}: weights are on {weights.device} but the inputs on {x0.device}")
+            raise EffopsInputError(f"{op}: weights are on {weights.device} but the inputs on {x0.device}")
     a = act_name(op, "act", act)
     if out_size is None:
         ident = [x for x, m in zip(xs, resample) if m == "identity"]
         if not ident:
-            raise ValueError(f"{op}: out_size is required when no input has resample mode 'identity'")
+            raise EffopsInputError(f"{op}: out_size is required when no input has resample mode 'identity'")
         out_hw = tuple(ident[0].shape[2:])
     else:
         if (not isinstance(out_size, (list, tuple)) or len(out_size) != 2
                 or not all(isinstance(v, int) and v > 0 for v in out_size)):
-            raise ValueError(f"{op}: out_size must be a pair of positive ints, got {out_size!r}")
+            raise EffopsInputError(f"{op}: out_size must be a pair of positive ints, got {out_size!r}")
         out_hw = (int(out_size[0]), int(out_size[1]))
     for i, (x, m) in enumerate(zip(xs, resample)):
         h, w = x.shape[2:]
         if m == "nearest":
             if h > out_hw[0] or w > out_hw[1]:
-                raise ValueError(f"{op}: inputs[{i}] ({h}x{w}) cannot be upsampled ('nearest') to {out_hw[0]}x{out_hw[1]}")
+                raise EffopsInputError(f"{op}: inputs[{i}] ({h}x{w}) cannot be upsampled ('nearest') to {out_hw[0]}x{out_hw[1]}")
         elif resampled_size(m, h, w) != out_hw:
-            raise ValueError(f"{op}: resample[{i}]={m!r} maps inputs[{i}] ({h}x{w}) to "
+            raise EffopsInputError(f"{op}: resample[{i}]={m!r} maps inputs[{i}] ({h}x{w}) to "
                              f"{'x'.join(map(str, resampled_size(m, h, w)))}, not the output size {out_hw[0]}x{out_hw[1]}")
     if _fast_path_ok(x0, weights is not None and weights.requires_grad) and all(
             type(x) is torch.Tensor and not x.requires_grad for x in xs[1:]):

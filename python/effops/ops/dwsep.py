@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch import Tensor
 
 from .. import _backend
-from ._common import check_tensor
+from ._common import EffopsInputError, EffopsTypeError, check_tensor
 
 _backend.register_op("dwsep_conv", ("cpu", "cuda", "triton", "reference"))
 _backend.register_op("dw_conv_act", ("cpu", "cuda", "triton", "reference"))
@@ -58,7 +58,7 @@ Padding = Union[str, int, Tuple[int, int]]
 def act_name(op: str, arg: str, act) -> str:
     name = _ACT_ALIASES.get(act, act)
     if name not in ACTIVATIONS:
-        raise ValueError(f"{op}: {arg} must be one of {list(ACTIVATIONS[1:])}, 'swish' or None, got {act!r}")
+        raise EffopsInputError(f"{op}: {arg} must be one of {list(ACTIVATIONS[1:])}, 'swish' or None, got {act!r}")
     return name
 
 
@@ -99,15 +99,15 @@ def act_grad(x: Tensor, name: str) -> Tensor:
 
 def _pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
     if isinstance(v, bool):
-        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got bool")
+        raise EffopsTypeError(f"{op}: {name} must be an int or a pair of ints, got bool")
     if isinstance(v, numbers.Integral):
         v = (int(v), int(v))
     elif isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in v):
         v = (int(v[0]), int(v[1]))
     else:
-        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+        raise EffopsTypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
     if min(v) < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {v}")
+        raise EffopsInputError(f"{op}: {name} must be >= {minimum}, got {v}")
     return v
 
 
@@ -136,7 +136,7 @@ def conv_geometry(op: str, hw: Sequence[int], k: Sequence[int], stride, padding:
         elif padding.lower() == "valid":
             ph = pw = (0, 0)
         else:
-            raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+            raise EffopsInputError(f"{op}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
         pad = (ph[0], ph[1], pw[0], pw[1])
     else:
         p = _pair(op, "padding", padding, 0)
@@ -146,7 +146,7 @@ def conv_geometry(op: str, hw: Sequence[int], k: Sequence[int], stride, padding:
         span = d[i] * (kk - 1) + 1
         n = size + pad[2 * i] + pad[2 * i + 1] - span
         if n < 0:
-            raise ValueError(
+            raise EffopsInputError(
                 f"{op}: input {'height' if i == 0 else 'width'} {size} with padding {pad[2 * i]}+{pad[2 * i + 1]} "
                 f"is smaller than the dilated kernel ({span})"
             )
@@ -726,11 +726,11 @@ _pw_op.register_autograd(_pw_backward, setup_context=_pw_setup)
 def _check_x(op: str, x, name: str = "x") -> Tensor:
     x = check_tensor(op, name, x)
     if x.dim() != 4:
-        raise ValueError(f"{op}: {name} must be a 4-d tensor [N, C, H, W], got shape {list(x.shape)}")
+        raise EffopsInputError(f"{op}: {name} must be a 4-d tensor [N, C, H, W], got shape {list(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+        raise EffopsTypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
     if x.dtype == torch.float16 and x.device.type == "cpu":
-        raise TypeError(f"{op}: float16 is supported on CUDA; on the CPU use bfloat16 or float32")
+        raise EffopsTypeError(f"{op}: float16 is supported on CUDA; on the CPU use bfloat16 or float32")
     return x
 
 
@@ -739,13 +739,13 @@ def _check_param(op: str, name: str, t, shape: Sequence[int], x: Tensor, *, same
         return None
     t = check_tensor(op, name, t)
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+        raise EffopsInputError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
     allowed = (x.dtype,) if same_dtype else (x.dtype, torch.float32)
     if t.dtype not in allowed:
-        raise TypeError(f"{op}: {name} must be {' or '.join(str(d) for d in dict.fromkeys(allowed))} "
+        raise EffopsTypeError(f"{op}: {name} must be {' or '.join(str(d) for d in dict.fromkeys(allowed))} "
                         f"(the dtype of x{'' if same_dtype else ', or float32'}), got {t.dtype}")
     if t.device != x.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+        raise EffopsInputError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     return t
 
 
@@ -753,7 +753,7 @@ def _check_dw_weight(op: str, w, C: int, x: Tensor) -> Tensor:
     w = check_tensor(op, "dw_weight" if op == "dwsep_conv" else "weight", w)
     name = "dw_weight" if op == "dwsep_conv" else "weight"
     if w.dim() != 4 or w.shape[0] != C or w.shape[1] != 1:
-        raise ValueError(f"{op}: {name} must have shape [C, 1, kh, kw] = [{C}, 1, kh, kw] for a depthwise conv of "
+        raise EffopsInputError(f"{op}: {name} must have shape [C, 1, kh, kw] = [{C}, 1, kh, kw] for a depthwise conv of "
                          f"{C} channels (groups = C), got {list(w.shape)}")
     return _check_param(op, name, w, w.shape, x)
 
@@ -763,7 +763,7 @@ def _check_pw_weight(op: str, w, C: int, x: Tensor, name: str) -> Tensor:
     if w.dim() == 2:
         w = w[:, :, None, None]
     if w.dim() != 4 or w.shape[1] != C or w.shape[2:] != (1, 1):
-        raise ValueError(f"{op}: {name} must have shape [Co, {C}, 1, 1] (or [Co, {C}]), got {list(w.shape)}")
+        raise EffopsInputError(f"{op}: {name} must have shape [Co, {C}, 1, 1] (or [Co, {C}]), got {list(w.shape)}")
     return _check_param(op, name, w, w.shape, x)
 
 
@@ -799,7 +799,7 @@ def dwsep_conv(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, *, stride=1, pad
     pw_bias = _check_param(op, "pw_bias", pw_bias, (Co,), x)
     a, pa = act_name(op, "act", act), act_name(op, "pw_act", pw_act)
     if not isinstance(preact, bool):
-        raise TypeError(f"{op}: preact must be a bool, got {type(preact).__name__}")
+        raise EffopsTypeError(f"{op}: preact must be a bool, got {type(preact).__name__}")
     g = conv_geometry(op, (H, W), dw_weight.shape[2:], stride, padding, dilation)
     residual = _check_param(op, "residual", residual, (N, Co, *g.out_hw), x, same_dtype=True)
     return torch.ops.effops.dwsep_conv(x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias, residual,

@@ -28,6 +28,8 @@ from torch import Tensor
 
 from .. import _backend
 from ._common import (
+    EffopsInputError,
+    EffopsTypeError,
     check_choice,
     check_float,
     check_int,
@@ -538,7 +540,7 @@ def _check_boxes_scores(op: str, boxes: object, scores: object) -> Tuple[Tensor,
     check_shape(op, "boxes", boxes, (None, 4), " (x1, y1, x2, y2 per box)")
     check_shape(op, "scores", scores, (boxes.shape[0],), " (one score per box)")
     if boxes.dtype != scores.dtype:
-        raise TypeError(f"{op}: boxes and scores must have the same dtype, got {boxes.dtype} and {scores.dtype}")
+        raise EffopsTypeError(f"{op}: boxes and scores must have the same dtype, got {boxes.dtype} and {scores.dtype}")
     check_same_device(op, boxes=boxes, scores=scores)
     return boxes, scores
 
@@ -551,21 +553,50 @@ def _check_idxs(op: str, idxs: object, n: int, boxes: Tensor) -> Tensor:
     return idxs
 
 
+_QUANTIZED = (torch.quint8, torch.qint8, torch.qint32)
+
+
+def _from_quantized(op: str, boxes: object, scores: object) -> Tuple[object, object]:
+    """torchvision's quantized NMS (its QuantizedCPU kernel) compares the raw integer values: with
+    one scale and zero point per tensor, the zero point cancels in every coordinate difference
+    and the scale in the IoU ratio, and the score order is the order of the integers. So: the
+    integer representation, as float32 (exact for 8-bit values; the IoU is then computed in
+    float32 as torchvision computes it) or float64 for qint32 (exact)."""
+    qb = isinstance(boxes, Tensor) and boxes.is_quantized
+    qs = isinstance(scores, Tensor) and scores.is_quantized
+    if not (qb or qs):
+        return boxes, scores
+    if not (qb and qs) or boxes.dtype != scores.dtype:
+        got = [getattr(t, "dtype", type(t).__name__) for t in (boxes, scores)]
+        raise EffopsTypeError(f"{op}: boxes and scores must have the same dtype, got {got[0]} and {got[1]}")
+    if boxes.dtype not in _QUANTIZED:
+        raise EffopsTypeError(f"{op}: quantized boxes must be quint8, qint8 or qint32, got {boxes.dtype}")
+    for name, t in (("boxes", boxes), ("scores", scores)):
+        if t.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            raise EffopsInputError(f"{op}: quantized {name} must use one scale and zero point per tensor "
+                                   f"(per_tensor_affine), got {t.qscheme()}")
+    cd = torch.float64 if boxes.dtype == torch.qint32 else torch.float32
+    return boxes.int_repr().to(cd), scores.int_repr().to(cd)
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy non-maximum suppression; a drop-in for ``torchvision.ops.nms``.
 
     Args:
         boxes: ``[N, 4]`` boxes ``(x1, y1, x2, y2)``, float16/bfloat16/float32/float64.
+        Or both quantized per tensor (quint8/qint8/qint32, CPU), as torchvision's quantized NMS.
         scores: ``[N]`` scores, same dtype and device as ``boxes``.
-        iou_threshold: boxes with IoU ``>`` this with a higher-scored kept box are discarded.
+        iou_threshold: boxes with IoU ``>`` this with a higher-scored kept box are discarded
+            (a bool counts as 0.0 / 1.0, as torch's schema parser reads it for torchvision).
 
     Returns:
         int64 tensor of the kept indices, in decreasing score order (ties: lower index first).
         Identical to ``torchvision.ops.nms`` on the CPU for float32/float64 (see module docs for
         NaN, threshold and degenerate-box semantics); fp16/bf16 are computed in float32.
     """
+    boxes, scores = _from_quantized("nms", boxes, scores)
     boxes, scores = _check_boxes_scores("nms", boxes, scores)
-    thr = check_real("nms", "iou_threshold", iou_threshold)
+    thr = check_real("nms", "iou_threshold", iou_threshold, allow_bool=True)
     return torch.ops.effops.nms(boxes, scores, thr)
 
 
@@ -573,9 +604,13 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     """Per-class NMS: boxes with different ``idxs`` never suppress each other, whatever their
     coordinates (unlike the coordinate-offset trick, which fails for negative or very large
     coordinates). Returns kept indices sorted by score descending, ties by lower index."""
+    if isinstance(boxes, Tensor) and boxes.numel() == 0 and scores is None and idxs is None and iou_threshold is None:
+        # torchvision returns an empty result for empty boxes before looking at anything else
+        # (its test suite calls batched_nms(empty, None, None, None)); other empty calls are checked.
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
     boxes, scores = _check_boxes_scores("batched_nms", boxes, scores)
     idxs = _check_idxs("batched_nms", idxs, boxes.shape[0], boxes)
-    thr = check_real("batched_nms", "iou_threshold", iou_threshold)
+    thr = check_real("batched_nms", "iou_threshold", iou_threshold, allow_bool=True)
     return torch.ops.effops.batched_nms(boxes, scores, idxs, thr)
 
 
@@ -613,22 +648,22 @@ def multiclass_nms(
     check_float(op, "boxes", boxes)
     check_float(op, "scores", scores)
     if scores.dim() != 3:
-        raise ValueError(f"{op}: scores must have shape [B, N, C], got {list(scores.shape)}")
+        raise EffopsInputError(f"{op}: scores must have shape [B, N, C], got {list(scores.shape)}")
     B, N, C = scores.shape
     if boxes.dim() == 4:
         check_shape(op, "boxes", boxes, (B, N, C, 4), " (per-class boxes matching scores [B, N, C])")
     else:
         check_shape(op, "boxes", boxes, (B, N, 4), " (or [B, N, C, 4]) matching scores [B, N, C]")
     if boxes.dtype != scores.dtype:
-        raise TypeError(f"{op}: boxes and scores must have the same dtype, got {boxes.dtype} and {scores.dtype}")
+        raise EffopsTypeError(f"{op}: boxes and scores must have the same dtype, got {boxes.dtype} and {scores.dtype}")
     check_same_device(op, boxes=boxes, scores=scores)
     if C == 0:
-        raise ValueError(f"{op}: scores must have at least one class (C > 0)")
+        raise EffopsInputError(f"{op}: scores must have at least one class (C > 0)")
     thr = check_real(op, "iou_threshold", iou_threshold)
     sthr = check_real(op, "score_threshold", score_threshold)
     M = check_int(op, "max_output_boxes", max_output_boxes, minimum=0)
     if not isinstance(class_agnostic, bool):
-        raise TypeError(f"{op}: class_agnostic must be a bool, got {type(class_agnostic).__name__}")
+        raise EffopsTypeError(f"{op}: class_agnostic must be a bool, got {type(class_agnostic).__name__}")
     k = -1 if pre_nms_top_k is None else check_int(op, "pre_nms_top_k", pre_nms_top_k, minimum=0)
     return MultiClassNMSResult(*torch.ops.effops.multiclass_nms(boxes, scores, thr, sthr, M, class_agnostic, k))
 
@@ -652,10 +687,10 @@ def soft_nms(
     sig = check_real(op, "sigma", sigma, allow_nan=False)
     m = _SOFT_METHODS[check_choice(op, "method", method, tuple(_SOFT_METHODS))]
     if m == 1 and not sig > 0:
-        raise ValueError(f"{op}: sigma must be > 0 for the gaussian method, got {sig}")
+        raise EffopsInputError(f"{op}: sigma must be > 0 for the gaussian method, got {sig}")
     sthr = check_real(op, "score_threshold", score_threshold, allow_nan=False)
     if bool(torch.isnan(scores).any()):
-        raise ValueError(f"{op}: scores contains NaN")
+        raise EffopsInputError(f"{op}: scores contains NaN")
     return torch.ops.effops.soft_nms(boxes, scores, thr, sig, m, sthr)
 
 
@@ -680,10 +715,10 @@ def matrix_nms(
     k = _MATRIX_KERNELS[check_choice(op, "kernel", kernel, tuple(_MATRIX_KERNELS))]
     sig = check_real(op, "sigma", sigma, allow_nan=False)
     if k == 1 and not sig > 0:
-        raise ValueError(f"{op}: sigma must be > 0 for the gaussian kernel, got {sig}")
+        raise EffopsInputError(f"{op}: sigma must be > 0 for the gaussian kernel, got {sig}")
     sthr = check_real(op, "score_threshold", score_threshold, allow_nan=False)
     if bool(torch.isnan(scores).any()):
-        raise ValueError(f"{op}: scores contains NaN")
+        raise EffopsInputError(f"{op}: scores contains NaN")
     decayed = torch.ops.effops.matrix_nms_decay(boxes, scores, idxs, k, sig)
     keep = torch.nonzero(decayed.double() >= sthr).flatten()
     keep = keep[torch.sort(decayed[keep], descending=True, stable=True).indices]
