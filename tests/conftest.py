@@ -1,6 +1,6 @@
 """Shared fixtures: backends x devices, seeded data generators, markers.
 
-Markers: ``gpu`` tests need a CUDA device; ``triton`` tests run Triton kernels, which on the CPU
+Markers: ``slow`` tests run only with EFFOPS_SLOW=1 (or ``-m slow``); ``gpu`` tests need a CUDA device; ``triton`` tests run Triton kernels, which on the CPU
 needs TRITON_INTERPRET=1 (set before the process starts: `TRITON_INTERPRET=1 pytest -m triton`).
 """
 
@@ -25,8 +25,16 @@ except Exception:  # pragma: no cover
     HAS_TRITON = False
 
 
+RUN_SLOW = os.environ.get("EFFOPS_SLOW", "0") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
+    # Long tests (marked ``slow``) stay out of the default run: EFFOPS_SLOW=1, or a -m
+    # expression that names them, runs them.
+    run_slow = RUN_SLOW or "slow" in (config.getoption("-m") or "")
     for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with EFFOPS_SLOW=1 (or -m slow)"))
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if "triton" in item.keywords and not (HAS_TRITON and (HAS_CUDA or INTERPRET)):

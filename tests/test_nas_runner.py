@@ -116,7 +116,7 @@ def test_resume_after_crashes_is_exactly_the_uninterrupted_search(tmp_path, monk
         assert len(ids) == len(set(ids)) and 0 < len(ids) < 12
     final = run_search(config(**cfg), out, resume=True, trial_fn=fake_trial, latency_fn=fake_latency, report=False)
     assert stable(final) == stable(reference)
-    state = torch.load(os.path.join(out, "state.pt"), weights_only=False)
+    state = torch.load(os.path.join(out, "state.pt"), weights_only=True)
     assert state["strategy"]["num_observed"] == 12 and state["pending"] == []
 
 
@@ -170,9 +170,9 @@ def test_search_directory_rules(tmp_path):
     # A larger budget continues the search.
     more = run_search(config(budget=5), out, resume=True, trial_fn=fake_trial, latency_fn=fake_latency, report=False)
     assert [r["trial"] for r in more] == [0, 1, 2, 3, 4]
-    with pytest.raises(ValueError, match="budget must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="budget must be in \\[1, 1000000\\], got 0"):
         config(budget=0)
-    with pytest.raises(ValueError, match="workers must be a positive integer"):
+    with pytest.raises(ValueError, match="workers must be in \\[1, 4096\\]"):
         config(workers=-1)
 
 
@@ -246,7 +246,7 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert effops_main(["search", "--out", out, "--resume"]) == 2
     assert "holds no search" in capsys.readouterr().err
     assert effops_main(["nas", "show", '{"normal": oops'] ) == 2
-    assert "invalid genotype JSON" in capsys.readouterr().err
+    assert "invalid JSON" in capsys.readouterr().err
     assert effops_main(["nas", "show", '{"normal": {"blocks": [[0, "conv_2x2", 1, "identity"]]}, '
                                        '"reduce": {"blocks": [[0, "identity", 1, "identity"]]}}']) == 2
     assert "unknown op 'conv_2x2'" in capsys.readouterr().err
@@ -323,7 +323,7 @@ def test_killed_search_resumes_without_loss_or_repeats(tmp_path):
     trained = [r for r in records if "reused_from" not in r]
     assert len({json.dumps(r["genotype"], sort_keys=True) for r in trained}) == len(trained)  # none trained twice
     assert all(r["pid"] != proc.pid and 0 <= r["accuracy"] <= 1 and r["latency_ms"] > 0 for r in trained)
-    state = torch.load(out / "state.pt", weights_only=False)
+    state = torch.load(out / "state.pt", weights_only=True)
     assert state["strategy"]["num_observed"] == budget and state["pending"] == []
     assert state["strategy"]["num_proposed"] >= budget
     for name in ("report.md", "pareto.png", "best_cell.png", "best_genotype.json"):

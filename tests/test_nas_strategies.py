@@ -67,7 +67,7 @@ def test_state_dict_round_trip_gives_identical_next_proposals(name):
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)  # through bytes, as the runner's checkpoint does
     buf.seek(0)
-    state = torch.load(buf, weights_only=False)
+    state = torch.load(buf, weights_only=True)
     b = MAKERS[name](seed=99)  # a different seed: everything must come from the state
     b.load_state_dict(state)
     for g in in_flight:

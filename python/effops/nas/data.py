@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._checks import torch_load_plain
+
 
 class DataError(ValueError):
     """A dataset that cannot be read or has the wrong layout; the message names ``data``."""
@@ -85,14 +87,15 @@ def _pick(d, keys, path, what):
 
 
 def _tensor_file(path: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    try:
-        if path.endswith(".npz"):
-            with np.load(path) as z:
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as z:
                 obj = {k: torch.from_numpy(z[k]) for k in z.files}
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - unpickling can fail in many ways; all mean "unreadable"
-        raise DataError(f"data: cannot read {path!r}: {type(e).__name__}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a file can be unreadable in many ways; all mean "unreadable"
+            raise DataError(f"data: cannot read {path!r}: {type(e).__name__}: {str(e)[:300]}") from None
+    else:
+        # Tensors, containers and numbers only (plus TensorDataset, a plain holder of tensors).
+        obj = torch_load_plain(path, f"data: {path!r}", DataError, allowed=[torch.utils.data.TensorDataset])
     if isinstance(obj, torch.utils.data.TensorDataset):
         obj = obj.tensors
     if isinstance(obj, dict):

@@ -35,6 +35,8 @@ from torch import nn
 from .data import Dataset, load_dataset
 from .network import build, count_params
 from .ops import module_from_spec
+from ._checks import MAX_COUNT, MAX_SEED, _short, check_float, check_int, check_keys, check_str, read_json
+from ._checks import atomic_write
 from .space import Block, Cell, Genotype, NASNetSpace
 
 
@@ -60,21 +62,53 @@ class ProxyConfig:
     latency_threads: int = 1  # torch threads when timing ops (1: MnasNet's single-core latency)
 
     def __post_init__(self):
-        for name, lo in (("channels", 2), ("cells", 1), ("stem_multiplier", 1), ("epochs", 1),
-                         ("batch_size", 1), ("threads", 1), ("latency_threads", 1)):
+        self.validate()
+
+    def validate(self, where: str = "proxy") -> None:
+        """Every field's type and range (a config read from a file is checked the same way)."""
+        E = ValueError
+        for name, lo, hi in (("channels", 2, 4096), ("cells", 1, 64), ("stem_multiplier", 1, 64),
+                             ("epochs", 1, 100_000), ("batch_size", 1, 1 << 20), ("threads", 1, 4096),
+                             ("latency_threads", 1, 4096)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise E(f"{where}: {name} must be an integer in [{lo}, {hi}], got {_short(v)}")
+        check_str(self.data, "data", where, E)
+        if not self.data:
+            raise E(f"{where}: data must be 'digits' or a path, got ''")
+        check_int(self.image_size, "image_size", where, E, lo=4, hi=4096, optional=True)
+        check_int(self.max_samples, "max_samples", where, E, lo=2, hi=MAX_COUNT, optional=True)
+        check_int(self.data_seed, "data_seed", where, E, hi=MAX_SEED)
+        check_float(self.val_fraction, "val_fraction", where, E, lo=0.0, hi=1.0, lo_open=True)
+        if self.val_fraction >= 1.0:
+            raise E(f"{where}: val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        check_float(self.lr, "lr", where, E, lo=0.0, hi=1e6, lo_open=True)
+        check_float(self.momentum, "momentum", where, E, lo=0.0, hi=1.0)
+        check_float(self.weight_decay, "weight_decay", where, E, lo=0.0, hi=1e6)
+        check_str(self.device, "device", where, E, max_len=64)
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise E(f"{where}: device must be a torch device name such as 'cpu' or 'cuda:0', "
+                    f"got {_short(self.device)}") from None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "ProxyConfig":
+    def from_dict(cls, d: Any, where: str = "proxy") -> "ProxyConfig":
+        """Strict: ``d`` must be a dict of known fields with valid values (``ValueError``
+        naming ``where`` and the field otherwise)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        check_keys(d, names, where, ValueError)
+        try:
+            cfg = cls.__new__(cls)
+            for f in fields(cls):
+                setattr(cfg, f.name, d.get(f.name, f.default))
+            cfg.validate(where)
+        except TypeError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return cfg
 
     def dataset(self) -> Dataset:
         return load_dataset(self.data, self.image_size, self.val_fraction, self.data_seed, self.max_samples)
@@ -410,20 +444,25 @@ class LatencyTable:
         return self.calibration
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"device": self.device.type, "threads": self.threads, "calibration": self.calibration,
-                       "entries": self.entries}, f, indent=0)
-        os.replace(tmp, path)
+        doc = {"device": self.device.type, "threads": self.threads, "calibration": self.calibration,
+               "entries": self.entries}
+        atomic_write(path, lambda f: json.dump(doc, f, indent=0), "w")
 
     def load(self, path: str) -> None:
-        try:
-            with open(path) as f:
-                d = json.load(f)
-            entries = d["entries"]
-            calibration = d.get("calibration")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"LatencyTable: cannot read the latency table {path!r}: {e}") from None
+        where = f"latency table {path!r}"
+        d = read_json(path, "latency table", ValueError)
+        check_keys(d, {"device", "threads", "calibration", "entries"}, where, ValueError, required=("entries",))
+        entries = d["entries"]
+        if not isinstance(entries, dict):
+            raise ValueError(f"{where}: entries must be a JSON object, got {type(entries).__name__}")
+        for k, v in entries.items():
+            check_float(v, f"entry {_short(k)}", where, ValueError, lo=0.0)
+        calibration = d.get("calibration")
+        if calibration is not None:
+            check_keys(calibration, {"scale", "offset", "networks", "mean_rel_error", "channels", "cells", "input"},
+                       f"{where} calibration", ValueError, required=("scale", "offset"))
+            check_float(calibration["scale"], "calibration.scale", where, ValueError, lo=0.0, lo_open=True)
+            check_float(calibration["offset"], "calibration.offset", where, ValueError)
         self.entries.update({str(k): float(v) for k, v in entries.items()})
         if calibration is not None:
             self.calibration = calibration

@@ -15,14 +15,16 @@ builds it with ``effops.nas.build``.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 from typing import Any, Dict, List, Optional
 
 from .network import NASNetwork, build
 from .objective import pareto_front
+from ._checks import check_int, check_keys, check_str, read_json
 from .runner import SearchError, read_config, read_journal
-from .space import NUM_INPUT_STATES, Cell, Genotype, GenotypeError
+from .space import NUM_INPUT_STATES, Cell, Genotype, GenotypeError, check_op_names
 
 EXPORT_FORMAT = "effops.nas.export/1"
 
@@ -35,11 +37,22 @@ def _ranked(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 def _dataset_info(out_dir: str) -> Dict[str, Any]:
     path = os.path.join(out_dir, "dataset.json")
     if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+        d = read_json(path, "dataset info", SearchError)
+        where = f"dataset info {path!r}"
+        check_keys(d, _DATASET_FIELDS, where, SearchError, required=_DATASET_FIELDS)
+        check_str(d["name"], "name", where, SearchError, max_len=1024)
+        check_int(d["num_classes"], "num_classes", where, SearchError, lo=1, hi=1 << 20)
+        check_int(d["in_channels"], "in_channels", where, SearchError, lo=1, hi=4096)
+        check_int(d["image_size"], "image_size", where, SearchError, lo=1, hi=1 << 16)
+        check_int(d["train"], "train", where, SearchError)
+        check_int(d["val"], "val", where, SearchError)
+        return d
     ds = read_config(out_dir).proxy.dataset()
     return {"name": ds.name, "num_classes": ds.num_classes, "in_channels": ds.in_channels,
             "image_size": ds.image_size, "train": len(ds.train_y), "val": len(ds.val_y)}
+
+
+_DATASET_FIELDS = ("name", "num_classes", "in_channels", "image_size", "train", "val")
 
 
 def summarize(out_dir: str, top: int = 5) -> Dict[str, Any]:
@@ -229,13 +242,7 @@ def export(out_dir: str, out_path: str, rank: int = 1, trial: Optional[int] = No
     if out_path.endswith(".json"):
         text = json.dumps(doc, indent=2) + "\n"
     else:
-        g = Genotype.from_dict(record["genotype"])
-        text = _PY_TEMPLATE.format(
-            trial=record["trial"], search=os.path.abspath(out_dir), acc=metrics["accuracy"],
-            lat=metrics["latency_ms"], genotype_str="\n".join("    " + line for line in str(g).splitlines()),
-            genotype_json=g.to_json(indent=4), build=json.dumps(build_args, indent=4),
-            image_size=ds["image_size"], in_channels=ds["in_channels"],
-        )
+        text = _python_module(record, build_args, ds, out_dir)
     d = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(d, exist_ok=True)
     with open(out_path, "w") as f:
@@ -243,51 +250,96 @@ def export(out_dir: str, out_path: str, rank: int = 1, trial: Optional[int] = No
     return doc
 
 
-_PY_TEMPLATE = '''"""Network found by `effops search` (trial {trial} of {search}).
+def _python_module(record: Dict[str, Any], build_args: Dict[str, Any], ds: Dict[str, Any], out_dir: str) -> str:
+    """The source of a module that builds the exported network.
 
-Proxy results: held-out accuracy {acc:.4f}, latency {lat:.3f} ms (batch 1, latency table).
-Genotype:
-{genotype_str}
+    Values read from the run directory are never pasted into the code as text: every one is
+    validated first (ints are ints, op names are known ops, the genotype is a valid one) and
+    written as a Python literal with ``repr``, so a hostile journal or dataset.json cannot add
+    statements. The result is parsed back and checked to consist of exactly the template's
+    statements, its assignments plain literals."""
+    g = Genotype.from_dict(record["genotype"])
+    check_op_names([op for cell in (g.normal, g.reduce) for b in cell.blocks for op in (b.op_a, b.op_b)],
+                   "export: genotype")
+    trial = int(record["trial"])
+    for k, v in build_args.items():
+        if k != "stem" and (isinstance(v, bool) or not isinstance(v, int)):
+            raise SearchError(f"export: build argument {k} must be an integer, got {v!r}")
+    image_size, in_channels = int(ds["image_size"]), int(ds["in_channels"])
+    acc, lat = float(record["accuracy"]), float(record["latency_ms"])
+    genotype_lines = "\n".join("    " + line for line in str(g).splitlines())
+    # The docstring holds only validated numbers and op names; the search path goes in a literal.
+    doc = (f"Network found by `effops search` (trial {trial}; its search directory is SEARCH).\n\n"
+           f"Proxy results: held-out accuracy {acc:.4f}, latency {lat:.3f} ms (batch 1, latency table).\n"
+           f"Genotype:\n{genotype_lines}\n\n"
+           "    from model import model\n"
+           "    net = model()                         # as searched\n"
+           "    net = model(C=36, N=6, num_classes=100)  # scaled up for retraining\n")
+    if '"""' in doc or "\\" in doc:
+        raise SearchError("export: the genotype description cannot be written as a docstring")
+    text = (
+        f'"""{doc}"""\n\n'
+        "from effops.nas import Genotype, build\n\n"
+        f"SEARCH = {os.path.abspath(out_dir)!r}\n"
+        f"GENOTYPE = Genotype.from_dict({g.to_dict()!r})\n"
+        f"BUILD = {dict(build_args)!r}\n"
+        f"IMAGE_SIZE = {image_size!r}\n"
+        f"IN_CHANNELS = {in_channels!r}\n"
+        + _PY_FUNCTIONS
+    )
+    _check_generated(text)
+    return text
 
-    from model import model
-    net = model()                         # as searched
-    net = model(C=36, N=6, num_classes=100)  # scaled up for retraining
-"""
 
-import json
-
-from effops.nas import Genotype, build
-
-GENOTYPE = Genotype.from_json("""{genotype_json}""")
-BUILD = json.loads("""{build}""")
-IMAGE_SIZE = {image_size}
-
+_PY_FUNCTIONS = '''
 
 def model(**overrides):
     """The network; keyword arguments override BUILD (C, N, num_classes, stem, in_channels, ...)."""
-    return build(GENOTYPE, **{{**BUILD, **overrides}})
+    return build(GENOTYPE, **{**BUILD, **overrides})
 
 
 if __name__ == "__main__":
     import torch
 
     net = model().eval()
-    out = net(torch.zeros(1, {in_channels}, IMAGE_SIZE, IMAGE_SIZE))
+    out = net(torch.zeros(1, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE))
     print(GENOTYPE)
-    print(f"{{sum(p.numel() for p in net.parameters()):,}} parameters; output {{tuple(out.shape)}}")
+    print(f"{sum(p.numel() for p in net.parameters()):,} parameters; output {tuple(out.shape)}")
 '''
+
+
+def _check_generated(text: str) -> None:
+    """Parse the generated module and require exactly the template's top-level statements,
+    with literal-only values (a second line of defence behind the validation above)."""
+    tree = ast.parse(text)
+    kinds = [type(n).__name__ for n in tree.body]
+    expected = ["Expr", "ImportFrom", "Assign", "Assign", "Assign", "Assign", "Assign", "FunctionDef", "If"]
+    names = [n.targets[0].id for n in tree.body[2:7] if isinstance(n, ast.Assign)]
+    if kinds != expected or names != ["SEARCH", "GENOTYPE", "BUILD", "IMAGE_SIZE", "IN_CHANNELS"]:
+        raise SearchError(f"export: the generated module has an unexpected structure {kinds} {names}")
+    for node in [tree.body[2].value, *tree.body[3].value.args, tree.body[4].value, tree.body[5].value,
+                 tree.body[6].value]:
+        ast.literal_eval(node)  # raises on anything that is not a plain literal
 
 
 def load_exported(path: str, **overrides) -> NASNetwork:
     """Rebuild the network of an exported ``.json`` file (keyword arguments override its build
     arguments)."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except OSError as e:
-        raise ValueError(f"load_exported: cannot read {path!r}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise GenotypeError(f"load_exported: {path!r} is not valid JSON: {e}") from None
+    doc = read_json(path, "load_exported:", GenotypeError)
     if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
         raise ValueError(f"load_exported: {path!r} is not an effops.nas export ({EXPORT_FORMAT})")
-    return build(Genotype.from_dict(doc["genotype"]), **{**doc["build"], **overrides})
+    where = f"load_exported: {path!r}"
+    b = check_keys(doc.get("build"), _BUILD_FIELDS, f"{where}: build", GenotypeError, required=_BUILD_FIELDS)
+    for k in _BUILD_FIELDS:
+        if k == "stem":
+            check_str(b[k], "build.stem", where, GenotypeError, max_len=64)
+        else:
+            check_int(b[k], f"build.{k}", where, GenotypeError, lo=1, hi=1 << 20)
+    try:
+        g = Genotype.from_dict(doc.get("genotype"))
+    except GenotypeError as e:
+        raise GenotypeError(f"{where}: {e}") from None
+    return build(g, **{**b, **overrides})
+
+
+_BUILD_FIELDS = ("C", "N", "num_classes", "stem", "in_channels", "stem_multiplier")

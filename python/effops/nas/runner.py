@@ -38,9 +38,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ._checks import (MAX_SEED, _short, atomic_write, check_float, check_int, check_keys, check_str, parse_json,
+                      read_json, torch_load_plain)
 from .evaluate import LatencyTable, ProxyConfig, TableLatency, run_trial
 from .objective import Objective
-from .space import Genotype, NASNetSpace
+from .space import Genotype, GenotypeError, NASNetSpace
 from .strategies import STRATEGIES, Strategy, make_strategy
 
 JOURNAL = "journal.jsonl"
@@ -50,6 +52,8 @@ LATENCY_TABLE = "latency_table.json"
 
 # Settings a resumed search may change; every other setting must match the saved one.
 RESUMABLE_CHANGES = ("budget", "workers", "backend", "ray_address", "progress")
+#: The largest budget (and population / sample) a search accepts.
+MAX_BUDGET = 1_000_000
 
 
 class SearchError(RuntimeError):
@@ -88,19 +92,33 @@ class SearchConfig:
     def __post_init__(self):
         if isinstance(self.proxy, dict):
             self.proxy = ProxyConfig.from_dict(self.proxy)
+        if isinstance(self.ops, tuple):
+            self.ops = list(self.ops)
         self.validate()
 
-    def validate(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
-        for name in ("budget", "workers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    def validate(self, where: str = "search settings") -> None:
+        E = ValueError
+        if not isinstance(self.proxy, ProxyConfig):
+            raise E(f"{where}: proxy must be a JSON object of proxy settings, got {_short(self.proxy)}")
+        if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
+            raise E(f"{where}: strategy must be one of {list(STRATEGIES)}, got {_short(self.strategy)}")
+        check_int(self.budget, "budget", where, E, lo=1, hi=MAX_BUDGET)
+        check_int(self.workers, "workers", where, E, lo=1, hi=4096)
         if self.backend not in ("local", "ray"):
-            raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            raise E(f"{where}: backend must be 'local' or 'ray', got {_short(self.backend)}")
+        check_int(self.seed, "seed", where, E, hi=MAX_SEED)
+        check_int(self.population, "population", where, E, lo=1, hi=MAX_BUDGET)
+        check_int(self.sample, "sample", where, E, lo=1, hi=MAX_BUDGET)
+        check_int(self.num_blocks, "num_blocks", where, E, lo=1, hi=64)
+        if self.objective not in ("accuracy", "mnas"):
+            raise E(f"{where}: objective must be 'accuracy' or 'mnas', got {_short(self.objective)}")
+        check_float(self.target_latency_ms, "target_latency_ms", where, E, lo=0.0, lo_open=True, optional=True)
+        if self.ops is not None and (not isinstance(self.ops, (list, tuple)) or len(self.ops) > 64
+                                     or not all(isinstance(o, str) for o in self.ops)):
+            raise E(f"{where}: ops must be null or a list of op names, got {_short(self.ops)}")
+        check_str(self.ray_address, "ray_address", where, E, optional=True)
+        if not isinstance(self.progress, bool):
+            raise E(f"{where}: progress must be true or false, got {_short(self.progress)}")
         self.make_objective()  # checks objective / target_latency_ms
         self.make_space()  # checks num_blocks / ops
 
@@ -120,33 +138,43 @@ class SearchConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "SearchConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d: Any, where: str = "search settings") -> "SearchConfig":
+        """Strict: ``d`` must be a dict of known fields (``proxy`` a dict of proxy settings) with
+        valid values; anything else is a ``ValueError`` naming ``where`` and the field."""
+        check_keys(d, {f.name for f in dataclasses.fields(cls)}, where, ValueError)
+        cfg = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            setattr(cfg, f.name, d.get(f.name, default))
+        cfg.proxy = ProxyConfig.from_dict(d["proxy"], f"{where}: proxy") if "proxy" in d else ProxyConfig()
+        cfg.validate(where)
+        return cfg
 
 
 # =============================================================================== files
-def _fsync_dir(path: str) -> None:
+def check_record(r: Any, where: str) -> Dict[str, Any]:
+    """A journal record read from a file: the fields the search and the report use must be
+    there with the right types (anything else a trial function returned is kept as is)."""
+    E = SearchError
+    if not isinstance(r, dict):
+        raise E(f"{where}: a journal record must be a JSON object, got {_short(r)}")
+    missing = [k for k in ("trial", "genotype", "seed", "reward", "accuracy", "latency_ms") if k not in r]
+    if missing:
+        raise E(f"{where}: the record lacks field(s) {missing}")
+    check_int(r["trial"], "trial", where, E)
+    check_int(r["seed"], "seed", where, E, hi=MAX_SEED)
+    check_float(r["reward"], "reward", where, E)
+    check_float(r["accuracy"], "accuracy", where, E)
+    check_float(r["latency_ms"], "latency_ms", where, E, lo=0.0)
+    for k in ("params", "flops"):
+        if k in r:
+            check_int(r[k], k, where, E, hi=2**62)
+    check_int(r.get("reused_from"), "reused_from", where, E, optional=True)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    tmp = path + ".tmp"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+        Genotype.from_dict(r["genotype"])
+    except GenotypeError as e:
+        raise E(f"{where}: genotype: {e}") from None
+    return r
 
 
 class Journal:
@@ -167,20 +195,23 @@ class Journal:
             last = i == len(lines) - 1
             if last and not line:
                 break
+            if last:  # no newline: the run died while writing this line; it never counted
+                with open(self.path, "r+b") as f:
+                    f.truncate(good)
+                break
+            where = f"{self.path}: line {i + 1}"
             try:
-                if last:  # no newline: the run died while writing this line; it never counted
-                    raise ValueError("unterminated")
-                records.append(json.loads(line))
-            except ValueError:
-                if last:
-                    with open(self.path, "r+b") as f:
-                        f.truncate(good)
-                    break
-                raise SearchError(f"{self.path}: line {i + 1} is not valid JSON; the journal is corrupt") from None
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SearchError(f"{where} is not UTF-8 text; the journal is corrupt") from None
+            records.append(check_record(parse_json(text, where, SearchError), where))
             good += len(line) + 1
-        ids = [r["trial"] for r in records]
-        if len(set(ids)) != len(ids):
-            raise SearchError(f"{self.path}: a trial appears twice in the journal")
+        seen: Dict[int, int] = {}
+        for i, r in enumerate(records):
+            if r["trial"] in seen:
+                raise SearchError(f"{self.path}: trial {r['trial']} appears twice in the journal "
+                                  f"(records {seen[r['trial']] + 1} and {i + 1})")
+            seen[r["trial"]] = i
         return records
 
     def append(self, record: Dict[str, Any]) -> None:
@@ -201,13 +232,13 @@ def read_journal(out_dir: str) -> List[Dict[str, Any]]:
 
 def read_config(out_dir: str) -> SearchConfig:
     path = os.path.join(out_dir, CONFIG)
+    if not os.path.exists(path):
+        raise SearchError(f"{out_dir!r} holds no search ({CONFIG} is missing)")
+    d = read_json(path, "search settings", SearchError)
     try:
-        with open(path) as f:
-            return SearchConfig.from_dict(json.load(f))
-    except FileNotFoundError:
-        raise SearchError(f"{out_dir!r} holds no search ({CONFIG} is missing)") from None
+        return SearchConfig.from_dict(d, where=path)
     except (ValueError, TypeError) as e:
-        raise SearchError(f"{path}: cannot read the search settings: {e}") from None
+        raise SearchError(f"cannot read the search settings: {e}") from None
 
 
 def trial_seed(run_seed: int, genotype: Genotype) -> int:
@@ -370,8 +401,8 @@ class Search:
         ds = config.proxy.dataset()  # bad data fails here, before anything is written
         info = {"name": ds.name, "num_classes": ds.num_classes, "in_channels": ds.in_channels,
                 "image_size": ds.image_size, "train": len(ds.train_y), "val": len(ds.val_y)}
-        _atomic_write(os.path.join(out_dir, "dataset.json"), lambda f: f.write(json.dumps(info, indent=2)), "w")
-        _atomic_write(cfg_path, lambda f: f.write(json.dumps(config.to_dict(), indent=2)), "w")
+        atomic_write(os.path.join(out_dir, "dataset.json"), lambda f: f.write(json.dumps(info, indent=2)), "w")
+        atomic_write(cfg_path, lambda f: f.write(json.dumps(config.to_dict(), indent=2)), "w")
         self.space = config.make_space()
         self.objective = config.make_objective()
         self.journal = Journal(os.path.join(out_dir, JOURNAL))
@@ -397,17 +428,40 @@ class Search:
             "pending": self.pending,
             "observed": self.observed,
         }
-        _atomic_write(os.path.join(self.out_dir, STATE), lambda f: torch.save(state, f))
+        atomic_write(os.path.join(self.out_dir, STATE), lambda f: torch.save(state, f))
 
     def _load_state(self, path: str) -> None:
+        # The checkpoint holds only dicts, lists, numbers, strings and tensors: loaded with
+        # weights_only, a crafted state.pt cannot run code here; anything else is refused.
+        state = torch_load_plain(path, f"checkpoint {path}", SearchError)
+        where = f"{path}"
+        check_keys(state, {"version", "strategy", "next_trial", "pending", "observed"}, where, SearchError,
+                   required=("version", "strategy", "next_trial", "pending", "observed"))
+        if state["version"] != 1:
+            raise SearchError(f"{where}: checkpoint version {_short(state['version'])} is not supported (expected 1)")
+        next_trial = check_int(state["next_trial"], "next_trial", where, SearchError)
+        pending, observed = state["pending"], state["observed"]
+        if not isinstance(pending, list) or not isinstance(observed, list):
+            raise SearchError(f"{where}: pending and observed must be lists")
+        for i, t in enumerate(pending):
+            w = f"{where}: pending[{i}]"
+            check_keys(t, {"trial", "genotype", "seed"}, w, SearchError, required=("trial", "genotype", "seed"))
+            check_int(t["trial"], "trial", w, SearchError, hi=max(next_trial - 1, 0))
+            check_int(t["seed"], "seed", w, SearchError, hi=MAX_SEED)
+            try:
+                Genotype.from_dict(t["genotype"])
+            except GenotypeError as e:
+                raise SearchError(f"{w}: genotype: {e}") from None
+        for i, t in enumerate(observed):
+            check_int(t, f"observed[{i}]", where, SearchError)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
-            raise SearchError(f"{path}: cannot read the checkpoint: {e}") from None
-        self.strategy.load_state_dict(state["strategy"])
-        self.next_trial = state["next_trial"]
-        self.pending = list(state["pending"])
-        self.observed = list(state["observed"])
+            self.strategy.load_state_dict(state["strategy"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
+            raise SearchError(f"{where}: the strategy state does not fit this search "
+                              f"({type(e).__name__}: {str(e)[:300]})") from None
+        self.next_trial = next_trial
+        self.pending = list(pending)
+        self.observed = list(observed)
 
     def _recover(self) -> None:
         """Observe journaled trials the checkpoint missed; drop pending ones over budget."""

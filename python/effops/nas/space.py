@@ -27,6 +27,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ._checks import _short, parse_json
+
 #: The 13 NASNet ops (paper, section 3), by the names used everywhere in effops.nas.
 OPS: Tuple[str, ...] = (
     "identity",
@@ -45,6 +47,7 @@ OPS: Tuple[str, ...] = (
 )
 
 NUM_INPUT_STATES = 2  # c_{k-2} and c_{k-1}
+MAX_BLOCKS = 64  # per cell (the paper uses 5)
 
 
 class GenotypeError(ValueError):
@@ -155,11 +158,7 @@ class Genotype:
     def from_json(cls, text: str) -> "Genotype":
         if not isinstance(text, (str, bytes)):
             raise TypeError(f"Genotype.from_json: text must be str, got {type(text).__name__}")
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise GenotypeError(f"invalid genotype JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(parse_json(text, "genotype", GenotypeError))
 
 
 def _cell_from_dict(d: Any, where: str) -> Cell:
@@ -171,24 +170,26 @@ def _cell_from_dict(d: Any, where: str) -> Cell:
     blocks = d["blocks"]
     if not isinstance(blocks, list):
         raise GenotypeError(f"genotype JSON: {where}.blocks must be a list, got {type(blocks).__name__}")
+    if len(blocks) > MAX_BLOCKS:
+        raise GenotypeError(f"genotype JSON: {where} has {len(blocks)} blocks; at most {MAX_BLOCKS} are supported")
     out = []
     for i, b in enumerate(blocks):
         if not (isinstance(b, list) and len(b) == 4):
             raise GenotypeError(
-                f"genotype JSON: {where} block {i} must be [input_a, op_a, input_b, op_b], got {b!r}"
+                f"genotype JSON: {where} block {i} must be [input_a, op_a, input_b, op_b], got {_short(b)}"
             )
         ia, oa, ib, ob = b
         for name, v in (("input_a", ia), ("input_b", ib)):
             if isinstance(v, bool) or not isinstance(v, int):
-                raise GenotypeError(f"genotype JSON: {where} block {i} {name} must be an integer, got {v!r}")
+                raise GenotypeError(f"genotype JSON: {where} block {i} {name} must be an integer, got {_short(v)}")
         for name, v in (("op_a", oa), ("op_b", ob)):
             if not isinstance(v, str):
-                raise GenotypeError(f"genotype JSON: {where} block {i} {name} must be an op name string, got {v!r}")
+                raise GenotypeError(f"genotype JSON: {where} block {i} {name} must be an op name string, got {_short(v)}")
         out.append(Block(ia, oa, ib, ob))
     concat = d.get("concat")
     if concat is not None:
         if not isinstance(concat, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in concat):
-            raise GenotypeError(f"genotype JSON: {where}.concat must be a list of integers, got {concat!r}")
+            raise GenotypeError(f"genotype JSON: {where}.concat must be a list of integers, got {_short(concat)}")
         concat = tuple(concat)
     return Cell(tuple(out), concat)
 
@@ -208,7 +209,7 @@ def _check_cell(cell: Cell, where: str) -> None:
         n_states = NUM_INPUT_STATES + i
         for name, v in (("input_a", b.input_a), ("input_b", b.input_b)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise GenotypeError(f"genotype: {where} block {i} {name} must be an integer, got {v!r}")
+                raise GenotypeError(f"genotype: {where} block {i} {name} must be an integer, got {_short(v)}")
             if not 0 <= v < n_states:
                 raise GenotypeError(
                     f"genotype: {where} block {i} {name} = {v} is not an available state; block {i} can "
@@ -236,8 +237,8 @@ class NASNetSpace:
     """
 
     def __init__(self, num_blocks: int = 5, ops: Optional[Sequence[str]] = None, identity_prob: float = 0.05):
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"NASNetSpace: num_blocks must be an integer >= 1, got {num_blocks!r}")
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or not 1 <= num_blocks <= MAX_BLOCKS:
+            raise ValueError(f"NASNetSpace: num_blocks must be an integer in [1, {MAX_BLOCKS}], got {_short(num_blocks)}")
         if ops is None:
             ops = OPS
         if isinstance(ops, str) or not all(isinstance(o, str) for o in ops):
@@ -456,10 +457,7 @@ def load_genotype(arg: str, what: str = "genotype") -> Genotype:
         except OSError as e:
             raise GenotypeError(f"{what}: cannot read {arg!r}: {e}") from None
         where = repr(arg)
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise GenotypeError(f"{what}: invalid genotype JSON in {where}: {e}") from None
+    d = parse_json(text, f"{what}: genotype JSON in {where}", GenotypeError)
     if isinstance(d, dict) and "genotype" in d and "normal" not in d:
         d = d["genotype"]  # an export file
     try:
