@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.autograd.profiler as _autograd_profiler
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -123,3 +124,17 @@ def float32_at_most(t: float) -> float:
     if float(f) > t:
         f = np.nextafter(f, np.float32(-np.inf), dtype=np.float32)
     return float(f)
+
+
+def profiled(name: str, fn, *args):
+    """``fn(*args)``, inside a torch.profiler scope called ``name`` while a profiler is active.
+
+    The eager CPU fast paths call the kernels without the dispatcher, so torch.profiler would
+    not see them; they go through here with the custom op's name (``effops::dwsep_conv``...),
+    and a profile names them as on the dispatcher path. Without a profiler the cost is this
+    call and one read of torch's Python-side flag (set on profiler start and stop): ~0.13 us per
+    call measured, against the >= 20 us of the fastest fused call."""
+    if _autograd_profiler._is_profiler_enabled:
+        with torch.profiler.record_function(name):
+            return fn(*args)
+    return fn(*args)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from ._common import EffopsInputError, EffopsTypeError, check_tensor
+from ._common import EffopsInputError, EffopsTypeError, check_tensor, profiled
 from .dwsep import (ACT_CODES, _autocast, _check_x, _fast_path_ok, _from_nhwc, _nhwc, act_grad, act_name, apply_act,
                     same_padding)
 
@@ -367,7 +367,7 @@ def weighted_fuse(inputs: Sequence[Tensor], weights: Optional[Tensor], *, resamp
     op = "weighted_fuse"
     plan = _validated_plan(inputs, weights, resample, method, eps, act, out_size)
     if plan is not None:  # eager CPU inference on a configuration validated before
-        return _fuse_eager_cpu(inputs, weights, method, float(eps), *plan)
+        return profiled("effops::weighted_fuse", _fuse_eager_cpu, inputs, weights, method, float(eps), *plan)
     if not isinstance(inputs, (list, tuple)):
         raise EffopsTypeError(f"{op}: inputs must be a list of tensors, got {type(inputs).__name__}")
     if not 2 <= len(inputs) <= 4:
@@ -429,6 +429,6 @@ def weighted_fuse(inputs: Sequence[Tensor], weights: Optional[Tensor], *, resamp
             if len(_PLANS) >= 256:
                 _PLANS.clear()
             _PLANS[key] = plan
-        return _fuse_eager_cpu(xs, weights, method, float(eps), *plan)
+        return profiled("effops::weighted_fuse", _fuse_eager_cpu, xs, weights, method, float(eps), *plan)
     wn = normalize_weights(weights, method, len(xs), float(eps), x0.device)
     return torch.ops.effops.weighted_fuse(list(xs), wn, [MODE_CODES[m] for m in resample], list(out_hw), a)

@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch import Tensor
 
 from .. import _backend
-from ._common import EffopsInputError, EffopsTypeError, check_tensor
+from ._common import EffopsInputError, EffopsTypeError, check_tensor, profiled
 
 _backend.register_op("dwsep_conv", ("cpu", "cuda", "triton", "reference"))
 _backend.register_op("dw_conv_act", ("cpu", "cuda", "triton", "reference"))
@@ -904,7 +904,8 @@ class PreparedDWSep(_Prepared):
                 and (residual is None or (residual.dtype == x.dtype and not residual.requires_grad))):
             g = self._geometry(x, self.args[0].shape[2:])
             if residual is None or tuple(residual.shape) == (x.shape[0], self.Co, *g.out_hw):
-                out = _dwsep_run(x, self._weights(x), residual, g, self.act, self.pw_act, self.kw["preact"])
+                out = profiled("effops::dwsep_conv", _dwsep_run, x, self._weights(x), residual, g, self.act,
+                               self.pw_act, self.kw["preact"])
                 return _like_input(out, x)
         return dwsep_conv(x, *self.args, residual=residual, **self.kw)
 
@@ -927,7 +928,7 @@ class PreparedDW(_Prepared):
     def __call__(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if _fast_path_ok(x, self._needs_grad) and x.shape[1] == self.weight.shape[0]:
             g = self._geometry(x, self.weight.shape[2:])
-            y, sums = _dw_run(x, self._weights(x), g, self.act)
+            y, sums = profiled("effops::dw_conv_act", _dw_run, x, self._weights(x), g, self.act)
             return _like_input(y, x), (sums / (g.out_hw[0] * g.out_hw[1])).to(x.dtype)
         return dw_conv_act(x, self.weight, **self.kw)
 
@@ -952,7 +953,8 @@ class PreparedPW(_Prepared):
                 and all(t.dtype == y.dtype and not t.requires_grad for t in extra)
                 and (channel_scale is None or tuple(channel_scale.shape) == tuple(y.shape[:2]))
                 and (residual is None or tuple(residual.shape) == (y.shape[0], self.weight.shape[0], *y.shape[2:]))):
-            return _like_input(_pw_run(y, self._weights(y), channel_scale, self.act, residual), y)
+            out = profiled("effops::pw_conv", _pw_run, y, self._weights(y), channel_scale, self.act, residual)
+            return _like_input(out, y)
         return pw_conv(y, self.weight, channel_scale=channel_scale, residual=residual, **self.kw)
 
 
