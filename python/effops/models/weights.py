@@ -135,12 +135,13 @@ def load_weights(model: nn.Module, path, *, strict: bool = True):
 
     ckey = getattr(model, "classifier_weight_key", None)
     per = int(getattr(model, "classifier_outputs_per_class", 1))
-    if ckey is not None and (ckey in mismatched or ckey in unexpected or (ckey in missing and sd)):
+    classes_differ = ckey in mismatched and sd[ckey].shape[0] != target[ckey].shape[0]
+    if ckey is not None and (classes_differ or ckey in unexpected or ckey in missing):
         theirs = f"{sd[ckey].shape[0] // per} classes ({ckey} {list(sd[ckey].shape)})" if ckey in sd else "no classifier"
         ours = (f"{target[ckey].shape[0] // per} classes ({ckey} {list(target[ckey].shape)})" if ckey in target
                 else "no classifier (num_classes=0)")
         hint = f"pass num_classes={sd[ckey].shape[0] // per}" if ckey in sd else "pass num_classes=0"
-        if strict or ckey in mismatched:
+        if strict or classes_differ:
             raise ValueError(f"load_weights: {p.name} has a classifier for {theirs}, the model has {ours}: {hint}, "
                              f"or load with strict=False after reset_classifier")
     if mismatched:
