@@ -25,24 +25,34 @@ def _bench(args) -> int:
         print(markdown_table(args.results))
         return 0
     families = args.families or list(FAMILIES)
-    unknown = [f for f in families if f not in FAMILIES]
+    unknown = [f for f in families if f not in FAMILIES and f != "models"]
     if unknown:
-        print(f"effops bench: unknown family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}", file=sys.stderr)
+        print(f"effops bench: unknown family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}, models",
+              file=sys.stderr)
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("effops bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from .bench.harness import device_name
 
-    print(f"effops bench on {device_name(device)}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; ratio = baseline time / effops time")
-    for fam in families:
-        mod = importlib.import_module(FAMILIES[fam])
-        cases = mod.cases(device, quick=args.quick)
-        run_cases(cases, device, target_s=args.time, results_dir=None if args.no_save else args.results)
+    if "models" in families or args.profile:  # whole networks: their own options (bench_models.from_args)
+        from .bench.bench_models import from_args
+
+        rc = from_args(args)
+        families = [f for f in families if f != "models"]
+        if rc or not families or args.profile:
+            return rc
+    saved = torch.get_num_threads()
+    for threads in args.threads or [saved]:
+        torch.set_num_threads(threads)
+        print(f"effops bench on {device_name(device)}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads; ratio = baseline time / effops time")
+        for fam in families:
+            mod = importlib.import_module(FAMILIES[fam])
+            cases = mod.cases(device, quick=args.quick)
+            run_cases(cases, device, target_s=args.time, results_dir=None if args.no_save else args.results)
+    torch.set_num_threads(saved)
     if not args.no_save:
         print(f"rows appended to {args.results}/")
     return 0
@@ -54,11 +64,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     sp = sub.add_parser("info", help="version, build and which backend runs each op")
     sp.set_defaults(func=_info)
     sp = sub.add_parser("bench", help="benchmark effops against eager PyTorch, torch.compile and other libraries")
-    sp.add_argument("families", nargs="*", help="op families to run (default: all)")
+    sp.add_argument("families", nargs="*", help="op families to run (default: all), or 'models': whole networks "
+                    "(run only when named; options --models --batch --dtype --train --cold --profile)")
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sp.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the benchmarks)")
     sp.add_argument("--time", type=float, default=1.0, help="seconds of timing per case (default 1)")
-    sp.add_argument("--threads", type=int, default=0, help="torch.set_num_threads before running")
+    sp.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="thread counts to run at, each in turn (default: torch's; models: 1 2)")
+    sp.add_argument("--models", nargs="+", default=None, help="models: which networks (default: all of them)")
+    sp.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="models: batch sizes (default 1 8)")
+    sp.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                    help="models: fp32 and/or bf16 (autocast) (default both)")
+    sp.add_argument("--train", action="store_true", help="models: also a training step per model (batch 8)")
+    sp.add_argument("--cold", action="store_true", help="models: also time to first result (fresh compile cache)")
+    sp.add_argument("--profile", metavar="MODEL", default=None,
+                    help="models: print where a converted MODEL's time goes, per op (torch.profiler), and exit")
     sp.add_argument("--results", default="bench/results", help="folder of the CSV files (default bench/results)")
     sp.add_argument("--no-save", action="store_true", help="do not append rows to the CSV files")
     sp.add_argument("--table", action="store_true", help="print the markdown table of the saved results and exit")
