@@ -55,13 +55,14 @@ def _generate(image_size: Tuple[int, int], min_level: int, max_level: int, num_s
               aspect_ratios: Tuple[Tuple[float, float], ...], anchor_scale: float) -> Tensor:
     H, W = image_size
     sizes = feature_sizes(image_size, max_level)
+    cpu = dict(dtype=torch.float64, device="cpu")  # explicit: a torch.device('meta') context must not apply
     levels = []
     for level in range(min_level, max_level + 1):
         fh, fw = sizes[level]
         sy, sx = H / float(fh), W / float(fw)
         # centres: stride / 2 + i * stride (effdet: np.arange(stride / 2, size, stride))
-        y = torch.arange(fh, dtype=torch.float64) * sy + sy / 2
-        x = torch.arange(fw, dtype=torch.float64) * sx + sx / 2
+        y = torch.arange(fh, **cpu) * sy + sy / 2
+        x = torch.arange(fw, **cpu) * sx + sx / 2
         yv, xv = torch.meshgrid(y, x, indexing="ij")
         yv, xv = yv.reshape(-1, 1), xv.reshape(-1, 1)
         half_y, half_x = [], []
@@ -70,8 +71,8 @@ def _generate(image_size: Tuple[int, int], min_level: int, max_level: int, num_s
             for ax, ay in aspect_ratios:
                 half_x.append(anchor_scale * sx * mult * ax / 2.0)
                 half_y.append(anchor_scale * sy * mult * ay / 2.0)
-        hy = torch.tensor(half_y, dtype=torch.float64)[None, :]
-        hx = torch.tensor(half_x, dtype=torch.float64)[None, :]
+        hy = torch.tensor(half_y, **cpu)[None, :]
+        hx = torch.tensor(half_x, **cpu)[None, :]
         boxes = torch.stack([yv - hy, xv - hx, yv + hy, xv + hx], dim=-1)  # [fh*fw, A, 4]
         levels.append(boxes.reshape(-1, 4))
     return torch.cat(levels, 0).to(torch.float32)

@@ -100,7 +100,8 @@ def _as_chw(op: str, img, i: int) -> Tensor:
             raise TypeError(f"{op}: images[{i}] must be an HWC uint8 numpy array or tensor, got {type(img).__name__}")
         if img.dtype != np.uint8:
             raise TypeError(f"{op}: images[{i}] must have dtype uint8, got {img.dtype}")
-        img = torch.from_numpy(np.ascontiguousarray(img))
+        img = np.ascontiguousarray(img)
+        img = torch.from_numpy(img if img.flags.writeable else img.copy())
     if img.dtype != torch.uint8:
         raise TypeError(f"{op}: images[{i}] must have dtype uint8 (HWC), got {img.dtype}")
     if img.dim() == 2:

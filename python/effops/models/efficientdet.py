@@ -213,9 +213,14 @@ class EfficientDet(nn.Module):
             effops's EfficientNet features for ``config.backbone``.
     """
 
+    # for load_weights: a class head of another size is reported as a num_classes mismatch
+    classifier_weight_key = "class_net.predict.conv_pw.weight"
+
     def __init__(self, config: EfficientDetConfig, backbone: Optional[nn.Module] = None):
         super().__init__()
         cfg = config
+        if not isinstance(cfg, EfficientDetConfig):
+            raise TypeError(f"EfficientDet: config must be an EfficientDetConfig, got {type(cfg).__name__}")
         if not cfg.separable_conv:
             raise ValueError("EfficientDet: only separable_conv=True (every EfficientDet variant) is implemented")
         if cfg.fpn_weight_method not in ("fastattn", "sum", "attn"):
@@ -226,6 +231,8 @@ class EfficientDet(nn.Module):
             raise ValueError(f"EfficientDet: image_size must be positive multiples of 2**max_level = {stride}, "
                              f"got {tuple(cfg.image_size)}")
         self.config = cfg
+        self.model_name = cfg.name
+        self.classifier_outputs_per_class = cfg.num_anchors
         self.backbone = backbone if backbone is not None else _make_backbone(cfg)
         got = _backbone_channels(self.backbone)
         if got is not None and tuple(got) != tuple(cfg.backbone_channels):
