@@ -240,7 +240,10 @@ class _Trunk(nn.Module):
             w = conv.weight * scale.to(conv.weight.dtype)[:, None, None, None]
             return w.contiguous(memory_format=torch.channels_last) if self._channels_last else w, bias
 
-        w, b = _prepared(self._cache, "stem", (stage,), fold) if _inference(x, (stage,)) else fold()
+        if _inference(x, (stage,)):  # the folded weights are prepared once; swish in place
+            w, b = _prepared(self._cache, "stem", (stage,), fold)
+            return F.silu(F.conv2d(x, w, b.to(w.dtype), conv.stride, conv.padding), inplace=True)
+        w, b = fold()
         return F.silu(F.conv2d(x, w, b.to(w.dtype), conv.stride, conv.padding))
 
     def forward_blocks(self, x: Tensor, upto: Optional[int] = None, taps: Sequence[int] = ()) -> Tuple[Tensor, list]:
