@@ -31,6 +31,7 @@ MODELS = [
     ("timm", "efficientnet_b0", 16), ("timm", "tf_efficientnet_b0", 16), ("timm", "mobilenetv2_100", 17),
     ("timm", "mobilenetv3_large_100", 15), ("torchvision", "efficientnet_b0", 16),
     ("torchvision", "mobilenet_v2", 17), ("torchvision", "mobilenet_v3_large", 15),
+    ("timm", "efficientnet_es", 18), ("timm", "tf_efficientnet_es", 18), ("torchvision", "mnasnet0_5", 16),
 ]
 
 
@@ -201,3 +202,181 @@ def test_flop_counter_sees_the_fused_ops():
             m(x)
         counts.append(fc.get_total_flops())
     assert abs(counts[1] - counts[0]) / counts[0] < 0.01, counts
+
+
+# ------------------------------------------------------------------------------ strict recognition
+def _timm_ir(**kw):
+    from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
+
+    torch.manual_seed(0)
+    kw.setdefault("se_layer", SqueezeExcite)
+    return randomize_bn(InvertedResidual(16, 16, dw_kernel_size=3, exp_ratio=4, act_layer=nn.SiLU, **kw)).eval()
+
+
+def _kept(block: nn.Module, x: torch.Tensor, reason: str):
+    """convert keeps the block, says why, and the model still computes what it did."""
+    wrapped = nn.Sequential(block)
+    with torch.no_grad():
+        ref = wrapped(x)
+        out, rep = convert(copy.deepcopy(wrapped), report=True)
+        got = out(x)
+    assert not rep.replaced and len(rep.skipped) == 1, str(rep)
+    assert reason in rep.skipped[0][2], rep.skipped[0][2]
+    torch.testing.assert_close(got, ref)
+
+
+class _ScaledConv(nn.Conv2d):  # a Conv2d subclass computing something else (like timm's StdConv2d)
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class SiLU(nn.Module):  # named like torch's, computes something else
+    def forward(self, x):
+        return x * torch.tanh(x)
+
+
+def test_strict_recognition_keeps_what_it_does_not_understand():
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+
+    x = torch.randn(2, 16, 12, 12)
+    ok = _timm_ir()
+    _, rep = convert(nn.Sequential(copy.deepcopy(ok)), report=True)
+    assert len(rep.replaced) == 1
+    b = copy.deepcopy(ok)
+    b.extra = nn.ReLU()  # a stage the block class does not have: the fused form would drop it
+    _kept(b, x, "unrecognised stage(s) extra")
+    b = copy.deepcopy(ok)
+    b.conv_dw.register_forward_hook(lambda m, i, o: o * 0.5)
+    _kept(b, x, "conv_dw has hooks")
+    b = copy.deepcopy(ok)
+    b.register_forward_pre_hook(lambda m, i: (i[0] * 2,))
+    _kept(b, x, "the block has hooks")
+    b = copy.deepcopy(ok)
+    conv = _ScaledConv(64, 64, 3, padding=1, groups=64, bias=False)
+    conv.weight.data.copy_(b.conv_dw.weight.data)
+    b.conv_dw = conv
+    _kept(b, x, "_ScaledConv")
+    b = copy.deepcopy(ok)
+    b.bn2.act = SiLU()
+    _kept(b, x, "activation SiLU has no fused equivalent")
+    from timm.layers import SEModule
+    b = copy.deepcopy(ok)
+    b.se = SEModule(64)
+    _kept(b, x, "squeeze-excite module SEModule")
+    b = copy.deepcopy(ok)
+    b.bn1 = nn.GroupNorm(4, 64)
+    _kept(b, x, "GroupNorm")
+    b = copy.deepcopy(ok)
+    b.aa = nn.AvgPool2d(1)
+    _kept(b, x, "anti-aliasing")
+
+    class SubIR(InvertedResidual):  # a subclass may compute anything: not matched at all
+        pass
+
+    torch.manual_seed(0)
+    sub = SubIR(16, 16, exp_ratio=4).eval()
+    _, rep = convert(nn.Sequential(sub), report=True)
+    assert not rep.replaced and not rep.skipped
+    # space-to-depth stages (efficientnet_x / efficientnet_h)
+    for cls, kw in ((DepthwiseSeparableConv, {}), (InvertedResidual, {"exp_ratio": 4})):
+        torch.manual_seed(0)
+        blk = randomize_bn(cls(16, 24, dw_kernel_size=3, s2d=1, **kw)).eval()
+        _kept(blk, x, "space-to-depth stage")
+
+
+def test_known_unfused_blocks_are_reported():
+    x = torch.randn(1, 3, 64, 64)
+    for name, reason in (("efficientnet_cc_b0_4e", "CondConv"), ("ghostnet_050", "Ghost module"),
+                         ("mixnet_s", "MixedConv2d")):
+        torch.manual_seed(0)
+        m = randomize_bn(timm.create_model(name)).eval()
+        with torch.no_grad():
+            ref = m(x)
+            conv, rep = convert(copy.deepcopy(m), report=True)
+            out = conv(x)
+        assert any(reason in why for _, _, why in rep.skipped), str(rep)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+# ------------------------------------------------------------------------------ dense-conv blocks
+def _edge(**kw):
+    from timm.models._efficientnet_blocks import EdgeResidual, SqueezeExcite
+
+    torch.manual_seed(0)
+    args = dict(exp_kernel_size=3, exp_ratio=4, act_layer=nn.SiLU)
+    args.update(kw)
+    if args.pop("se", False):
+        args["se_layer"] = SqueezeExcite
+    return randomize_bn(EdgeResidual(args.pop("cin", 16), args.pop("cout", 16), **args))
+
+
+def _fused_mbconv(expand: float, cin=16, cout=16, stride=1):
+    from functools import partial
+
+    from torchvision.models.efficientnet import FusedMBConv, FusedMBConvConfig
+
+    torch.manual_seed(0)
+    cnf = FusedMBConvConfig(expand, 3, stride, cin, cout, 1)
+    return randomize_bn(FusedMBConv(cnf, 0.0, partial(nn.BatchNorm2d, eps=1e-3)))
+
+
+DENSE = {
+    "edge": lambda: _edge(), "edge-se": lambda: _edge(se=True), "edge-s2": lambda: _edge(stride=2, cout=24),
+    "edge-same": lambda: _edge(pad_type="same", stride=2, exp_kernel_size=4, se=True),
+    "edge-relu-5x5": lambda: _edge(act_layer=nn.ReLU, exp_kernel_size=5, cin=16, cout=32),
+    "fused-mbconv": lambda: _fused_mbconv(4), "fused-mbconv-s2": lambda: _fused_mbconv(4, 16, 24, 2),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DENSE))
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_dense_blocks_eval(kind, layout):
+    block = DENSE[kind]().eval()
+    x = torch.randn(2, 16, 13, 11, generator=torch.Generator().manual_seed(4))
+    if layout == "nhwc":
+        block, x = block.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = block(x)
+        fused, rep = convert(copy.deepcopy(block), report=True)
+        out = fused(x)
+        again = fused(x)  # the prepared (cached) path
+    assert type(fused).__name__ == "FusedDenseBlock", str(rep)
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+    for o in (out, again):
+        torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["edge-se", "fused-mbconv"])
+def test_dense_blocks_train_and_frozen_bn(kind):
+    """Train mode: the original's computation (batch statistics, same running averages, same
+    gradients); frozen BN (eval with gradients): folded weights, gradients equal eager's."""
+    block = DENSE[kind]()
+    x = torch.randn(4, 16, 9, 9, generator=torch.Generator().manual_seed(5))
+    for train in (True, False):
+        ref_b = copy.deepcopy(block).train(train)
+        fused = convert(copy.deepcopy(block)).train(train)
+        assert type(fused).__name__ == "FusedDenseBlock"
+        ref, out = ref_b(x), fused(x)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        ref.square().mean().backward()
+        out.square().mean().backward()
+        assert_grads_close(ref_b, fused, 1e-3)
+        for (n, b), (_, c) in zip(ref_b.named_buffers(), fused.named_buffers()):
+            torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_lone_fused_mbconv_is_kept():
+    """A FusedMBConv without expansion (kxk conv + BN + act): nothing the kernels add."""
+    _kept(_fused_mbconv(1).eval(), torch.randn(1, 16, 8, 8), "no faster than eager")
+
+
+def test_dense_block_weights_update_invalidates_the_prepared_conv():
+    block = _edge(se=True).eval()
+    fused = convert(copy.deepcopy(block))
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        fused(x)
+        for m in (block, fused):
+            m.conv_exp.weight.mul_(1.5)
+            m.bn1.running_var.mul_(2.0)
+        torch.testing.assert_close(fused(x), block(x), rtol=1e-4, atol=1e-5)
