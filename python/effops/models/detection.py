@@ -126,6 +126,19 @@ def _resize_pad(x: Tensor, size: Tuple[int, int], fill: Tensor, round_u8: bool) 
     return out, scale
 
 
+_CONSTANTS: dict = {}
+
+
+def _constants(mean: tuple, std: tuple, device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+    """mean * 255, std * 255 and effdet's fill colour (the mean, rounded) on ``device``, made once."""
+    key = (mean, std, device)
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        vals = [[m * 255 for m in mean], [s * 255 for s in std], [float(int(round(255 * m))) for m in mean]]
+        hit = _CONSTANTS.setdefault(key, tuple(torch.tensor(v, dtype=torch.float32).to(device) for v in vals))
+    return hit
+
+
 def letterbox(images, image_size: Tuple[int, int], mean: Sequence[float], std: Sequence[float], *,
               device: torch.device, dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor, Tensor]:
     """effdet's eval preprocessing: resize keeping the aspect ratio so the image fits
@@ -136,9 +149,7 @@ def letterbox(images, image_size: Tuple[int, int], mean: Sequence[float], std: S
     model pixels, size [B, 2] = original (height, width)).
     """
     op = "predict"
-    mean_t = torch.tensor([m * 255 for m in mean], device=device, dtype=torch.float32)
-    std_t = torch.tensor([s * 255 for s in std], device=device, dtype=torch.float32)
-    fill = torch.tensor([float(int(round(255 * m))) for m in mean], device=device, dtype=torch.float32)
+    mean_t, std_t, fill = _constants(tuple(mean), tuple(std), torch.device(device))
     if isinstance(images, Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"{op}: an image tensor must be [B, 3, H, W], got shape {list(images.shape)}")
@@ -153,8 +164,8 @@ def letterbox(images, image_size: Tuple[int, int], mean: Sequence[float], std: S
         H, W = x.shape[-2:]
         batch, scale = _resize_pad(x, image_size, fill, round_u8)
         B = x.shape[0]
-        scales = torch.full((B,), 1.0 / scale, device=device)
-        sizes = torch.tensor([[H, W]] * B, device=device, dtype=torch.float32)
+        scales = torch.full((B,), 1.0 / scale, device=device)  # fills: no host-to-device copies
+        sizes = torch.stack([torch.full((B,), float(H), device=device), torch.full((B,), float(W), device=device)], 1)
     elif isinstance(images, (list, tuple)):
         if len(images) == 0:
             raise ValueError(f"{op}: images is an empty list")

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..nn.bifpn import BiFPN
 from ..nn.dwsep import DWSeparableConv2d, _WithPadding, _act_module
 from ..ops.dwsep import act_name
-from ..nn._parts import ConvStage, sepconv_forward
+from ..nn._parts import ConvStage, act_of, sepconv_forward
 from ._registry import register_model
 from .anchors import DEFAULT_ASPECT_RATIOS, anchors_per_location, generate_anchors
 from .detection import Detections, letterbox, postprocess
@@ -125,8 +125,9 @@ class HeadNet(nn.Module):
         super().__init__()
         c, act = cfg.fpn_channels, cfg.act_type
         self.num_levels = cfg.num_levels
+        # weight containers (effdet's names); the BN of each level and swish are applied by forward
         self.conv_rep = nn.ModuleList([
-            DWSeparableConv2d(c, c, 3, padding=1, act=act, dw_norm=False, pw_norm=False, bias=cfg.redundant_bias)
+            DWSeparableConv2d(c, c, 3, padding=1, act=None, dw_norm=False, pw_norm=False, bias=cfg.redundant_bias)
             for _ in range(cfg.box_class_repeats)])
         self.bn_rep = nn.ModuleList([
             nn.ModuleList([nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(c, eps=cfg.bn_eps, momentum=cfg.bn_momentum)))
@@ -136,6 +137,10 @@ class HeadNet(nn.Module):
                                          pw_norm=False, bias=True)
         self._act = _act_module(act_name("HeadNet", "act_type", act))
         self._caches = [[{} for _ in range(cfg.num_levels)] for _ in range(cfg.box_class_repeats)]
+
+    def extra_repr(self) -> str:
+        return (f"{len(self.conv_rep)} x [dw 3x3 -> pw 1x1 -> BN of the level -> {act_of(self._act)}] per level "
+                f"({self.num_levels} levels), then predict")
 
     def forward(self, x: List[Tensor]) -> List[Tensor]:
         outputs = []
