@@ -50,7 +50,7 @@ def test_quick_run_rows_and_skip_notes(tmp_path, capsys, keep_threads, no_onnx_r
     assert "onnxruntime" not in by and "openvino" not in by
     assert "onnxruntime: not installed" in out and "openvino: not installed" in out
     for r in rows:
-        assert r["op"] == "model" and r["dtype"] == "fp32" and r["threads"] == "1"
+        assert r["op"] == "model inference" and r["dtype"] == "fp32" and r["threads"] == "1"
         assert "mobilenetv2_100" in r["case"] and "b1" in r["case"]
         assert float(r["median_ms"]) > 0 and float(r["ratio"]) > 0
         assert float(r["gbps"]) > 0 and float(r["pct_of_copy"]) > 0  # compulsory traffic per time
@@ -63,6 +63,16 @@ def test_quick_run_rows_and_skip_notes(tmp_path, capsys, keep_threads, no_onnx_r
     for label in (EFFOPS, "eager (NCHW)", "eager (channels_last)"):
         line = next(ln for ln in out.splitlines() if re.match(rf"\s+{re.escape(label)}\s+\d", ln))
         assert re.search(r"\d\.\de[+-]\d\d", line), line
+
+    # the README's whole-network table from those rows; the op-level table leaves them out
+    assert main(["bench", "models", "--table", "--results", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| inference: model, batch, threads | dtype | effops ms | eager (NCHW) | eager (channels_last) |" in table
+    row = next(ln for ln in table.splitlines() if ln.startswith("| timm mobilenetv2_100"))
+    assert f"({float(by['eager (NCHW)']['ratio']):.2f}x)" in row
+    assert f"{float(by[EFFOPS]['median_ms']) / float(by['compute floor']['median_ms']):.1f}x" in row
+    assert main(["bench", "--table", "--results", str(tmp_path)]) == 0
+    assert "mobilenetv2_100" not in capsys.readouterr().out
 
 
 def _perturbed():

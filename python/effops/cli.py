@@ -22,7 +22,12 @@ def _bench(args) -> int:
     from .bench.harness import markdown_table, run_cases
 
     if args.table:
-        print(markdown_table(args.results))
+        if "models" in (args.families or []):
+            from .bench.models_report import models_table
+
+            print(models_table(args.results))
+        else:
+            print(markdown_table(args.results))
         return 0
     families = args.families or list(FAMILIES)
     unknown = [f for f in families if f not in FAMILIES and f != "models"]

@@ -32,8 +32,8 @@ torch.compile pays its whole compilation."""
 
 from __future__ import annotations
 
-import copy
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from .harness import EFFOPS, Case, copy_bandwidth, fma_peak, run_cases
+from .models_report import format_model_case
 
 CL = torch.channels_last
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -95,29 +96,37 @@ class Detector(nn.Module):
         self.bench = DetBenchPredict(net)
 
     def forward(self, x):
+        cls_out, box_out = self.bench.model(x)
+        return self.postprocess(x.shape[0], cls_out, box_out)
+
+    def postprocess(self, n: int, cls_out, box_out):
+        """(detections [n, max_det, 6], raw head outputs [n, *]) from the per-level outputs."""
         from effdet.bench import _batch_detection, _post_process
 
         b = self.bench
-        cls_out, box_out = b.model(x)
         raw = torch.cat([t.flatten(1) for t in list(cls_out) + list(box_out)], 1)
         c, bx, idx, classes = _post_process(cls_out, box_out, num_levels=b.num_levels, num_classes=b.num_classes,
                                             max_detection_points=b.max_detection_points)
-        det = _batch_detection(x.shape[0], c, bx, b.anchors.boxes, idx, classes, None, None,
+        det = _batch_detection(n, c, bx, b.anchors.boxes, idx, classes, None, None,
                                max_det_per_image=b.max_det_per_image, soft_nms=b.soft_nms)
         return det, raw
 
 
 def build_original(spec: ModelSpec, train: bool = False) -> nn.Module:
-    """The model as a user has it (random weights, seeded: every call builds the same model)."""
+    """The model as a user has it (random weights, seeded: every call builds the same model).
+    Dropout and drop-path are off, so that training steps of the variants stay comparable."""
     torch.manual_seed(0)
     if spec.family == "timm":
         import timm
 
         m = timm.create_model(spec.name, pretrained=False, drop_rate=0.0, drop_path_rate=0.0)
     elif spec.family == "effdet":
-        from effdet import create_model
+        from effdet import create_model_from_config, get_efficientdet_config
 
-        net = create_model(spec.name, pretrained=False, pretrained_backbone=False, image_size=(spec.size, spec.size))
+        config = get_efficientdet_config(spec.name)
+        config.backbone_args = dict(config.backbone_args or {}, drop_path_rate=0.0)
+        config.image_size = (spec.size, spec.size)
+        net = create_model_from_config(config, pretrained=False, pretrained_backbone=False)
         m = net if train else Detector(net)
     else:
         raise ValueError(f"model family must be 'timm' or 'effdet', got {spec.family!r}")
@@ -255,29 +264,45 @@ def _openvino_variant(path: str, x: torch.Tensor, threads: int, dtype: str):
     return run
 
 
+class _NetThenPost(nn.Module):
+    """A detector network followed by effdet's post-processing (a Detector's), for effops's
+    EfficientDet, which returns effdet's per-level outputs."""
+
+    def __init__(self, net: nn.Module, post: Detector):
+        super().__init__()
+        self.net = net
+        self._post = (post,)  # not a submodule: its unused network stays out of .to() and state_dict
+
+    def forward(self, x):
+        cls_out, box_out = self.net(x)
+        return self._post[0].postprocess(x.shape[0], cls_out, box_out)
+
+
 def _effops_models_make(spec: ModelSpec, original: nn.Module):
     """effops's own model of this name carrying the original's weights (``create_model(name)``,
-    then the original's state dict, strictly: effops.models keeps timm's parameter names), or the
-    reason it is not timed. Classifiers only: effops's EfficientDet returns its own Detections."""
+    then the original's state dict, strictly: effops.models keeps timm's and effdet's parameter
+    names), or the reason it is not timed. Detectors: effops's network, effdet's post-processing."""
     try:
         from .. import models as em
     except ImportError as e:
         return None, f"effops.models not importable ({e})"
     if not hasattr(em, "create_model") or not hasattr(em, "list_models"):
         return None, "effops.models has no create_model yet"
-    if spec.family != "timm":
-        return None, "detectors: effops.models' EfficientDet is not compared here yet (its own output type)"
     if spec.name not in em.list_models():
         return None, f"effops.models has no {spec.name}"
 
     def make():
-        m = em.create_model(spec.name)
-        m.load_state_dict(original.state_dict())
-        return m.eval()
+        if spec.family == "timm":
+            m = em.create_model(spec.name)
+            m.load_state_dict(original.state_dict())
+            return m.eval()
+        net = em.create_model(spec.name, image_size=(spec.size, spec.size))
+        net.load_state_dict(original.bench.model.state_dict())
+        return _NetThenPost(net.eval(), build_original(spec))
     return make, None
 
 
-def _errors_fn(ref, tol_key: str):
+def _errors_fn(ref):
     """outputs -> label -> max |y - ref| / max |ref| (detectors: of the raw head outputs, and of
     the sorted detection scores, whichever is larger)."""
     def rel(a, b) -> float:
@@ -364,16 +389,35 @@ def _onnx_variants(cfg: Config, x: torch.Tensor, add, out: Dict[str, Variant]) -
     tmp = tempfile.mkdtemp(prefix="effops-bench-")
     path = os.path.join(tmp, "model.onnx")
     t0 = time.perf_counter()
+    original = build_original(cfg.spec)
+    # detectors: the network is exported, effdet's post-processing (TorchScript functions, which
+    # do not export) runs in PyTorch on the runtime's outputs, as a user of these runtimes does
+    det = original if isinstance(original, Detector) else None
     try:
-        _export_onnx(build_original(cfg.spec), x, path)
+        _export_onnx(original if det is None else det.bench.model, x, path)
     except Exception as e:
         cfg.notes.append(f"ONNX export failed ({type(e).__name__}: {str(e)[:160]}): {', '.join(want)} skipped")
+        shutil.rmtree(tmp, ignore_errors=True)
         return
     export_s = time.perf_counter() - t0
+    if det is not None:
+        cfg.notes.append("onnxruntime / openvino: the network in the runtime, effdet's post-processing in PyTorch")
+
+    def with_post(run):
+        if det is None:
+            return run
+        levels = det.bench.num_levels
+
+        def run_det():
+            outs = [torch.from_numpy(o) for o in run()]
+            return det.postprocess(x.shape[0], outs[:levels], outs[levels:])
+        return run_det
+
     if "onnxruntime" in want:
-        add("onnxruntime", lambda: _ort_variant(path, x, cfg.threads))
+        add("onnxruntime", lambda: with_post(_ort_variant(path, x, cfg.threads)))
     if "openvino" in want:
-        add("openvino", lambda: _openvino_variant(path, x, cfg.threads, cfg.dtype))
+        add("openvino", lambda: with_post(_openvino_variant(path, x, cfg.threads, cfg.dtype)))
+    shutil.rmtree(tmp, ignore_errors=True)  # both runtimes have read the file
     for label in want:  # each would have had to build the model and export it
         if label in out:
             out[label].first_s += export_s
@@ -386,17 +430,19 @@ def inference_case(cfg: Config, *, compile_: bool, target_s: float,
     x = _input(cfg.spec, cfg.batch)
     with torch.inference_mode():
         ref = original(x)
-    macs = count_macs(original, x)
+    # detectors: the network's multiply-adds (the post-processing has none, and its TorchScript
+    # functions do not run under the counter's dispatch mode)
+    macs = count_macs(original.bench.model if isinstance(original, Detector) else original, x)
     itemsize = 4 if cfg.dtype == "fp32" else 2
     nbytes = compulsory_bytes(original, x, itemsize)
     variants = inference_variants(cfg, original, x, compile_=compile_, wrong=wrong)
     peak = fma_peak(dev, DTYPES[cfg.dtype])
     bw = copy_bandwidth(dev)
     fixed = {"compute floor": 2 * macs / (peak * 1e9), "traffic floor": nbytes / (bw * 1e9)}
-    case = Case("model", cfg.name, cfg.dtype, {k: v.fn for k, v in variants.items()}, bytes_moved=nbytes,
-                errors=_errors_fn(ref, cfg.dtype), tolerance=TOLERANCE[cfg.dtype], fixed=fixed, flops=2 * macs)
+    case = Case("model inference", cfg.name, cfg.dtype, {k: v.fn for k, v in variants.items()}, bytes_moved=nbytes,
+                errors=_errors_fn(ref), tolerance=TOLERANCE[cfg.dtype], fixed=fixed, flops=2 * macs)
     case.note = (f"{macs / 1e9:.2f} GMAC, {nbytes / 1e6:.1f} MB compulsory traffic; measured peak "
-                 f"{peak:.1f} GFLOP/s ({cfg.dtype} matmul), copy {bw:.1f} GB/s")
+                 f"{peak:.1f} GFLOP/s ({cfg.dtype}, best of a matmul and a 3x3 conv), copy {bw:.1f} GB/s")
     return case, variants
 
 
@@ -436,8 +482,6 @@ def _train_step(model: nn.Module, x: torch.Tensor, spec: ModelSpec, dtype: str) 
 
 
 def train_case(spec: ModelSpec, batch: int, threads: int, dtype: str, *, compile_: bool) -> Tuple[Case, Dict[str, Variant], List[str]]:
-    from torch.utils.flop_counter import FlopCounterMode
-
     from ..nn import convert
 
     notes: List[str] = []
@@ -464,9 +508,11 @@ def train_case(spec: ModelSpec, batch: int, threads: int, dtype: str, *, compile
     ref_step = _train_step(build_original(spec, train=True), x, spec, "fp32")
     ref_step()
     ref = ref_step()
-    with FlopCounterMode(display=False) as fc:
-        _train_step(build_original(spec, train=True), x, spec, dtype)()
-    flops = fc.get_total_flops()
+    # forward + backward = 3x the forward's multiply-adds (grad input and grad weight each cost what
+    # the forward does; torch.utils.flop_counter ignores groups in the conv backward, counting a
+    # depthwise backward as a dense one)
+    net = build_original(spec)
+    flops = 3 * 2 * count_macs(net.bench.model if isinstance(net, Detector) else net, x)
     peak = fma_peak(torch.device("cpu"), DTYPES[dtype])
 
     def errors(outs):
@@ -489,36 +535,6 @@ def validate(models: Sequence[str], batches: Sequence[int], threads: Sequence[in
     for name, vals in (("batch", batches), ("threads", threads)):
         if not vals or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in vals):
             raise ValueError(f"{name}: positive integers required, got {list(vals)}")
-
-
-# ----------------------------------------------------------------------------- report
-def format_model_case(case: Case, rows: List[Dict[str, object]], first: Optional[Dict[str, float]] = None,
-                      notes: Sequence[str] = ()) -> str:
-    """A table per case: every variant with its time, effops' speed-up over it, GFLOP/s, its
-    distance to both floors, its error against the reference and its time to first result."""
-    by = {r["backend"]: r for r in rows}
-    floors = {k: float(by[k]["median_ms"]) for k in ("compute floor", "traffic floor") if k in by}
-    lines = [f"\n{case.op} | {case.name} | {case.dtype} | {case.note}",
-             f"  {'variant':24s} {'median ms':>10s} {'effops x':>9s} {'GFLOP/s':>8s} {'x compute':>9s} "
-             f"{'x traffic':>9s} {'max rel err':>11s} {'first s':>8s}"]
-    for label, r in by.items():
-        if label in floors:
-            continue
-        ms = float(r["median_ms"])
-        speed = f"{ms / float(by[EFFOPS]['median_ms']):.2f}" if EFFOPS in by else ""
-        gf = f"{case.flops / (ms * 1e6):.1f}" if case.flops else ""
-        xc = f"{ms / floors['compute floor']:.1f}" if "compute floor" in floors else ""
-        xt = f"{ms / floors['traffic floor']:.1f}" if "traffic floor" in floors else ""
-        err = case.measured_errors.get(label)
-        fs = "" if not first or label not in first else f"{first[label]:.2f}"
-        lines.append(f"  {label:24s} {ms:10.2f} {speed:>9s} {gf:>8s} {xc:>9s} {xt:>9s} "
-                     f"{'' if err is None else f'{err:.1e}':>11s} {fs:>8s}")
-    lines.append("  floors: " + ", ".join(f"{k} {v:.2f} ms" for k, v in floors.items()))
-    for label, why in case.refused.items():
-        lines.append(f"  REFUSED {label}: outputs disagree with eager (NCHW), {why}")
-    for n in notes:
-        lines.append(f"  note: {n}")
-    return "\n".join(lines)
 
 
 def _cold_case(case: Case, variants: Dict[str, Variant]) -> Case:
@@ -603,3 +619,4 @@ def from_args(args) -> int:
     if not args.no_save:
         print(f"rows appended to {args.results}/")
     return 0
+

@@ -256,11 +256,13 @@ def append_rows(rows: List[Dict[str, object]], path: Path) -> None:
 
 
 def markdown_table(results_dir: str) -> str:
-    """The README table: the latest run of each (op, case, backend) per device file, one row per case."""
+    """The README table: the latest run of each (op, case, backend) per device file, one row per
+    case. Whole-network rows (ops 'model inference', 'model train step', 'model cold start') have
+    tables of their own (bench/models_report.py)."""
     out = []
     for path in sorted(Path(results_dir).glob("*.csv")):
         with open(path) as f:
-            rows = list(csv.DictReader(f))
+            rows = [r for r in csv.DictReader(f) if not r["op"].startswith("model ")]
         if not rows:
             continue
         latest: Dict[tuple, Dict[str, str]] = {}
