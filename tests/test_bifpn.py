@@ -257,3 +257,34 @@ def test_bifpn_trains():
     sum(o.square().mean() for o in out).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
     assert m.cell[0].fnode[0].combine.edge_weights.grad.abs().sum() > 0
+
+
+def test_bad_options_are_named_errors_not_hash_errors():
+    """Issue 14: the validated-plan cache hashes its key before the checks run; an unhashable
+    or oddly typed option must still reach the checks and get the named error."""
+    a, b = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)
+    w = torch.ones(2)
+    modes = ["identity", "nearest"]
+    weighted_fuse([a, b], w, resample=modes)  # a plan for this configuration now exists
+    with pytest.raises(TypeError, match="weighted_fuse: act must be an activation name"):
+        weighted_fuse([a, b], w, resample=modes, act=["silu"])
+    with pytest.raises(ValueError, match="weighted_fuse: method must be one of"):
+        weighted_fuse([a, b], w, resample=modes, method=["fastattn"])
+    with pytest.raises(ValueError, match=r"weighted_fuse: resample\[1\] must be one of"):
+        weighted_fuse([a, b], w, resample=["identity", ["nearest"]])
+    with pytest.raises(ValueError, match=r"weighted_fuse: resample\[0\] must be one of"):
+        weighted_fuse([a, b], w, resample=[{}, "nearest"])
+    with pytest.raises(TypeError, match="weighted_fuse: eps must be a real number"):
+        weighted_fuse([a, b], w, resample=modes, eps="1e-4")
+    with pytest.raises(TypeError, match="weighted_fuse: eps must be a real number"):
+        weighted_fuse([a, b], w, resample=modes, eps=[1e-4])
+    for eps in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="weighted_fuse: eps must"):
+            weighted_fuse([a, b], w, resample=modes, eps=eps)
+    for size in ((True, True), (8, 2**31), ([8], 8), (8.0, 8)):
+        with pytest.raises(ValueError, match="weighted_fuse: out_size must be a pair of positive ints"):
+            weighted_fuse([a, b], w, resample=modes, out_size=size)
+    # True == 1 == 1.0 as dict keys: eps=1 (valid) and eps=True (not a real number) are kept apart
+    weighted_fuse([a, b], w, resample=modes, eps=1)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        weighted_fuse([a, b], w, resample=modes, eps=True)

@@ -391,3 +391,44 @@ def test_backward_backends_match_reference(backend_device):
     for name, a, b in zip(names, got, truth):
         err = (a.cpu().double() - b).abs().max().item()
         assert err <= 1e-4 * (b.abs().max().item() + 1), (name, err)
+
+
+def test_bad_geometry_and_kernel_sizes():
+    """Issue 14: a zero-sized kernel, and sizes up to and past 2**63, are named errors - never an
+    output of act(bias), an int64 overflow in the kernels, or nanobind's 'incompatible function
+    arguments'."""
+    x = torch.randn(1, 4, 6, 6)
+    dw, pw = torch.randn(4, 1, 3, 3), torch.randn(5, 4, 1, 1)
+    for w in (torch.randn(4, 1, 0, 3), torch.randn(4, 1, 3, 0)):
+        with pytest.raises(ValueError, match=r"dw_conv_act: weight must have a kernel of at least 1x1"):
+            dw_conv_act(x, w, padding=1)
+        with pytest.raises(ValueError, match=r"dwsep_conv: dw_weight must have a kernel of at least 1x1"):
+            dwsep_conv(x, w, pw, padding=1)
+    for name in ("stride", "padding", "dilation"):
+        for v in (2**31, 2**62, 2**63 - 1, 2**63, 2**64 + 5, (1, 2**63)):
+            with pytest.raises(ValueError, match=rf"dwsep_conv: {name} must be <= 2147483647"):
+                dwsep_conv(x, dw, pw, **{name: v})
+            with pytest.raises(ValueError, match=rf"dw_conv_act: {name} must be <= 2147483647"):
+                dw_conv_act(x, dw, **{name: v})
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        dw_conv_act(x, dw, stride=-(2**63))
+    # the largest accepted stride is fine: one output pixel, as torch computes it
+    y, _ = dw_conv_act(x, dw, stride=2**31 - 1, padding=0, act=None)
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, dw, stride=2**31 - 1, groups=4))
+
+
+def test_kernel_entry_points_check_geometry():
+    """Defence in depth: the compiled module bounds stride/padding/dilation itself and uses
+    checked arithmetic for the padded extent (direct calls bypass the Python checks)."""
+    from effops import _backend
+
+    xn, taps, y = torch.randn(1, 5, 5, 4), torch.randn(3, 3, 4), torch.empty(1, 3, 3, 4)
+    ok = dict(stride=[1, 1], pad=[0, 0, 0, 0], dil=[1, 1])
+    for key, bad in (("pad", [2**62, 2**62, 0, 0]), ("pad", [-1, 0, 0, 0]), ("stride", [2**40, 1]),
+                     ("dil", [1, 2**62]), ("stride", [0, 1])):
+        a = dict(ok, **{key: bad})
+        with pytest.raises(ValueError, match="dw_forward: (padding|stride and dilation) must be in"):
+            _backend._C.dw_forward(xn, taps, None, None, a["stride"], a["pad"], a["dil"], 0, 0, y, None, 1)
+    with pytest.raises(ValueError, match="kernel must be at least 1x1"):
+        _backend._C.dw_forward(xn, torch.randn(0, 3, 4), None, None, [1, 1], [1, 1, 0, 0], [1, 1], 0, 0,
+                               torch.empty(1, 6, 3, 4), None, 1)

@@ -61,7 +61,7 @@ Plan<T> make_plan(const std::vector<Input<T>>& in, int64_t N, int64_t C, int64_t
     p.src_h.push_back(sh), p.src_w.push_back(sw), p.pt.push_back(t), p.pl.push_back(l);
   }
   const int64_t want = std::max(1, 4 * threads);
-  const int64_t per_image = std::max<int64_t>(1, (want + N - 1) / N);
+  const int64_t per_image = N > 0 ? std::max<int64_t>(1, (want + N - 1) / N) : 1;  // N = 0: no tasks
   p.rpt = std::max<int64_t>(1, (Ho + per_image - 1) / per_image);
   p.blocks = (Ho + p.rpt - 1) / p.rpt;
   return p;
@@ -218,13 +218,10 @@ EFFOPS_INLINE void fwd_body(const Plan<T>& p, T* out, int64_t task, typename sim
   }
 }
 
-EFFOPS_CONV_CLONES void fwd_task(const Plan<float>& p, float* o, int64_t t, float* acc) { fwd_body(p, o, t, acc); }
-EFFOPS_CONV_CLONES void fwd_task(const Plan<double>& p, double* o, int64_t t, double* acc) {
-  fwd_body(p, o, t, acc);
-}
-EFFOPS_CONV_CLONES void fwd_task(const Plan<simd::bf16>& p, simd::bf16* o, int64_t t, float* acc) {
-  fwd_body(p, o, t, acc);
-}
+EFFOPS_ISA_DISPATCH(fwd_task, fwd_body, (const Plan<float>& p, float* o, int64_t t, float* acc), (p, o, t, acc))
+EFFOPS_ISA_DISPATCH(fwd_task, fwd_body, (const Plan<double>& p, double* o, int64_t t, double* acc), (p, o, t, acc))
+EFFOPS_ISA_DISPATCH(fwd_task, fwd_body, (const Plan<simd::bf16>& p, simd::bf16* o, int64_t t, float* acc),
+                    (p, o, t, acc))
 
 // ------------------------------------------------------------------------ backward pass 1
 // gpre = g * act'(pre); part[task, i] = sum over the task's pixels of gpre * R_i(x_i).

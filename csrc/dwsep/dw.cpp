@@ -17,6 +17,7 @@ namespace {
 
 // Rows per task: enough tasks to balance the threads, enough rows to amortise a task.
 int64_t rows_per_task(int64_t n_images, int64_t rows, int threads) {
+  if (n_images <= 0) return 1;  // no images, no tasks (and no division by zero)
   const int64_t want = std::max<int64_t>(1, 4 * threads);
   const int64_t per_image = std::max<int64_t>(1, (want + n_images - 1) / n_images);
   return std::max<int64_t>(1, (rows + per_image - 1) / per_image);
@@ -35,7 +36,7 @@ struct FwdArgs {
   int64_t rpt, blocks;
 };
 
-template <class T>
+template <int W, class T>
 EFFOPS_INLINE void fwd_task_body(const FwdArgs<T>& a, int64_t task) {
   using F = Acc<T>;
   const ConvGeom& g = a.g;
@@ -52,24 +53,24 @@ EFFOPS_INLINE void fwd_task_body(const FwdArgs<T>& a, int64_t task) {
       const T* pf[2];
       tap_rows(g, oh, xn, 0, rows);
       next_rows(g, oh, xn, pf);
-      dw_row(g, rows, a.taps, a.scale, a.bias, a.act, 0, g.Wo, yn + oh * g.Wo * g.C, sums, pf);
+      dw_row<W>(g, rows, a.taps, a.scale, a.bias, a.act, 0, g.Wo, yn + oh * g.Wo * g.C, sums, pf);
     }
     return;
   }
   thread_local std::vector<F> band;
   int64_t ih0, ih1;
   band_of(g, oh0, oh1, ih0, ih1);
-  with_act(a.in_act, [&](auto IA) EFFOPS_LAMBDA_INLINE { activate_band<T, F, IA()>(xn, g, ih0, ih1, band); });
+  with_act(a.in_act, [&](auto IA) EFFOPS_LAMBDA_INLINE { activate_band<W, T, F, IA()>(xn, g, ih0, ih1, band); });
   const F* rows[64];
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     tap_rows<F>(g, oh, band.data(), ih0, rows);
-    dw_row(g, rows, a.taps, a.scale, a.bias, a.act, 0, g.Wo, yn + oh * g.Wo * g.C, sums);
+    dw_row<W>(g, rows, a.taps, a.scale, a.bias, a.act, 0, g.Wo, yn + oh * g.Wo * g.C, sums);
   }
 }
 
-EFFOPS_CONV_CLONES void fwd_task(const FwdArgs<float>& a, int64_t t) { fwd_task_body(a, t); }
-EFFOPS_CONV_CLONES void fwd_task(const FwdArgs<double>& a, int64_t t) { fwd_task_body(a, t); }
-EFFOPS_CONV_CLONES void fwd_task(const FwdArgs<simd::bf16>& a, int64_t t) { fwd_task_body(a, t); }
+EFFOPS_ISA_DISPATCH_W(fwd_task, fwd_task_body, (const FwdArgs<float>& a, int64_t t), (a, t))
+EFFOPS_ISA_DISPATCH_W(fwd_task, fwd_task_body, (const FwdArgs<double>& a, int64_t t), (a, t))
+EFFOPS_ISA_DISPATCH_W(fwd_task, fwd_task_body, (const FwdArgs<simd::bf16>& a, int64_t t), (a, t))
 
 // ---------------------------------------------------------------- backward
 template <class F>
@@ -99,10 +100,10 @@ EFFOPS_INLINE int64_t readers_of(int64_t i, int64_t pad, int64_t k, int64_t dil,
 }
 
 // dL/da by gathering, for each input pixel, the output pixels whose taps read it.
-template <class F>
+template <int W, class F>
 EFFOPS_INLINE void bwd_input_body(const BwdArgs<F>& b, int64_t task) {
-  using V = typename simd::Traits<F>::V;
-  constexpr int64_t L = simd::Traits<F>::L;
+  using V = typename simd::Traits<F, W>::V;
+  constexpr int64_t L = simd::Traits<F, W>::L;
   const ConvGeom& g = b.g;
   const int64_t C = g.C, CL = C / L * L;
   const int64_t n = task / b.blocks, ih0 = (task % b.blocks) * b.rpt;
@@ -120,8 +121,8 @@ EFFOPS_INLINE void bwd_input_body(const BwdArgs<F>& b, int64_t task) {
         V acc = simd::splat<V>(F(0));
         for (int64_t i = 0; i < nk; ++i)
           for (int64_t j = 0; j < nw; ++j)
-            acc += loadv(gdn + (ohs[i] * g.Wo + ows[j]) * C + c) *
-                   loadv(b.taps + (khs[i] * g.KW + kws[j]) * C + c);
+            acc += loadv<V>(gdn + (ohs[i] * g.Wo + ows[j]) * C + c) *
+                   loadv<V>(b.taps + (khs[i] * g.KW + kws[j]) * C + c);
         storev(o + c, acc);
       }
       for (; c < C; ++c) {
@@ -136,10 +137,10 @@ EFFOPS_INLINE void bwd_input_body(const BwdArgs<F>& b, int64_t task) {
 }
 
 // dL/dtaps partial over output rows [oh0, oh1) of one image.
-template <class F>
+template <int W, class F>
 EFFOPS_INLINE void bwd_weight_body(const BwdArgs<F>& b, int64_t task) {
-  using V = typename simd::Traits<F>::V;
-  constexpr int64_t L = simd::Traits<F>::L;
+  using V = typename simd::Traits<F, W>::V;
+  constexpr int64_t L = simd::Traits<F, W>::L;
   const ConvGeom& g = b.g;
   const int64_t C = g.C, CL = C / L * L;
   const int64_t n = task / b.blocks, oh0 = (task % b.blocks) * b.rpt;
@@ -161,7 +162,7 @@ EFFOPS_INLINE void bwd_weight_body(const BwdArgs<F>& b, int64_t task) {
           const F* ap = rows[kh] + iw * C;
           F* wp = gw + (kh * g.KW + kw) * C;
           int64_t c = 0;
-          for (; c < CL; c += L) storev(wp + c, loadv(wp + c) + loadv(gdp + c) * loadv(ap + c));
+          for (; c < CL; c += L) storev(wp + c, loadv<V>(wp + c) + loadv<V>(gdp + c) * loadv<V>(ap + c));
           for (; c < C; ++c) wp[c] += gdp[c] * ap[c];
         }
       }
@@ -169,10 +170,10 @@ EFFOPS_INLINE void bwd_weight_body(const BwdArgs<F>& b, int64_t task) {
   }
 }
 
-EFFOPS_CONV_CLONES void bwd_input(const BwdArgs<float>& b, int64_t t) { bwd_input_body(b, t); }
-EFFOPS_CONV_CLONES void bwd_input(const BwdArgs<double>& b, int64_t t) { bwd_input_body(b, t); }
-EFFOPS_CONV_CLONES void bwd_weight(const BwdArgs<float>& b, int64_t t) { bwd_weight_body(b, t); }
-EFFOPS_CONV_CLONES void bwd_weight(const BwdArgs<double>& b, int64_t t) { bwd_weight_body(b, t); }
+EFFOPS_ISA_DISPATCH_W(bwd_input, bwd_input_body, (const BwdArgs<float>& b, int64_t t), (b, t))
+EFFOPS_ISA_DISPATCH_W(bwd_input, bwd_input_body, (const BwdArgs<double>& b, int64_t t), (b, t))
+EFFOPS_ISA_DISPATCH_W(bwd_weight, bwd_weight_body, (const BwdArgs<float>& b, int64_t t), (b, t))
+EFFOPS_ISA_DISPATCH_W(bwd_weight, bwd_weight_body, (const BwdArgs<double>& b, int64_t t), (b, t))
 
 void check_kernel_size(const ConvGeom& g) {
   if (g.KH > 64 || g.KW > 64) throw std::invalid_argument("depthwise kernels larger than 64x64 are not supported");

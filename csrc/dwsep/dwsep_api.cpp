@@ -37,15 +37,25 @@ ConvGeom geometry(const CpuArray& x, int64_t KH, int64_t KW, const std::vector<i
   check(x.ndim() == 4, op, ": x must be NHWC [N, H, W, C]");
   check(stride.size() == 2 && pad.size() == 4 && dil.size() == 2, op,
         ": stride, dilation must have 2 values and pad 4 (top, bottom, left, right)");
-  check(stride[0] >= 1 && stride[1] >= 1 && dil[0] >= 1 && dil[1] >= 1, op,
-        ": stride and dilation must be >= 1");
-  check(pad[0] >= 0 && pad[1] >= 0 && pad[2] >= 0 && pad[3] >= 0, op, ": padding must be >= 0");
+  for (int i = 0; i < 2; ++i) {
+    check(stride[i] >= 1 && stride[i] <= kMaxSize && dil[i] >= 1 && dil[i] <= kMaxSize, op,
+          ": stride and dilation must be in [1, ", kMaxSize, "]");
+  }
+  for (int i = 0; i < 4; ++i) check(pad[i] >= 0 && pad[i] <= kMaxSize, op, ": padding must be in [0, ", kMaxSize, "]");
+  check(KH >= 1 && KW >= 1, op, ": the kernel must be at least 1x1, got ", KH, "x", KW);
   ConvGeom g{};
   g.N = x.shape(0), g.H = x.shape(1), g.W = x.shape(2), g.C = x.shape(3);
   g.KH = KH, g.KW = KW, g.sh = stride[0], g.sw = stride[1], g.pt = pad[0], g.pl = pad[2];
   g.dh = dil[0], g.dw = dil[1];
-  const int64_t eh = g.H + pad[0] + pad[1] - g.dh * (KH - 1) - 1;
-  const int64_t ew = g.W + pad[2] + pad[3] - g.dw * (KW - 1) - 1;
+  // Checked: the dilated kernel span dil * (K - 1) is the one product of two unbounded-by-us
+  // operands (K is a tensor dimension); everything the kernels compute later is bounded by
+  // the padded input extent, which this makes sure fits.
+  const int64_t span_h = checked_mul(g.dh, KH - 1, op, "dilation * (kernel height - 1)");
+  const int64_t span_w = checked_mul(g.dw, KW - 1, op, "dilation * (kernel width - 1)");
+  const int64_t ph = checked_add(checked_add(g.H, pad[0], op, "padded height"), pad[1], op, "padded height");
+  const int64_t pw = checked_add(checked_add(g.W, pad[2], op, "padded width"), pad[3], op, "padded width");
+  const int64_t eh = ph - span_h - 1;  // ph, span_h >= 0: no overflow
+  const int64_t ew = pw - span_w - 1;
   check(eh >= 0 && ew >= 0, op, ": the input is smaller than the dilated kernel");
   g.Ho = eh / g.sh + 1, g.Wo = ew / g.sw + 1;
   return g;

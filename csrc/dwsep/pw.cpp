@@ -16,38 +16,20 @@
 #include "dwsep/dw_core.h"
 #include "dwsep/gemm_core.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define EFFOPS_X86 1
+#include "common/isa.h"
+
 #define EFFOPS_COMMA ,
-#define EFFOPS_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
-#define EFFOPS_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
-#else
-#define EFFOPS_X86 0
-#define EFFOPS_COMMA ,
-#define EFFOPS_TARGET_V4
-#define EFFOPS_TARGET_V3
-#endif
 
 namespace effops::dwsep {
 namespace {
 
-enum Isa { kBase = 0, kV3 = 1, kV4 = 2 };
+using ::effops::Isa;
+using ::effops::kBase;
+using ::effops::kV3;
+using ::effops::kV4;
 
-Isa cpu_isa() {
-#if EFFOPS_X86
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      return kV4;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kV3;
-    return kBase;
-  }();
-  return isa;
-#else
-  return kBase;
-#endif
-}
+// The level the kernels run at (EFFOPS_ISA / effops.set_isa cap the detected one).
+inline Isa cpu_isa() { return ::effops::isa(); }
 
 template <class F, Isa I>
 struct TileFor;
@@ -198,7 +180,7 @@ EFFOPS_INLINE void dwsep_task_body(const DwsepArgs<T>& a, int64_t task) {
   int64_t ih0 = 0, ih1 = 0;
   if (a.preact) {  // activate the input rows of the whole block once
     band_of(g, oh0, oh1, ih0, ih1);
-    with_act(a.act, [&](auto IA) EFFOPS_LAMBDA_INLINE { activate_band<T, F, IA()>(xn, g, ih0, ih1, band); });
+    with_act(a.act, [&](auto IA) EFFOPS_LAMBDA_INLINE { activate_band<simd::vec_bytes<I>, T, F, IA()>(xn, g, ih0, ih1, band); });
   }
   // Pixels [oh0 * Wo, oh1 * Wo) of the image in chunks of P, a chunk crossing row ends where it
   // must (NHWC pixels are contiguous): the GEMM gets full MR-row tiles also on narrow maps
@@ -212,13 +194,15 @@ EFFOPS_INLINE void dwsep_task_body(const DwsepArgs<T>& a, int64_t task) {
       if (a.preact) {
         const F* frows[64];
         tap_rows<F>(g, oh, band.data(), ih0, frows);
-        dw_row(g, frows, a.taps, a.dw_scale, a.dw_bias, simd::kNone, ow0, ow1, d, static_cast<F*>(nullptr));
+        dw_row<simd::vec_bytes<I>>(g, frows, a.taps, a.dw_scale, a.dw_bias, simd::kNone, ow0, ow1, d,
+                                   static_cast<F*>(nullptr));
       } else {
         const T* trows[64];
         const T* pf[2];
         tap_rows<T>(g, oh, xn, 0, trows);
         next_rows(g, oh, xn, pf);
-        dw_row(g, trows, a.taps, a.dw_scale, a.dw_bias, a.act, ow0, ow1, d, static_cast<F*>(nullptr), pf);
+        dw_row<simd::vec_bytes<I>>(g, trows, a.taps, a.dw_scale, a.dw_bias, a.act, ow0, ow1, d,
+                                   static_cast<F*>(nullptr), pf);
       }
       p += ow1 - ow0;
     }
@@ -290,7 +274,7 @@ void dwsep_run(DwsepArgs<T> a, const Acc<T>* pw, int threads) {
   // Row blocks: enough tasks for the threads; in pre-activation mode longer blocks also mean
   // fewer input rows activated twice (once per block they overlap).
   const int64_t want = std::max<int64_t>(1, 4 * threads);
-  const int64_t per_image = std::max<int64_t>(1, (want + a.g.N - 1) / a.g.N);
+  const int64_t per_image = a.g.N > 0 ? std::max<int64_t>(1, (want + a.g.N - 1) / a.g.N) : 1;  // N = 0: no tasks
   a.rpt = std::max<int64_t>(1, (a.g.Ho + per_image - 1) / per_image);
   a.blocks = (a.g.Ho + a.rpt - 1) / a.rpt;
   parallel_for(a.g.N * a.blocks, threads, [&](int64_t t, int) {

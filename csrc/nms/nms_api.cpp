@@ -1,5 +1,7 @@
 #include "nms/nms_api.h"
 
+#include <cmath>
+
 #include "nms/nms.h"
 
 namespace effops::nms {
@@ -57,6 +59,9 @@ void multiclass_nms_api(const CpuArray& boxes, const CpuArray& scores, double th
     check_shape(boxes, {B, N, 4}, op, "boxes");
   check(boxes.dtype() == scores.dtype(), op, ": boxes and scores must have the same dtype");
   check(C > 0, op, ": scores must have at least one class");
+  // Any k >= N * C keeps every candidate (the same result as N * C); clamping keeps the
+  // selection's arithmetic (k + slack, histogram counts) inside int64 for k near INT64_MAX.
+  if (pre_k > N * C) pre_k = N * C;
   check_shape(num_out, {B}, op, "num_detections");
   const int64_t M = boxes_out.ndim() == 3 ? static_cast<int64_t>(boxes_out.shape(1)) : -1;
   check_shape(boxes_out, {B, M, 4}, op, "boxes_out");
@@ -82,6 +87,7 @@ int64_t soft_nms_api(const CpuArray& boxes, const CpuArray& scores, double thr, 
                      const CpuArray& scores_out, int threads) {
   const int64_t n = check_boxes_scores(boxes, scores, "soft_nms");
   check(method == 0 || method == 1, "soft_nms: method must be 0 (linear) or 1 (gaussian)");
+  check(std::isfinite(sigma), "soft_nms: sigma must be finite");  // exp(-x^2 / inf) etc.: undefined here
   check_shape(keep_out, {n}, "soft_nms", "keep_out");
   check_dtype(keep_out, kI64, "soft_nms", "keep_out");
   check_shape(scores_out, {n}, "soft_nms", "scores_out");
@@ -97,6 +103,9 @@ void matrix_nms_api(const CpuArray& boxes, const CpuArray& scores, std::optional
                     int kernel, double sigma, const CpuArray& scores_out, int threads) {
   const int64_t n = check_boxes_scores(boxes, scores, "matrix_nms");
   check(kernel == 0 || kernel == 1, "matrix_nms: kernel must be 0 (linear) or 1 (gaussian)");
+  // exp(-inf * 0) is NaN, and std::min and torch.min treat NaN differently: a non-finite sigma
+  // has no agreed result, so it is refused (as in Python).
+  check(std::isfinite(sigma), "matrix_nms: sigma must be finite");
   if (idxs) {
     check_shape(*idxs, {n}, "matrix_nms", "idxs");
     check_dtype(*idxs, kI64, "matrix_nms", "idxs");

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from ._common import EffopsInputError, EffopsTypeError, check_tensor, profiled
+from ._common import MAX_SIZE, EffopsInputError, EffopsTypeError, check_real, check_tensor, profiled
 from .dwsep import (ACT_CODES, _autocast, _check_x, _fast_path_ok, _from_nhwc, _nhwc, act_grad, act_name, apply_act,
                     same_padding)
 
@@ -320,11 +320,18 @@ _PLANS: dict = {}
 
 
 def _plan_key(inputs, weights, resample, method, eps, act, out_size):
+    """The cache key, or None where the arguments cannot form one (then the checks run and name the
+    bad argument). Option values are keyed with their types (True == 1 == 1.0 in a dict), and the
+    key is hashed here: an unhashable option must fall through to the checks, not raise."""
     try:
         if not isinstance(inputs, (list, tuple)) or type(weights) not in (torch.Tensor, torch.nn.Parameter):
             return None
-        return (tuple((x.shape, x.dtype) for x in inputs), weights.shape, weights.dtype, tuple(resample), method,
-                float(eps), act, None if out_size is None else tuple(out_size))
+        typed = lambda v: (type(v), v)  # noqa: E731
+        key = (tuple((x.shape, x.dtype) for x in inputs), weights.shape, weights.dtype,
+               tuple(map(typed, resample)), typed(method), typed(eps), typed(act),
+               None if out_size is None else tuple(map(typed, out_size)))
+        hash(key)
+        return key
     except (AttributeError, TypeError):
         return None
 
@@ -402,6 +409,9 @@ def weighted_fuse(inputs: Sequence[Tensor], weights: Optional[Tensor], *, resamp
         if weights.device != x0.device:
             raise EffopsInputError(f"{op}: weights are on {weights.device} but the inputs on {x0.device}")
     a = act_name(op, "act", act)
+    eps = check_real(op, "eps", eps, allow_nan=False, allow_inf=False)
+    if eps < 0:
+        raise EffopsInputError(f"{op}: eps must be >= 0, got {eps}")
     if out_size is None:
         ident = [x for x, m in zip(xs, resample) if m == "identity"]
         if not ident:
@@ -409,8 +419,8 @@ def weighted_fuse(inputs: Sequence[Tensor], weights: Optional[Tensor], *, resamp
         out_hw = tuple(ident[0].shape[2:])
     else:
         if (not isinstance(out_size, (list, tuple)) or len(out_size) != 2
-                or not all(isinstance(v, int) and v > 0 for v in out_size)):
-            raise EffopsInputError(f"{op}: out_size must be a pair of positive ints, got {out_size!r}")
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIZE for v in out_size)):
+            raise EffopsInputError(f"{op}: out_size must be a pair of positive ints (<= {MAX_SIZE}), got {out_size!r}")
         out_hw = (int(out_size[0]), int(out_size[1]))
     for i, (x, m) in enumerate(zip(xs, resample)):
         h, w = x.shape[2:]

@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch import Tensor
 
 from .. import _backend
-from ._common import EffopsInputError, EffopsTypeError, check_tensor, profiled
+from ._common import MAX_SIZE, EffopsInputError, EffopsTypeError, check_tensor, profiled
 
 _backend.register_op("dwsep_conv", ("cpu", "cuda", "triton", "reference"))
 _backend.register_op("dw_conv_act", ("cpu", "cuda", "triton", "reference"))
@@ -56,6 +56,9 @@ Padding = Union[str, int, Tuple[int, int]]
 
 # =============================================================================== helpers
 def act_name(op: str, arg: str, act) -> str:
+    if act is not None and not isinstance(act, str):
+        raise EffopsTypeError(f"{op}: {arg} must be an activation name (one of {list(ACTIVATIONS[1:])}, 'swish') "
+                              f"or None, got {type(act).__name__}")
     name = _ACT_ALIASES.get(act, act)
     if name not in ACTIVATIONS:
         raise EffopsInputError(f"{op}: {arg} must be one of {list(ACTIVATIONS[1:])}, 'swish' or None, got {act!r}")
@@ -108,6 +111,8 @@ def _pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
         raise EffopsTypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
     if min(v) < minimum:
         raise EffopsInputError(f"{op}: {name} must be >= {minimum}, got {v}")
+    if max(v) > MAX_SIZE:  # the kernels' index arithmetic stays far inside int64
+        raise EffopsInputError(f"{op}: {name} must be <= {MAX_SIZE}, got {v}")
     return v
 
 
@@ -749,12 +754,22 @@ def _check_param(op: str, name: str, t, shape: Sequence[int], x: Tensor, *, same
     return t
 
 
+def _check_channels(op: str, name: str, C: int, wname: str, Co: Optional[int] = None) -> None:
+    """torch's conv2d refuses zero channels (groups=0, a weight with no output channels): so do we."""
+    if C == 0:
+        raise EffopsInputError(f"{op}: {name} must have at least one channel, got C = 0")
+    if Co == 0:
+        raise EffopsInputError(f"{op}: {wname} must have at least one output channel, got Co = 0")
+
+
 def _check_dw_weight(op: str, w, C: int, x: Tensor) -> Tensor:
     w = check_tensor(op, "dw_weight" if op == "dwsep_conv" else "weight", w)
     name = "dw_weight" if op == "dwsep_conv" else "weight"
     if w.dim() != 4 or w.shape[0] != C or w.shape[1] != 1:
         raise EffopsInputError(f"{op}: {name} must have shape [C, 1, kh, kw] = [{C}, 1, kh, kw] for a depthwise conv of "
                          f"{C} channels (groups = C), got {list(w.shape)}")
+    if w.shape[2] < 1 or w.shape[3] < 1:
+        raise EffopsInputError(f"{op}: {name} must have a kernel of at least 1x1, got {list(w.shape)}")
     return _check_param(op, name, w, w.shape, x)
 
 
@@ -770,7 +785,10 @@ def _check_pw_weight(op: str, w, C: int, x: Tensor, name: str) -> Tensor:
 def _autocast(*ts):
     """Inside torch.autocast, cast floating inputs to the autocast dtype, as conv2d is."""
     dev = next((t.device.type for t in ts if isinstance(t, torch.Tensor)), "cpu")
-    if not torch.is_autocast_enabled(dev):
+    try:
+        if not torch.is_autocast_enabled(dev):
+            return ts
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
         return ts
     dt = torch.get_autocast_dtype(dev)
     return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in ts)
@@ -793,6 +811,7 @@ def dwsep_conv(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, *, stride=1, pad
     dw_weight = _check_dw_weight(op, dw_weight, C, x)
     pw_weight = _check_pw_weight(op, pw_weight, C, x, "pw_weight")
     Co = pw_weight.shape[0]
+    _check_channels(op, "x", C, "pw_weight", Co)
     dw_scale = _check_param(op, "dw_scale", dw_scale, (C,), x)
     dw_bias = _check_param(op, "dw_bias", dw_bias, (C,), x)
     pw_scale = _check_param(op, "pw_scale", pw_scale, (Co,), x)
@@ -816,6 +835,7 @@ def dw_conv_act(x: Tensor, weight: Tensor, *, stride=1, padding: Padding = "same
     x = _check_x(op, x)
     N, C, H, W = x.shape
     weight = _check_dw_weight(op, weight, C, x)
+    _check_channels(op, "x", C, "weight")
     scale = _check_param(op, "scale", scale, (C,), x)
     bias = _check_param(op, "bias", bias, (C,), x)
     g = conv_geometry(op, (H, W), weight.shape[2:], stride, padding, dilation)
@@ -833,6 +853,7 @@ def pw_conv(y: Tensor, weight: Tensor, *, channel_scale: Optional[Tensor] = None
     N, C, H, W = y.shape
     weight = _check_pw_weight(op, weight, C, y, "weight")
     Co = weight.shape[0]
+    _check_channels(op, "y", C, "weight", Co)
     channel_scale = _check_param(op, "channel_scale", channel_scale, (N, C), y, same_dtype=True)
     scale = _check_param(op, "scale", scale, (Co,), y)
     bias = _check_param(op, "bias", bias, (Co,), y)
@@ -866,6 +887,11 @@ class _Prepared:
         self._wts = {}
         self._geo = {}
 
+    def in_place(self) -> tuple:
+        """The argument tensors the kernels read in place (no converted copy is kept): a cache of
+        prepared ops need not watch their contents."""
+        return ()
+
     def _weights(self, x: Tensor):
         w = self._wts.get(x.dtype)
         if w is None:
@@ -898,6 +924,10 @@ class PreparedDWSep(_Prepared):
     def _convert(self, x):
         k = self.kw
         return _dwsep_weights(x, *self.args, k["dw_scale"], k["dw_bias"], k["pw_scale"], k["pw_bias"])
+
+    def in_place(self) -> tuple:
+        pw = self.args[1]  # _f32(pw.reshape(Co, C)) of a contiguous float32 weight is a view
+        return (pw,) if pw.dtype == torch.float32 and pw.is_contiguous() else ()
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if (_fast_path_ok(x, self._needs_grad) and x.shape[1] == self.C
@@ -946,6 +976,10 @@ class PreparedPW(_Prepared):
 
     def _convert(self, x):
         return _pw_weights(x, self.weight, self.kw["scale"], self.kw["bias"])
+
+    def in_place(self) -> tuple:
+        w = self.weight
+        return (w,) if w.dtype == torch.float32 and w.is_contiguous() else ()
 
     def __call__(self, y: Tensor, channel_scale: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
         extra = [t for t in (channel_scale, residual) if t is not None]

@@ -542,6 +542,9 @@ def _check_boxes_scores(op: str, boxes: object, scores: object) -> Tuple[Tensor,
     if boxes.dtype != scores.dtype:
         raise EffopsTypeError(f"{op}: boxes and scores must have the same dtype, got {boxes.dtype} and {scores.dtype}")
     check_same_device(op, boxes=boxes, scores=scores)
+    if boxes.device.type == "meta":  # the output's length depends on the values, which meta has not
+        raise EffopsInputError(f"{op}: boxes are meta tensors; the number of boxes kept depends on their values "
+                               "(under torch.compile / export, fake tensors work)")
     return boxes, scores
 
 
@@ -664,7 +667,9 @@ def multiclass_nms(
     M = check_int(op, "max_output_boxes", max_output_boxes, minimum=0)
     if not isinstance(class_agnostic, bool):
         raise EffopsTypeError(f"{op}: class_agnostic must be a bool, got {type(class_agnostic).__name__}")
-    k = -1 if pre_nms_top_k is None else check_int(op, "pre_nms_top_k", pre_nms_top_k, minimum=0)
+    k = -1
+    if pre_nms_top_k is not None:  # any k >= N * C keeps every candidate: the same as N * C
+        k = min(check_int(op, "pre_nms_top_k", pre_nms_top_k, minimum=0, maximum=None), N * C)
     return MultiClassNMSResult(*torch.ops.effops.multiclass_nms(boxes, scores, thr, sthr, M, class_agnostic, k))
 
 
@@ -684,7 +689,7 @@ def soft_nms(
     op = "soft_nms"
     boxes, scores = _check_boxes_scores(op, boxes, scores)
     thr = check_real(op, "iou_threshold", iou_threshold, allow_nan=False)
-    sig = check_real(op, "sigma", sigma, allow_nan=False)
+    sig = check_real(op, "sigma", sigma, allow_nan=False, allow_inf=False)
     m = _SOFT_METHODS[check_choice(op, "method", method, tuple(_SOFT_METHODS))]
     if m == 1 and not sig > 0:
         raise EffopsInputError(f"{op}: sigma must be > 0 for the gaussian method, got {sig}")
@@ -713,7 +718,7 @@ def matrix_nms(
     if idxs is not None:
         idxs = _check_idxs(op, idxs, boxes.shape[0], boxes)
     k = _MATRIX_KERNELS[check_choice(op, "kernel", kernel, tuple(_MATRIX_KERNELS))]
-    sig = check_real(op, "sigma", sigma, allow_nan=False)
+    sig = check_real(op, "sigma", sigma, allow_nan=False, allow_inf=False)
     if k == 1 and not sig > 0:
         raise EffopsInputError(f"{op}: sigma must be > 0 for the gaussian kernel, got {sig}")
     sthr = check_real(op, "score_threshold", score_threshold, allow_nan=False)
