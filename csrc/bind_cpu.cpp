@@ -4,10 +4,14 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <cstdint>
+#include <cstring>
 #include <string>
+#include <vector>
 
 #include "bifpn/fuse_api.h"
 #include "common/parallel.h"
+#include "common/isa.h"
 #include "dwsep/dwsep_api.h"
 #include "nms/nms_api.h"
 
@@ -50,14 +54,39 @@ NB_MODULE(_C, m) {
   m.def("fuse_backward", &effops::bifpn::fuse_backward_api, "grad"_a, "inputs"_a, "weights"_a, "modes"_a,
         "act"_a, "grads"_a.noconvert(), "grad_weights"_a.noconvert(), "threads"_a, release);
 
+  // effops.nn's prepared-weight cache: are the sources still byte-equal to the copies taken
+  // when the kernel arguments were prepared? Raw addresses (Tensor.data_ptr()) of live,
+  // contiguous CPU tensors the caller holds, with their byte counts.
+  m.def(
+      "same_bytes",
+      [](const std::vector<uintptr_t>& a, const std::vector<uintptr_t>& b, const std::vector<int64_t>& nbytes) {
+        effops::check(a.size() == b.size() && a.size() == nbytes.size(),
+                      "same_bytes: a, b and nbytes must have one length");
+        for (size_t i = 0; i < a.size(); ++i) {
+          effops::check(nbytes[i] >= 0, "same_bytes: nbytes must be >= 0");
+          if (nbytes[i] && (a[i] == 0 || b[i] == 0)) effops::fail("same_bytes: null address");
+          if (nbytes[i] && std::memcmp(reinterpret_cast<const void*>(a[i]), reinterpret_cast<const void*>(b[i]),
+                                       static_cast<size_t>(nbytes[i])) != 0)
+            return false;
+        }
+        return true;
+      },
+      "a"_a, "b"_a, "nbytes"_a);
+
   m.def("use_openmp_runtime", &effops::use_openmp_runtime, "path"_a);
   m.def("parallel_runtime", &effops::parallel_runtime);
+
+  m.def("set_isa", &effops::set_isa, "level"_a,
+        "Cap the CPU kernels' ISA level (0 baseline, 1 AVX2, 2 AVX-512); returns the level in use");
+  m.def("isa", []() { return static_cast<int>(effops::isa()); });
+  m.def("detected_isa", []() { return static_cast<int>(effops::detected_isa()); });
 
   m.def("build_info", []() {
     nb::dict d;
     d["version"] = EFFOPS_VERSION;
     d["compiler"] = EFFOPS_CXX_COMPILER;
-    d["simd"] = std::string("clones per ISA chosen at run time; this CPU: ") + effops::dwsep::cpu_isa_name();
+    d["simd"] = std::string("per-ISA copies chosen at run time; in use: ") + effops::dwsep::cpu_isa_name() +
+                " (this CPU: " + effops::isa_name(effops::detected_isa()) + "; EFFOPS_ISA caps it)";
     return d;
   });
 }

@@ -112,14 +112,15 @@ def fold_bn(bn: Optional[nn.BatchNorm2d], conv_bias: Optional[Tensor]) -> Tuple[
         cached = getattr(bn, "_effops_fold", None)
         if key is not None:
             key = key + (bn.eps,)
-            if cached is not None and cached[0] == key:
+            if cached is not None and cached[0] == key and _unchanged(*cached[3]):
                 return cached[1], cached[2]
     inv = torch.rsqrt(bn.running_var + bn.eps)
     scale = inv if bn.weight is None else bn.weight * inv
     shift = -bn.running_mean if conv_bias is None else conv_bias - bn.running_mean
     bias = shift * scale if bn.bias is None else bn.bias + shift * scale
     if key is not None:
-        bn._effops_fold = (key, scale, bias)
+        src = [t for t in tensors if t is not None]
+        bn._effops_fold = (key, scale, bias, (src, [t.detach().clone() for t in src]))
     return scale, bias
 
 
@@ -186,17 +187,56 @@ def _inference(x: Tensor, stages) -> bool:
 
 
 def _version_key(tensors) -> Optional[tuple]:
-    """Identity and version of each tensor; None when one cannot be versioned (an inference
-    tensor), in which case nothing derived from them is cached."""
+    """Identity, version and layout of each tensor; None when one cannot be versioned (an
+    inference tensor) or lives off the CPU, in which case nothing derived from them is cached
+    (off the CPU the content check below would need a host synchronisation)."""
     key = []
     for t in tensors:
         if t is None:
             key.append(None)
-        elif t.is_inference():
+        elif t.is_inference() or t.device.type != "cpu" or not t.is_contiguous():
             return None
         else:  # a new dtype or device means new storage: the data pointer covers them
-            key.append((t.data_ptr(), t._version))
+            key.append((t.data_ptr(), t._version, t.shape, t.dtype))
     return tuple(key)
+
+
+# What a cache entry is checked against on every use, beyond _version_key:
+# * the stages' options: stride, padding (and everything padding_of reads), dilation, groups,
+#   the activation's type, the BN eps - a module changed after an eval call must not reuse
+#   kernel arguments prepared for the old settings;
+# * the contents of every source whose prepared form is a copy (depthwise taps, folded BN,
+#   folded weights, biases): writes through ``.data`` (an EMA's ``p.data.mul_(d).add_(...)``,
+#   ``.data.copy_()``) bypass the version counter. One memcmp per source (C++, raw addresses of
+#   live tensors). Skipped for the tensors a prepared op reads in place (its ``in_place()``:
+#   float32 1x1 weights, where the prepared tensor is the parameter's own storage).
+def _stage_options(s) -> tuple:
+    c = s.conv  # a Conv2d, or a weight container with the padding the op applies (effops_padding)
+    return (type(c), tuple(c.stride), tuple(c.dilation), getattr(c, "padding", None), getattr(c, "padding_mode", None),
+            getattr(c, "effops_padding", None), getattr(c, "groups", None), type(s.act),
+            None if s.bn is None else s.bn.eps, s.bn_has_act)
+
+
+def _snapshot(stages, op) -> Tuple[list, list]:
+    """(sources to re-check, their copies): every source the prepared op does not read in place."""
+    in_place = op.in_place() if hasattr(op, "in_place") else ()
+    src, copies = [], []
+    for t in _stage_sources(stages):
+        if t is not None and not any(t is u for u in in_place):
+            src.append(t)
+            copies.append(t.detach().clone())
+    return src, copies
+
+
+def _unchanged(src: list, copies: list) -> bool:
+    from .. import _backend
+
+    if not src:
+        return True
+    if _backend._C is None:
+        return all(torch.equal(a, b) for a, b in zip(src, copies))
+    return _backend._C.same_bytes([t.data_ptr() for t in src], [t.data_ptr() for t in copies],
+                                  [t.numel() * t.element_size() for t in copies])
 
 
 def _stage_sources(stages) -> list:
@@ -208,18 +248,20 @@ def _stage_sources(stages) -> list:
     return out
 
 
-def _prepared(cache: dict, name: str, stages, make):
-    """cache[name] if it was made from the same parameters and buffers (same storage, same
-    version: an in-place update or load_state_dict invalidates it)."""
+def _prepared(cache: dict, name: str, stages, make, options: tuple = ()):
+    """cache[name] if it was made from the same parameters and buffers (same storage, version and
+    contents: an in-place update, load_state_dict, an optimizer step or a write through .data
+    invalidates it) and the same stage options; ``options``: anything else ``make`` reads
+    (e.g. sepconv_forward's preact)."""
     key = _version_key(_stage_sources(stages))
     if key is None:
         return make()
-    key = key + tuple(s.bn.eps if s.bn is not None else None for s in stages)
+    key = key + tuple(_stage_options(s) for s in stages) + (options,)
     hit = cache.get(name)
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key and _unchanged(*hit[2]):
         return hit[1]
     p = make()
-    cache[name] = (key, p)
+    cache[name] = (key, p, _snapshot(stages, p))
     return p
 
 
@@ -251,7 +293,8 @@ def sepconv_forward(x: Tensor, dw: ConvStage, pw: ConvStage, *, preact: Optional
                     pw_act=pw.act_name, preact=bool(preact))
 
     if cache is not None and _inference(x, (dw, pw)):
-        op = _prepared(cache, "dwsep", (dw, pw), lambda: PreparedDWSep(dw.conv.weight, pw.conv.weight, **kw()))
+        op = _prepared(cache, "dwsep", (dw, pw), lambda: PreparedDWSep(dw.conv.weight, pw.conv.weight, **kw()),
+                       (preact,))
         return op(x, residual)
     return dwsep_conv(x, dw.conv.weight, pw.conv.weight, residual=residual, **kw())
 
