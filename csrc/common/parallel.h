@@ -14,7 +14,8 @@
 // it waits all that time. Here the caller works through the tasks itself and only waits for
 // tasks a worker actually picked up; workers that wake late find nothing left and sleep again.
 // The thread count always comes from Python (torch.get_num_threads()), so effops never runs
-// more threads than torch is configured to use. After fork() the child starts a fresh pool.
+// more threads than torch is configured to use. After fork() the child starts a fresh pool
+// (see pool() for why that is safe whatever the parent's threads were doing).
 #pragma once
 #include <dlfcn.h>
 #include <pthread.h>
@@ -152,17 +153,31 @@ inline void omp_entry(void* job) {
 }
 
 // The pool is never destroyed: its detached workers may outlive main().
+//
+// Fork safety: in a forked child only the forking thread exists. The pool's workers are gone,
+// so the child forgets the pool and starts a new one on first use (the old object, whose
+// mutexes a vanished worker may hold, is never touched again). The one lock the child does
+// use, pool_mutex, is taken by the prepare handler and released on both sides, so a fork
+// while another thread is inside pool() cannot leave it locked in the child.
 inline Pool*& pool_ptr() {
-  static Pool* p = [] {
-    // In a forked child the workers do not exist: forget the pool, start a new one lazily.
-    pthread_atfork(nullptr, nullptr, [] { pool_ptr() = nullptr; });
-    return static_cast<Pool*>(nullptr);
-  }();
+  static Pool* p = nullptr;
   return p;
 }
+inline std::mutex& pool_mutex() {
+  static std::mutex* mu = new std::mutex();  // never destroyed (atfork handlers use it)
+  return *mu;
+}
 inline Pool& pool() {
-  static std::mutex mu;
-  std::lock_guard<std::mutex> lock(mu);
+  static const bool registered = [] {
+    pthread_atfork([] { pool_mutex().lock(); }, [] { pool_mutex().unlock(); },
+                   [] {
+                     pool_ptr() = nullptr;
+                     pool_mutex().unlock();
+                   });
+    return true;
+  }();
+  (void)registered;
+  std::lock_guard<std::mutex> lock(pool_mutex());
   Pool*& p = pool_ptr();
   if (!p) p = new Pool();
   return *p;
