@@ -15,7 +15,8 @@ from typing import Optional, Union
 import torch.nn as nn
 from torch import Tensor
 
-from ..ops.dwsep import ACTIVATIONS, act_name, apply_act
+from ..ops._common import EffopsInputError, EffopsTypeError, check_int, check_real
+from ..ops.dwsep import ACTIVATIONS, _pair, act_name, apply_act
 from ._parts import ConvStage, mbconv_forward, sepconv_forward
 
 _ACT_MODULES = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU,
@@ -24,6 +25,28 @@ _ACT_MODULES = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu":
 
 def _act_module(name: str) -> nn.Module:
     return _ACT_MODULES[name]()
+
+
+def _channels(op: str, **sizes) -> None:
+    """Channel counts: ints in [1, 2**31 - 1], named in the error (torch.nn would raise on them
+    as RuntimeError or allocate 2**62 floats)."""
+    for name, v in sizes.items():
+        check_int(op, name, v, minimum=1)
+
+
+def _geometry(op: str, kernel_size, stride, padding, dilation) -> None:
+    _pair(op, "kernel_size", kernel_size, 1)
+    _pair(op, "stride", stride, 1)
+    _pair(op, "dilation", dilation, 1)
+    if not (isinstance(padding, str) and padding.lower() in ("same", "valid")):
+        _pair(op, "padding", padding, 0)
+
+
+def _norm_args(op: str, eps, momentum) -> None:
+    if not check_real(op, "eps", eps, allow_nan=False, allow_inf=False) > 0:
+        raise EffopsInputError(f"{op}: eps must be > 0, got {eps}")
+    if momentum is not None and not 0 <= check_real(op, "momentum", momentum, allow_nan=False) <= 1:
+        raise EffopsInputError(f"{op}: momentum must be in [0, 1], got {momentum}")
 
 
 class DWSeparableConv2d(nn.Module):
@@ -40,6 +63,10 @@ class DWSeparableConv2d(nn.Module):
                  pw_act: Optional[str] = None, dw_norm: bool = True, pw_norm: bool = True, bias: bool = False,
                  preact: bool = False, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
+        op = "DWSeparableConv2d"
+        _channels(op, in_channels=in_channels, out_channels=out_channels)
+        _geometry(op, kernel_size, stride, padding, dilation)
+        _norm_args(op, eps, momentum)
         self.act_name = act_name("DWSeparableConv2d", "act", act)
         self.pw_act_name = act_name("DWSeparableConv2d", "pw_act", pw_act)
         self.preact = bool(preact)
@@ -92,8 +119,9 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, reduced: int, act: str = "silu"):
         super().__init__()
+        _channels("SqueezeExcite", channels=channels, reduced=reduced)
         self.conv_reduce = nn.Conv2d(channels, reduced, 1)
-        self.act1 = _act_module(act)
+        self.act1 = _act_module(act_name("SqueezeExcite", "act", act))
         self.conv_expand = nn.Conv2d(reduced, channels, 1)
         self.gate = nn.Sigmoid()
 
@@ -111,8 +139,21 @@ class MBConv(nn.Module):
                  padding: Union[str, int, None] = None, drop_path: float = 0.0, eps: float = 1e-5,
                  momentum: float = 0.1):
         super().__init__()
+        op = "MBConv"
+        _channels(op, in_channels=in_channels, out_channels=out_channels)
+        _geometry(op, kernel_size, stride, padding if padding is not None else 0, 1)
+        _norm_args(op, eps, momentum)
+        if not check_real(op, "expand_ratio", expand_ratio, allow_nan=False, allow_inf=False) > 0:
+            raise EffopsInputError(f"{op}: expand_ratio must be > 0, got {expand_ratio}")
+        if not 0 <= check_real(op, "se_ratio", se_ratio or 0.0, allow_nan=False, allow_inf=False) <= 1:
+            raise EffopsInputError(f"{op}: se_ratio must be in [0, 1], got {se_ratio}")
+        if not 0 <= check_real(op, "drop_path", drop_path, allow_nan=False) < 1:
+            raise EffopsInputError(f"{op}: drop_path must be in [0, 1), got {drop_path}")
+        if not isinstance(kernel_size, int) or isinstance(kernel_size, bool):
+            raise EffopsTypeError(f"{op}: kernel_size must be an int, got {type(kernel_size).__name__}")
         self.act_name = act_name("MBConv", "act", act)
         mid = int(round(in_channels * expand_ratio))
+        _channels(op, expanded_channels=mid)
         self.padding = padding if padding is not None else kernel_size // 2
         bn = lambda c: nn.BatchNorm2d(c, eps=eps, momentum=momentum)  # noqa: E731
         if mid != in_channels:
