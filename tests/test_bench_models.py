@@ -159,3 +159,9 @@ def test_profiled_opens_no_scope_without_a_profiler(monkeypatch):
 
     monkeypatch.setattr(torch.profiler, "record_function", boom)
     assert profiled("effops::x", lambda a, b: a + b, 2, 3) == 5
+
+
+def test_a_compile_that_compiled_nothing_is_refused():
+    with pytest.raises(RuntimeError, match="compiled no graph"):
+        bm._timed_build(lambda: (lambda: torch.ones(1)), compiled=True)
+    assert bm._timed_build(lambda: (lambda: torch.ones(1))).first_s >= 0

@@ -214,11 +214,19 @@ def _torch_call(model: nn.Module, x: torch.Tensor, dtype: str) -> Callable[[], o
     return run
 
 
-def _timed_build(make: Callable[[], Callable[[], object]]) -> Variant:
+def _timed_build(make: Callable[[], Callable[[], object]], compiled: bool = False) -> Variant:
+    """Build a variant and call it once, timed. ``compiled``: it must have compiled a graph (a
+    torch.compile that fell back to eager, e.g. at dynamo's recompile limit, is refused)."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     t0 = time.perf_counter()
     fn = make()
     fn()
-    return Variant(fn, time.perf_counter() - t0)
+    t = time.perf_counter() - t0
+    if compiled and counters["stats"]["unique_graphs"] == graphs:
+        raise RuntimeError("torch.compile compiled no graph: dynamo ran the model in eager")
+    return Variant(fn, t)
 
 
 def _compile(model: nn.Module) -> nn.Module:
@@ -335,7 +343,7 @@ def inference_variants(cfg: Config, original: nn.Module, x: torch.Tensor, *, com
 
     def add(label, make):
         try:
-            out[label] = _timed_build(make)
+            out[label] = _timed_build(make, compiled=label.startswith("torch.compile"))
         except Exception as e:  # a baseline that cannot run here: said, not hidden
             cfg.notes.append(f"{label}: not timed, could not be built ({type(e).__name__}: {str(e)[:160]})")
 
@@ -501,7 +509,7 @@ def train_case(spec: ModelSpec, batch: int, threads: int, dtype: str, *, compile
     variants: Dict[str, Variant] = {}
     for label, make in makers.items():
         try:
-            variants[label] = _timed_build(make)
+            variants[label] = _timed_build(make, compiled=label.startswith("torch.compile"))
         except Exception as e:
             notes.append(f"{label}: not timed, could not be built ({type(e).__name__}: {str(e)[:160]})")
     # every variant has now taken one step from the same weights; the check call takes the second
@@ -571,6 +579,7 @@ def run(models: Sequence[str] = (), batches: Sequence[int] = (1, 8), threads: Se
                 for dt in dtypes:
                     for b in batches:
                         cfg = Config(spec, b, t, dt)
+                        torch._dynamo.reset()  # each configuration compiles afresh (and under the recompile limit)
                         case, variants = inference_case(cfg, compile_=not quick, target_s=target_s, wrong=wrong)
                         first = {k: v.first_s for k, v in variants.items()}
                         rows += run_cases([case], dev, target_s=target_s, results_dir=results_dir, log=log,
@@ -581,6 +590,7 @@ def run(models: Sequence[str] = (), batches: Sequence[int] = (1, 8), threads: Se
                         del case, variants
                     if train:
                         b = 8
+                        torch._dynamo.reset()
                         case, variants, notes = train_case(spec, b, t, dt, compile_=not quick)
                         first = {k: v.first_s for k, v in variants.items()}
                         rows += run_cases([case], dev, target_s=target_s, results_dir=results_dir, log=log,

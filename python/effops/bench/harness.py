@@ -161,7 +161,7 @@ def fma_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
         with torch.no_grad():
             for fn, flops in work.values():
                 fn()
-                for _ in range(5):
+                for _ in range(10):
                     _sync(device)
                     t0 = time.perf_counter()
                     fn()
