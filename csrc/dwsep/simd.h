@@ -1,6 +1,6 @@
 // Portable SIMD for the convolution kernels: GCC/Clang vector extensions of 64 bytes (16 floats
 // or 8 doubles). Each kernel is compiled several times (x86-64-v4 = AVX-512, x86-64-v3 = AVX2 +
-// FMA, baseline) and picked at run time, so one 64-byte vector is one zmm, two ymm or four xmm
+// FMA, baseline) and picked at run time (common/isa.h; EFFOPS_ISA caps the level), so one 64-byte vector is one zmm, two ymm or four xmm
 // registers - no -march flag in the distributed build.
 //
 // Storage types: float, double and bf16 (uint16 bits of a bfloat16). Compute is float for float
@@ -13,11 +13,7 @@
 #include <type_traits>
 #include <utility>
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define EFFOPS_CONV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define EFFOPS_CONV_CLONES
-#endif
+#include "common/isa.h"  // EFFOPS_ISA_DISPATCH: per-level copies, picked at run time
 #define EFFOPS_INLINE inline __attribute__((always_inline))
 #define EFFOPS_LAMBDA_INLINE __attribute__((always_inline))
 
@@ -34,19 +30,33 @@ typedef uint16_t vh __attribute__((vector_size(32)));
 typedef double vd __attribute__((vector_size(64)));
 typedef int64_t vl __attribute__((vector_size(64)));
 
-// Compute type and vector type of a storage type.
-template <class T>
+// A vector of W bytes of E.
+template <class E, int W>
+struct VecOf {
+  typedef E type __attribute__((vector_size(W)));
+};
+
+// Compute type and vector type of a storage type, for vectors of W bytes. Kernels compiled per
+// ISA level use the level's native width (64 on AVX-512, 32 on AVX2, 16 on baseline; see
+// vec_bytes): GCC lowers generic vectors wider than the target's registers element by element
+// wherever a comparison, a select or a store is involved (through the stack), which made the
+// AVX2 depthwise several times slower than it needs to be.
+template <class T, int W = 64>
 struct Traits {
   using F = float;
-  using V = vf;
-  static constexpr int L = 16;
+  using V = typename VecOf<float, W>::type;
+  static constexpr int L = W / 4;
 };
-template <>
-struct Traits<double> {
+template <int W>
+struct Traits<double, W> {
   using F = double;
-  using V = vd;
-  static constexpr int L = 8;
+  using V = typename VecOf<double, W>::type;
+  static constexpr int L = W / 8;
 };
+
+// The native vector width in bytes of an ISA level (effops::Isa: 2 AVX-512, 1 AVX2, 0 baseline).
+template <int I>
+inline constexpr int vec_bytes = I >= 2 ? 64 : (I == 1 ? 32 : 16);
 
 // ---- scalar conversions
 EFFOPS_INLINE float to_f(float v) { return v; }
@@ -93,6 +103,50 @@ EFFOPS_INLINE vf loadv(const bf16* p) {
   vf f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+// Width-generic forms: loadv<V>(p) loads one V; storev(p, v) stores a V of any width.
+template <class V>
+EFFOPS_INLINE V loadv(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class V>
+EFFOPS_INLINE V loadv(const double* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class V>
+EFFOPS_INLINE V loadv(const bf16* p) {
+  using H = typename VecOf<uint16_t, sizeof(V) / 2>::type;
+  using U = typename VecOf<uint32_t, sizeof(V)>::type;
+  H h;
+  std::memcpy(&h, p, sizeof h);
+  U u = __builtin_convertvector(h, U) << 16;
+  V f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+template <class V>
+EFFOPS_INLINE void storev(float* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <class V>
+EFFOPS_INLINE void storev(double* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <class V>
+EFFOPS_INLINE void storev(bf16* p, V v) {
+  using H = typename VecOf<uint16_t, sizeof(V) / 2>::type;
+  using U = typename VecOf<uint32_t, sizeof(V)>::type;
+  U u;
+  std::memcpy(&u, &v, sizeof u);
+  const U nan = (u & 0x7fffffffu) > 0x7f800000u;
+  U r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  r = (nan & ((u >> 16) | 0x40u)) | (~nan & r);
+  H h = __builtin_convertvector(r, H);
+  std::memcpy(p, &h, sizeof h);
 }
 EFFOPS_INLINE void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 EFFOPS_INLINE void storev(double* p, vd v) { std::memcpy(p, &v, sizeof v); }
@@ -151,7 +205,8 @@ EFFOPS_INLINE V vexp(V x) {
   }
 }
 EFFOPS_INLINE float sexp(float x) {
-  vf v = splat<vf>(x);
+  using V4 = VecOf<float, 16>::type;  // one xmm on every level
+  V4 v = splat<V4>(x);
   return vexp(v)[0];
 }
 EFFOPS_INLINE double sexp(double x) { return std::exp(x); }

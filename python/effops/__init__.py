@@ -10,7 +10,16 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import _backend, nn, ops
-from ._backend import use_backend
+from ._backend import detected_isa, isa, set_isa, use_backend, use_isa
+
+
+def __getattr__(name: str):
+    # effops.models / effops.nas load on first use (they pull in more than the ops need).
+    if name in ("models", "nas"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'effops' has no attribute {name!r}")
 
 
 def info(print_table: bool = True) -> dict:
@@ -58,4 +67,4 @@ def format_info(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ops", "nn", "info", "use_backend", "__version__"]
+__all__ = ["ops", "nn", "info", "use_backend", "set_isa", "use_isa", "isa", "detected_isa", "__version__"]

@@ -113,6 +113,53 @@ def _setup_parallel() -> str:
 
 PARALLEL = _setup_parallel() if _C is not None else "none"
 
+#: CPU ISA levels of the kernels, lowest first (x86-64 baseline, x86-64-v3, x86-64-v4).
+ISA_LEVELS = ("baseline", "avx2", "avx512")
+
+
+def detected_isa() -> str:
+    """The highest level this CPU runs: 'avx512' (AVX-512 F/BW/VL/DQ), 'avx2' (AVX2 + FMA) or
+    'baseline'."""
+    return ISA_LEVELS[_C_module.detected_isa()] if _C is not None else "baseline"
+
+
+def isa() -> str:
+    """The level the CPU kernels run at now (the detected one, capped by ``set_isa``)."""
+    return ISA_LEVELS[_C_module.isa()] if _C is not None else "baseline"
+
+
+def set_isa(level: Optional[str]) -> str:
+    """Cap the CPU kernels' ISA level: 'avx512', 'avx2', 'baseline', or None for the highest the
+    CPU has. A level above the CPU's runs at the CPU's (never an illegal instruction); returns
+    the level now in use. ``EFFOPS_ISA`` sets it at import. Process-wide: call it between
+    ops, not while another thread runs one."""
+    if level is None or level == "auto":
+        index = len(ISA_LEVELS) - 1
+    elif isinstance(level, str) and level.strip().lower() in ISA_LEVELS:
+        index = ISA_LEVELS.index(level.strip().lower())
+    else:
+        raise ValueError(f"set_isa: level must be one of {list(ISA_LEVELS)} or None, got {level!r}")
+    if _C is None:
+        return "baseline"
+    return ISA_LEVELS[_C_module.set_isa(index)]
+
+
+@contextlib.contextmanager
+def use_isa(level: Optional[str]) -> Iterator[str]:
+    """``with effops.use_isa('avx2'):`` runs the block at that level (capped by the CPU's)."""
+    before = isa()
+    try:
+        yield set_isa(level)
+    finally:
+        set_isa(before)
+
+
+if _C is not None and os.environ.get("EFFOPS_ISA", "").strip():
+    try:
+        set_isa(os.environ["EFFOPS_ISA"])
+    except ValueError:
+        raise ValueError(f"EFFOPS_ISA={os.environ['EFFOPS_ISA']!r}: expected one of {list(ISA_LEVELS)} or auto") from None
+
 if importlib.util.find_spec(f"{__package__}._cuda") is None:
     _cuda = None
     _CUDA_IMPORT_ERROR: Optional[str] = (
@@ -251,7 +298,7 @@ def select(op: str, device: torch.device) -> str:
 def build_info() -> Dict[str, object]:
     info: Dict[str, object] = {"torch": torch.__version__}
     if _C is not None:
-        info["cpu"] = dict(_C.build_info(), threads=PARALLEL)
+        info["cpu"] = dict(_C.build_info(), threads=PARALLEL, isa=isa(), isa_detected=detected_isa())
     else:
         info["cpu"] = f"unavailable: {_C_ERROR}"
     if _cuda is not None:

@@ -1,0 +1,100 @@
+// The x86 ISA level the CPU kernels run at: detected once, capped at run time by
+// EFFOPS_ISA / effops.set_isa() (never above what the CPU has), so one machine can test and
+// benchmark every path users run.
+//
+// Kernels that are compiled per level use EFFOPS_ISA_DISPATCH (below) or switch on isa()
+// themselves; each level's copy is compiled with a target attribute, so the distributed build
+// needs no -march flag.
+#pragma once
+#include <atomic>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define EFFOPS_X86 1
+#define EFFOPS_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+#define EFFOPS_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
+#else
+#define EFFOPS_X86 0
+#define EFFOPS_TARGET_V4
+#define EFFOPS_TARGET_V3
+#endif
+
+namespace effops {
+
+enum Isa { kBase = 0, kV3 = 1, kV4 = 2 };
+
+// What this CPU supports: x86-64-v4 (AVX-512 F/BW/VL/DQ), x86-64-v3 (AVX2 + FMA), or baseline.
+inline Isa detected_isa() {
+#if EFFOPS_X86
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return kV4;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kV3;
+    return kBase;
+  }();
+  return isa;
+#else
+  return kBase;
+#endif
+}
+
+// The cap set by set_isa(); one definition across translation units (inline variable).
+inline std::atomic<int> g_isa_cap{kV4};
+
+// The level kernels run at: the detected one, capped.
+inline Isa isa() {
+  int cap = g_isa_cap.load(std::memory_order_relaxed);
+  int d = detected_isa();
+  return static_cast<Isa>(cap < d ? cap : d);
+}
+
+// Cap the level (0 baseline, 1 AVX2, 2 AVX-512); returns the level now in use.
+inline int set_isa(int level) {
+  g_isa_cap.store(level < 0 ? 0 : (level > kV4 ? kV4 : level), std::memory_order_relaxed);
+  return isa();
+}
+
+inline const char* isa_name(Isa i) {
+  switch (i) {
+    case kV4: return "avx512";
+    case kV3: return "avx2";
+    default: return "baseline";
+  }
+}
+
+}  // namespace effops
+
+// Define NAME(PARAMS) that runs BODY(ARGS) compiled for the level isa() picks. BODY must be an
+// EFFOPS_INLINE template (inlined into each level's copy). PARAMS and ARGS are parenthesised.
+#if EFFOPS_X86
+#define EFFOPS_ISA_DISPATCH(NAME, BODY, PARAMS, ARGS)             \
+  EFFOPS_TARGET_V4 static void NAME##_v4 PARAMS { BODY ARGS; }    \
+  EFFOPS_TARGET_V3 static void NAME##_v3 PARAMS { BODY ARGS; }    \
+  static void NAME##_base PARAMS { BODY ARGS; }                   \
+  void NAME PARAMS {                                              \
+    switch (::effops::isa()) {                                    \
+      case ::effops::kV4: return NAME##_v4 ARGS;                  \
+      case ::effops::kV3: return NAME##_v3 ARGS;                  \
+      default: return NAME##_base ARGS;                           \
+    }                                                             \
+  }
+// The same, BODY a template whose first parameter is the native vector width in bytes of the
+// level (64 AVX-512, 32 AVX2, 16 baseline): BODY<W> ARGS.
+#define EFFOPS_ISA_DISPATCH_W(NAME, BODY, PARAMS, ARGS)              \
+  EFFOPS_TARGET_V4 static void NAME##_v4 PARAMS { BODY<64> ARGS; }   \
+  EFFOPS_TARGET_V3 static void NAME##_v3 PARAMS { BODY<32> ARGS; }   \
+  static void NAME##_base PARAMS { BODY<16> ARGS; }                  \
+  void NAME PARAMS {                                                 \
+    switch (::effops::isa()) {                                       \
+      case ::effops::kV4: return NAME##_v4 ARGS;                     \
+      case ::effops::kV3: return NAME##_v3 ARGS;                     \
+      default: return NAME##_base ARGS;                              \
+    }                                                                \
+  }
+#else
+#define EFFOPS_ISA_DISPATCH(NAME, BODY, PARAMS, ARGS) \
+  void NAME PARAMS { BODY ARGS; }
+#define EFFOPS_ISA_DISPATCH_W(NAME, BODY, PARAMS, ARGS) \
+  void NAME PARAMS { BODY<16> ARGS; }
+#endif
