@@ -484,3 +484,62 @@ def test_kernel_level_errors_are_value_errors():
         _backend._C.nms(b, s, 0.5, torch.empty(20, dtype=torch.int64)[::2], 1)
     with pytest.raises(ValueError, match="keep_out must have shape"):
         _backend._C.nms(b, s, 0.5, torch.empty(9, dtype=torch.int64), 1)
+
+
+def test_bad_sizes_and_non_finite_sigma():
+    """Issue 14: sizes past int64 are named errors; pre_nms_top_k of any size means 'all'
+    (clamped, so the kernel's k + slack arithmetic cannot overflow); a non-finite sigma, on
+    which the kernel and the reference disagreed (exp(-inf * 0)), is refused."""
+    from effops import _backend
+
+    mb, ms = mc_data(2, 30, 3, seed=9)
+    want = E.multiclass_nms(mb, ms, 0.5, 0.1, 10)
+    for k in (90, 91, 2**31, 2**63 - 1, 2**63, 2**100):
+        assert_mc_equal(E.multiclass_nms(mb, ms, 0.5, 0.1, 10, pre_nms_top_k=k), want)
+    for m in (2**31, 2**63, 2**64):
+        with pytest.raises(ValueError, match="multiclass_nms: max_output_boxes must be <= 2147483647"):
+            E.multiclass_nms(mb, ms, 0.5, 0.1, m)
+    # the kernel entry point itself, with k = INT64_MAX (no Python clamp in between)
+    num = torch.empty(2, dtype=torch.int64)
+    ob, os_, oc, oi = torch.empty(2, 10, 4), torch.empty(2, 10), torch.empty(2, 10, dtype=torch.int64), \
+        torch.empty(2, 10, dtype=torch.int64)
+    _backend._C.multiclass_nms(mb, ms, 0.5, 0.1, 2**63 - 1, False, num, ob, os_, oc, oi, 1)
+    assert torch.equal(num, want.num_detections) and torch.equal(oi, want.indices)
+    b, s = random_boxes(20, "dense", seed=3)
+    for sigma in (math.inf, -math.inf):
+        with pytest.raises(ValueError, match="matrix_nms: sigma must be finite"):
+            E.matrix_nms(b, s, sigma=sigma)
+        with pytest.raises(ValueError, match="soft_nms: sigma must be finite"):
+            E.soft_nms(b, s, sigma=sigma)
+        with pytest.raises(ValueError, match="matrix_nms: sigma must be finite"):
+            _backend._C.matrix_nms(b, s, None, 1, sigma, torch.empty(20), 1)
+    with pytest.raises(ValueError, match="iou_threshold = .* out of the float64 range"):
+        E.nms(b, s, 10**400)
+
+
+@pytest.mark.parametrize("n", [1, 7, 300])
+def test_no_proper_box_at_all(n):
+    """Found by the fuzz suite: with no proper box (all inverted, empty or non-finite) the
+    neighbour grid was left without its offset tables and soft/matrix NMS read past them (a
+    segfault). Run in a child process so a regression fails this test, not the session."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import math, torch, effops.ops as E
+        from effops.ops import nms as _n
+        import sys
+        R = sys.modules["effops.ops.nms"]
+        for box in ([47.0, 9.0, 46.0, 16.0], [1.0, 1.0, 1.0, 5.0], [math.nan, 0, 1, 1], [0, 0, math.inf, 1]):
+            b = torch.tensor([box]).repeat({n}, 1)
+            s = torch.linspace(0.9, 0.2, {n})
+            k, sc = E.soft_nms(b, s)
+            k2, sc2 = R.soft_nms_reference(b, s)
+            assert torch.equal(k, k2) and torch.equal(sc, sc2), box
+            k, sc = E.matrix_nms(b, s, torch.zeros({n}, dtype=torch.long))
+            assert torch.equal(sc, s[k]), box  # nothing overlaps: no decay
+            assert torch.equal(E.nms(b, s, 0.5), R.nms_reference(b, s, 0.5))
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])

@@ -193,7 +193,12 @@ struct Grid {
       min_md = std::min(min_md, md), max_md = std::max(max_md, md);
     }
     L = 0;
-    if (nproper == 0) return true;
+    if (nproper == 0) {  // an empty grid, but a valid one: callers index start[total], lstart[L]
+      total = 0;
+      start.assign(1, 0);
+      lstart.assign(1, 0);
+      return true;
+    }
     double range = std::max(maxx - minx, maxy - miny);
     if (!std::isfinite(range) || !std::isfinite(max_md) || !(range > 0)) return false;
     ox = minx, oy = miny;
@@ -548,7 +553,7 @@ void multiclass_nms(const T* boxes, bool per_class_boxes, const T* scores, int64
           if ((cum += hist[last]) >= pre_k) break;
       }
       std::vector<std::pair<K, int64_t>> sel;
-      sel.reserve(static_cast<size_t>(std::min(nc, pre_k + 1024)));
+      sel.reserve(static_cast<size_t>(nc - pre_k > 1024 ? pre_k + 1024 : nc));  // no pre_k + 1024 overflow
       for (int64_t f = 0; f < nc_all; ++f) {
         if (!(static_cast<double>(s[f]) > score_thr)) continue;
         K key = desc_key(s[f]);
