@@ -101,14 +101,14 @@ EFFOPS_INLINE V window_max(const Taps<T>& t, int64_t c) {
   // NaNs are tracked with integer ops and blended in at the end: GCC scalarises a select on an
   // unordered (NaN) comparison in the target clones.
   typedef std::conditional_t<sizeof(S) == 4, int32_t, int64_t> I;
-  typedef I VI __attribute__((vector_size(sizeof(V))));
+  using VI = typename simd::VecOf<I, sizeof(V)>::type;
   constexpr I kAbs = sizeof(S) == 4 ? I(0x7fffffff) : I(0x7fffffffffffffffLL);
   constexpr I kInf = sizeof(S) == 4 ? I(0x7f800000) : I(0x7ff0000000000000LL);
   constexpr I kQNaN = sizeof(S) == 4 ? I(0x7fc00000) : I(0x7ff8000000000000LL);
   V m = simd::splat<V>(-std::numeric_limits<S>::infinity());
   VI nan = {};
   for (int j = 0; j < t.n; ++j) {
-    const V v = loadv(t.at[j] + c);
+    const V v = loadv<V>(t.at[j] + c);
     VI bits;
     std::memcpy(&bits, &v, sizeof v);
     nan |= (bits & kAbs) > kInf;
@@ -136,14 +136,14 @@ EFFOPS_INLINE S window_max_s(const Taps<T>& t, int64_t c) {
 // vector at j, LoadS(j) its scalar.
 enum Step : int { kAdd = 0, kInit = 1, kFinish = 2 };
 
-template <int S, class T, class F, class Load, class LoadS>
+template <int W, int S, class T, class F, class Load, class LoadS>
 EFFOPS_INLINE void combine(F* acc, T* out, int64_t len, F w, int act, Load load, LoadS load_s) {
-  using V = typename simd::Traits<T>::V;
-  constexpr int64_t L = simd::Traits<T>::L;
+  using V = typename simd::Traits<T, W>::V;
+  constexpr int64_t L = simd::Traits<T, W>::L;
   int64_t j = 0;
   for (; j + L <= len; j += L) {
     V a = w * load(j);
-    if constexpr (!(S & kInit)) a += loadv(acc + j);
+    if constexpr (!(S & kInit)) a += loadv<V>(acc + j);
     if constexpr (S & kFinish)
       storev(out + j, simd::act_v(a, act));
     else
@@ -162,16 +162,16 @@ EFFOPS_INLINE void combine(F* acc, T* out, int64_t len, F w, int act, Load load,
 // Input i's contribution to output row (n, oh). Identity rows are one contiguous run; nearest
 // inputs go pixel by pixel; a max pool takes the max over its (up to 3) input rows for the
 // whole row first (into `vm`, W * C values), then over 3 columns of that per output pixel.
-template <int S, class T, class F>
+template <int W, int S, class T, class F>
 EFFOPS_INLINE void row_step(const Plan<T>& p, size_t i, int64_t n, int64_t oh, F* acc, F* vm, T* out) {
-  using V = typename simd::Traits<T>::V;
-  constexpr int64_t L = simd::Traits<T>::L;
+  using V = typename simd::Traits<T, W>::V;
+  constexpr int64_t L = simd::Traits<T, W>::L;
   const Input<T>& in = p.in[i];
   const int64_t C = p.C;
   const F w = F(in.w);
   if (in.mode == kIdentity) {
     const T* x = in.x + (n * in.H + oh) * in.W * C;
-    combine<S>(acc, out, p.Wo * C, w, p.act, [&](int64_t j) { return loadv(x + j); },
+    combine<W, S>(acc, out, p.Wo * C, w, p.act, [&](int64_t j) { return loadv<V>(x + j); },
                [&](int64_t j) { return to_f(x[j]); });
     return;
   }
@@ -179,7 +179,7 @@ EFFOPS_INLINE void row_step(const Plan<T>& p, size_t i, int64_t n, int64_t oh, F
     const T* row = in.x + (n * in.H + p.src_h[i][oh]) * in.W * C;
     for (int64_t ow = 0; ow < p.Wo; ++ow) {
       const T* x = row + p.src_w[i][ow] * C;
-      combine<S>(acc + ow * C, out + ow * C, C, w, p.act, [&](int64_t j) { return loadv(x + j); },
+      combine<W, S>(acc + ow * C, out + ow * C, C, w, p.act, [&](int64_t j) { return loadv<V>(x + j); },
                  [&](int64_t j) { return to_f(x[j]); });
     }
     return;
@@ -198,29 +198,29 @@ EFFOPS_INLINE void row_step(const Plan<T>& p, size_t i, int64_t n, int64_t oh, F
     const int64_t w0 = 2 * ow - p.pl[i];
     cols.n = 0;
     for (int64_t x = std::max<int64_t>(w0, 0); x < std::min(w0 + 3, in.W); ++x) cols.at[cols.n++] = vm + x * C;
-    combine<S>(acc + ow * C, out + ow * C, C, w, p.act, [&](int64_t j) { return window_max<F, V>(cols, j); },
+    combine<W, S>(acc + ow * C, out + ow * C, C, w, p.act, [&](int64_t j) { return window_max<F, V>(cols, j); },
                [&](int64_t j) { return window_max_s<F, F>(cols, j); });
   }
 }
 
 // One task: output rows [oh0, oh0 + rpt) of image n, each accumulated in `acc` (Wo * C values,
 // the worker's scratch, in L1/L2) input by input, the activation applied with the last input.
-template <class T>
+template <int W, class T>
 EFFOPS_INLINE void fwd_body(const Plan<T>& p, T* out, int64_t task, typename simd::Traits<T>::F* acc) {
   auto* vm = acc + p.Wo * p.C;
   const int64_t n = task / p.blocks, oh0 = (task % p.blocks) * p.rpt;
   const size_t k = p.in.size();
   for (int64_t oh = oh0; oh < std::min(p.Ho, oh0 + p.rpt); ++oh) {
     T* o = out + (n * p.Ho + oh) * p.Wo * p.C;
-    row_step<kInit>(p, 0, n, oh, acc, vm, o);
-    for (size_t i = 1; i + 1 < k; ++i) row_step<kAdd>(p, i, n, oh, acc, vm, o);
-    row_step<kFinish>(p, k - 1, n, oh, acc, vm, o);
+    row_step<W, kInit>(p, 0, n, oh, acc, vm, o);
+    for (size_t i = 1; i + 1 < k; ++i) row_step<W, kAdd>(p, i, n, oh, acc, vm, o);
+    row_step<W, kFinish>(p, k - 1, n, oh, acc, vm, o);
   }
 }
 
-EFFOPS_ISA_DISPATCH(fwd_task, fwd_body, (const Plan<float>& p, float* o, int64_t t, float* acc), (p, o, t, acc))
-EFFOPS_ISA_DISPATCH(fwd_task, fwd_body, (const Plan<double>& p, double* o, int64_t t, double* acc), (p, o, t, acc))
-EFFOPS_ISA_DISPATCH(fwd_task, fwd_body, (const Plan<simd::bf16>& p, simd::bf16* o, int64_t t, float* acc),
+EFFOPS_ISA_DISPATCH_W(fwd_task, fwd_body, (const Plan<float>& p, float* o, int64_t t, float* acc), (p, o, t, acc))
+EFFOPS_ISA_DISPATCH_W(fwd_task, fwd_body, (const Plan<double>& p, double* o, int64_t t, double* acc), (p, o, t, acc))
+EFFOPS_ISA_DISPATCH_W(fwd_task, fwd_body, (const Plan<simd::bf16>& p, simd::bf16* o, int64_t t, float* acc),
                     (p, o, t, acc))
 
 // ------------------------------------------------------------------------ backward pass 1
