@@ -1,0 +1,396 @@
+"""Hostile-input fuzzing of every public op (effops.ops) and module constructor (effops.nn).
+
+Every generated call either raises effops's named error - a ValueError or TypeError whose
+message starts with the op's name (``"nms: ..."``) - or returns what the pure-PyTorch reference
+returns. Anything else fails: another exception type, an unnamed message, a different result,
+a hang, or a crash. Inputs: wrong dtypes (ints, bool, complex, fp16 on the CPU), wrong ranks and
+shapes, zero-sized dims, non-contiguous / expanded / sliced / channels_last layouts, NaN and
+inf, meta tensors, and integers from -2**63 to past 2**64.
+
+A segfault must fail a test, not kill the run: the hypothesis tests (``test_fuzz_<family>``)
+run in a child process, this file again with EFFOPS_FUZZ_CHILD=1, driven by
+``test_fuzz_suite_in_a_child_process``. Seeded (derandomize=True) and small (max_examples=60 per
+family), so the default run takes ~20 s; EFFOPS_FUZZ_EXAMPLES=N for a longer local run, and
+``--hypothesis-show-statistics`` in the child shows how often each op ran vs raised.
+
+Found and fixed by it: a segfault in soft_nms / matrix_nms when no box is proper, a SIGFPE in the
+depthwise / fused / BiFPN kernels for batch size 0, unnamed errors for meta tensors and for bad
+module constructor arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CHILD = os.environ.get("EFFOPS_FUZZ_CHILD") == "1"
+FAMILIES = ("nms", "multiclass", "soft_matrix", "dwsep", "bifpn", "modules")
+
+
+def test_fuzz_suite_in_a_child_process():
+    """All families in one child (one torch import: the default run stays well under a minute);
+    a crash fails this test with the child's faulthandler trace instead of killing the run."""
+    if CHILD:
+        pytest.skip("the driver runs only in the parent")
+    env = dict(os.environ, EFFOPS_FUZZ_CHILD="1", PYTHONFAULTHANDLER="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "fuzz_ and not child"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
+    out = (r.stdout + r.stderr)[-8000:]
+    assert r.returncode >= 0, f"fuzz child crashed (signal {-r.returncode}):\n{out}"
+    assert r.returncode == 0, out
+    assert f"{len(FAMILIES)} passed" in r.stdout, out
+
+
+if CHILD:
+    from hypothesis import HealthCheck, event, given, settings
+    from hypothesis import strategies as st
+
+    import effops.ops as E
+    from effops.ops import EffopsInputError, EffopsTypeError
+
+    NMS = sys.modules["effops.ops.nms"]
+    DW = sys.modules["effops.ops.dwsep"]
+    BF = sys.modules["effops.ops.bifpn"]
+
+    fuzz = settings(max_examples=int(os.environ.get("EFFOPS_FUZZ_EXAMPLES", "60")), deadline=None,
+                    derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+
+    BIG_INTS = [-(2**63), -(2**31), -1, 2**31, 2**62, 2**63 - 1, 2**63, 2**64 + 1]
+    GOOD_DTYPES = [torch.float32, torch.float32, torch.float64, torch.bfloat16]
+    BAD_DTYPES = [torch.float16, torch.int64, torch.bool, torch.complex64, torch.uint8]
+    DTYPES = GOOD_DTYPES * 3 + BAD_DTYPES
+
+    def sometimes(draw, n=10):
+        """True with probability 1/n: each argument is broken rarely, so that about half the
+        examples are valid calls (compared with the reference) and half hit one check."""
+        return draw(st.sampled_from([False] * (n - 1) + [True]))  # hypothesis leans to the first: False
+
+    def dtype(draw, good=GOOD_DTYPES):
+        return draw(st.sampled_from(BAD_DTYPES)) if sometimes(draw) else draw(st.sampled_from(good))
+
+    def named_error(op: str, call):
+        """Run call(); an exception must be effops's named error for op. Returns (ok, result)."""
+        try:
+            out = call()
+            event(f"{op}: ran")  # --hypothesis-show-statistics: how often each op got valid input
+            return True, out
+        except (EffopsInputError, EffopsTypeError) as e:
+            assert str(e).startswith(f"{op}:"), f"unnamed message: {e}"
+            event(f"{op}: named error: {str(e)[len(op) + 2:][:40]}")
+            return False, None
+        except (ValueError, TypeError) as e:  # e.g. act_name of a module constructor
+            assert str(e).split(":")[0].strip() != "", e
+            raise AssertionError(f"{op}: {type(e).__name__} that is not effops's: {e}") from e
+
+    # -------------------------------------------------------------------------- tensors
+    @st.composite
+    def layout(draw, t: torch.Tensor) -> torch.Tensor:
+        """The same values in another memory layout (or an expanded / meta version)."""
+        kind = "meta" if sometimes(draw, 40) else draw(st.sampled_from(["contig", "noncontig", "sliced", "expanded", "cl"]))
+        if kind == "noncontig" and t.dim() >= 1:
+            big = torch.zeros(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype)
+            big[..., ::2] = t
+            return big[..., ::2]
+        if kind == "sliced" and t.dim() >= 1:
+            pad = torch.zeros(t.shape[0] + 2, *t.shape[1:], dtype=t.dtype)
+            pad[1:-1] = t
+            return pad[1:-1]
+        if kind == "expanded" and t.dim() >= 1 and t.shape[0] > 0:
+            return t[:1].expand(t.shape)  # stride-0 rows (the values change: the reference sees them too)
+        if kind == "cl" and t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        if kind == "meta":
+            return t.to("meta")
+        return t
+
+    def values(draw, shape, dtype, *, lo=-3.0, hi=3.0, specials=True):
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        t = torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo
+        if specials and t.numel() and draw(st.integers(0, 4)) == 0:
+            flat = t.view(-1)
+            for _ in range(draw(st.integers(1, 3))):
+                flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+        if dtype.is_complex:
+            return t.to(dtype)
+        if not dtype.is_floating_point:
+            return torch.nan_to_num(t, nan=0.0, posinf=5.0, neginf=-5.0).to(dtype)
+        return t.to(dtype)
+
+    def maybe_wrong_shape(draw, shape):
+        """The right shape mostly; else one dim off, a dim dropped or added, or a zero dim."""
+        k = draw(st.sampled_from([0, 1, 2, 3])) if sometimes(draw, 8) else 9
+        shape = list(shape)
+        if k == 0 and shape:
+            i = draw(st.integers(0, len(shape) - 1))
+            shape[i] = max(0, shape[i] + draw(st.sampled_from([-1, 1])))
+        elif k == 1 and shape:
+            shape.pop()
+        elif k == 2:
+            shape.append(1)
+        elif k == 3 and shape:
+            shape[draw(st.integers(0, len(shape) - 1))] = 0
+        return tuple(shape)
+
+    def is_meta(*ts):
+        return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in ts)
+
+    def real_value(draw, valid=(0.0, 1.0)):
+        if not sometimes(draw, 6):
+            return draw(st.floats(*valid))
+        return draw(st.sampled_from([math.nan, math.inf, -math.inf, True, 10**400, "0.5", None, [0.5]]))
+
+    # -------------------------------------------------------------------------- nms
+    @st.composite
+    def nms_args(draw):
+        n = draw(st.sampled_from([0, 1, 2, 7, 33]))
+        dt = dtype(draw, GOOD_DTYPES + [torch.float16])
+        xy = values(draw, (n, 2), torch.float64, lo=0, hi=50)
+        wh = values(draw, (n, 2), torch.float64, lo=-2, hi=30)
+        boxes = torch.cat([xy, xy + wh], 1).to(dt) if dt.is_floating_point else values(draw, (n, 4), dt)
+        if sometimes(draw):
+            boxes = values(draw, maybe_wrong_shape(draw, (n, 4)), boxes.dtype, lo=0, hi=50)
+        sdt = dtype(draw) if sometimes(draw) else dt
+        scores = values(draw, maybe_wrong_shape(draw, (n,)), sdt, lo=0, hi=1)
+        if sometimes(draw, 20):
+            scores = scores.tolist()
+        else:
+            scores = draw(layout(scores))
+        boxes = draw(layout(boxes))
+        idxs = values(draw, maybe_wrong_shape(draw, (n,)), dtype(draw, [torch.int64, torch.int32]), lo=0, hi=3)
+        return boxes, scores, draw(layout(idxs)), real_value(draw)
+
+    @fuzz
+    @given(nms_args())
+    def test_fuzz_nms(args):
+        boxes, scores, idxs, thr = args
+        ok, keep = named_error("nms", lambda: E.nms(boxes, scores, thr))
+        if ok and not is_meta(boxes, scores):
+            assert torch.equal(keep, NMS.nms_reference(boxes, scores, float(thr)))
+        ok, keep = named_error("batched_nms", lambda: E.batched_nms(boxes, scores, idxs, thr))
+        if ok and not is_meta(boxes, scores, idxs):
+            assert torch.equal(keep, NMS.batched_nms_reference(boxes, scores, idxs, float(thr)))
+
+    @st.composite
+    def mc_args(draw):
+        B, N, C = (draw(st.sampled_from(v)) for v in ([0, 1, 2], [0, 1, 5, 17], [0, 1, 3]))
+        dt = dtype(draw, GOOD_DTYPES + [torch.float16])
+        per_class = draw(st.booleans())
+        shape = (B, N, C, 4) if per_class else (B, N, 4)
+        xy = values(draw, shape[:-1] + (2,), torch.float64, lo=0, hi=20, specials=False)
+        boxes = torch.cat([xy, xy + values(draw, shape[:-1] + (2,), torch.float64, lo=0, hi=10)], -1)
+        boxes = boxes.to(dt) if dt.is_floating_point else boxes.to(torch.int64)
+        if sometimes(draw):
+            boxes = values(draw, maybe_wrong_shape(draw, shape), boxes.dtype, lo=0, hi=20)
+        scores = values(draw, maybe_wrong_shape(draw, (B, N, C)), dtype(draw) if sometimes(draw) else dt, lo=0, hi=1)
+        M = draw(st.sampled_from(BIG_INTS + [2.0, None, True])) if sometimes(draw) else draw(st.integers(0, 6))
+        k = draw(st.sampled_from(BIG_INTS + [1.5, True])) if sometimes(draw) else draw(st.one_of(st.none(), st.integers(0, 8)))
+        agn = draw(st.sampled_from([1, None])) if sometimes(draw, 20) else draw(st.booleans())
+        return draw(layout(boxes)), draw(layout(scores)), real_value(draw), real_value(draw), M, agn, k
+
+    @fuzz
+    @given(mc_args())
+    def test_fuzz_multiclass(args):
+        boxes, scores, thr, sthr, M, agn, k = args
+        ok, out = named_error("multiclass_nms", lambda: E.multiclass_nms(boxes, scores, thr, sthr, M, agn, k))
+        if ok and not is_meta(boxes, scores):
+            want = NMS.multiclass_nms_reference(boxes, scores, float(thr), float(sthr), M, agn, k)
+            for a, b in zip(out, want):
+                assert torch.equal(a, b), (a, b)
+
+    @fuzz
+    @st.composite
+    def soft_args(draw):
+        method = draw(st.sampled_from(["hard", None, ["linear"]])) if sometimes(draw) else draw(
+            st.sampled_from(["linear", "gaussian"]))
+        sigma = draw(st.sampled_from([0.0, -1.0, math.inf, math.nan, -math.inf, "2", True])) if sometimes(draw) \
+            else draw(st.floats(0.1, 3))
+        sthr = draw(st.sampled_from([math.nan, math.inf, -1.0, None])) if sometimes(draw) else draw(st.floats(0, 0.5))
+        return method, sigma, sthr
+
+    @fuzz
+    @given(nms_args(), soft_args())
+    def test_fuzz_soft_matrix(args, soft):
+        boxes, scores, idxs, thr = args
+        method, sigma, sthr = soft
+        ok, out = named_error("soft_nms", lambda: E.soft_nms(boxes, scores, thr, sigma, method, sthr))
+        if ok and not is_meta(boxes, scores):
+            keep, sc = NMS.soft_nms_reference(boxes, scores, float(thr), float(sigma), method, float(sthr))
+            assert torch.equal(out[0], keep)
+            torch.testing.assert_close(out[1], sc, rtol=0, atol=0, equal_nan=True)
+        kernel = {"linear": "linear", "hard": "box"}.get(method, "gaussian") if isinstance(method, str) else method
+        ok, out = named_error("matrix_nms", lambda: E.matrix_nms(boxes, scores, idxs, kernel, sigma, sthr))
+        if ok and not is_meta(boxes, scores, idxs):
+            ix = idxs if isinstance(idxs, torch.Tensor) else None
+            dec = NMS.matrix_nms_decay_reference(boxes, scores, ix, kernel, float(sigma))
+            want = torch.nonzero(dec.double() >= float(sthr)).flatten()
+            want = want[torch.sort(dec[want], descending=True, stable=True).indices]
+            got_keep, got_sc = out
+            torch.testing.assert_close(got_sc.double(), dec[want].double(), rtol=1e-5, atol=1e-6)
+            assert got_keep.shape == want.shape
+
+    # -------------------------------------------------------------------------- dwsep
+    @st.composite
+    def geom_int(draw, lo=1):
+        if sometimes(draw, 6):
+            return draw(st.sampled_from(BIG_INTS + [0, True, 1.0, None, (1, 2), (1,), "2"]))
+        return draw(st.one_of(st.integers(lo, 3), st.tuples(st.integers(lo, 3), st.integers(lo, 3))))
+
+    @st.composite
+    def conv_args(draw):
+        N, C, H, W = (draw(st.sampled_from(v)) for v in ([2, 1], [8, 3, 17, 1], [7, 4, 1], [6, 3, 1]))
+        N, C, H = (0 if sometimes(draw, 12) else v for v in (N, C, H))
+        dt = dtype(draw)
+        x = draw(layout(values(draw, maybe_wrong_shape(draw, (N, C, H, W)), dt)))
+        k = draw(st.sampled_from([(0, 3), (2, 2)])) if sometimes(draw) else draw(st.sampled_from([(3, 3), (5, 3), (1, 1)]))
+        wdt = draw(st.sampled_from([torch.float32, dt, dtype(draw)])) if sometimes(draw, 3) else dt
+        dw_w = draw(layout(values(draw, maybe_wrong_shape(draw, (C, 1) + k), wdt, specials=False)))
+        Co = 0 if sometimes(draw) else draw(st.sampled_from([1, 5, 16]))
+        pw_w = draw(layout(values(draw, (Co, C + 1) if sometimes(draw) else draw(st.sampled_from([(Co, C, 1, 1), (Co, C)])),
+                                  wdt, specials=False)))
+        vec = lambda n: None if draw(st.booleans()) else draw(layout(values(draw, maybe_wrong_shape(draw, (n,)), wdt,  # noqa: E731
+                                                                            specials=False)))
+        geo = dict(stride=draw(geom_int()) if draw(st.booleans()) else 1,
+                   padding=draw(geom_int(0)) if draw(st.booleans()) else draw(st.sampled_from(["same", "valid", "full"][:2 + sometimes(draw)])),
+                   dilation=draw(geom_int()) if draw(st.integers(0, 3)) == 0 else 1)
+        act = draw(st.sampled_from(["gelu", ["silu"], 3])) if sometimes(draw) else draw(
+            st.sampled_from(["silu", "relu", None, "relu6", "hardswish", "sigmoid", "swish"]))
+        return x, dw_w, pw_w, vec(C), vec(C), vec(Co), vec(Co), geo, act
+
+    def _empty(*ts):
+        """torch's conv2d, pools and interpolate refuse some empty inputs our ops accept: there the
+        reference cannot run, and only the result's shape and dtype are checked."""
+        return any(isinstance(t, torch.Tensor) and t.numel() == 0 for t in ts)
+
+    def _close(got, want, dtype):
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}.get(dtype, 1e-3)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * 10, equal_nan=True)
+
+    @fuzz
+    @given(conv_args(), st.booleans())
+    def test_fuzz_dwsep(args, preact):
+        x, dw_w, pw_w, dws, dwb, pws, pwb, geo, act = args
+        a = lambda: DW.act_name("t", "a", act)  # noqa: E731
+        geom = lambda: DW.conv_geometry("t", x.shape[2:], dw_w.shape[2:], geo["stride"], geo["padding"],  # noqa: E731
+                                        geo["dilation"])
+        pw4 = pw_w if pw_w.dim() == 4 else (pw_w[:, :, None, None] if pw_w.dim() == 2 else pw_w)
+        ok, y = named_error("dw_conv_act", lambda: E.dw_conv_act(x, dw_w, scale=dws, bias=dwb, act=act, **geo))
+        if ok and not is_meta(x, dw_w):
+            g = geom()
+            if _empty(x):
+                assert y[0].shape == (*x.shape[:2], *g.out_hw) and y[1].shape == x.shape[:2]
+            else:
+                ry, rm = DW.dw_conv_act_reference(x.double(), dw_w.double(), g, _d(dws), _d(dwb), a())
+                _close(y[0], ry.to(x.dtype), x.dtype)
+                _close(y[1], rm.to(x.dtype), x.dtype)
+        ok, y = named_error("pw_conv", lambda: E.pw_conv(x, pw_w, scale=pws, bias=pwb, act=act))
+        if ok and not is_meta(x, pw_w):
+            if _empty(x):
+                assert y.shape == (x.shape[0], pw4.shape[0], *x.shape[2:])
+            else:
+                want = DW.pw_conv_reference(x.double(), pw4.double(), None, _d(pws), _d(pwb), a())
+                _close(y, want.to(x.dtype), x.dtype)
+        ok, y = named_error("dwsep_conv", lambda: E.dwsep_conv(x, dw_w, pw_w, dw_scale=dws, dw_bias=dwb, pw_scale=pws,
+                                                               pw_bias=pwb, act=act, preact=preact, **geo))
+        if ok and not is_meta(x, dw_w, pw_w):
+            g = geom()
+            if _empty(x):
+                assert y.shape == (x.shape[0], pw4.shape[0], *g.out_hw)
+            else:
+                want = DW.dwsep_conv_reference(x.double(), dw_w.double(), pw4.double(), g, _d(dws), _d(dwb), a(),
+                                               _d(pws), _d(pwb), "none", None, preact)
+                _close(y, want.to(x.dtype), x.dtype)
+
+    def _d(t):
+        return None if t is None else t.double()
+
+    # -------------------------------------------------------------------------- bifpn
+    @st.composite
+    def fuse_args(draw):
+        k = draw(st.sampled_from([1, 5])) if sometimes(draw) else draw(st.sampled_from([2, 3, 4]))
+        N, C = (0 if sometimes(draw, 12) else draw(st.sampled_from(v)) for v in ([1, 2], [1, 4, 9]))
+        H = draw(st.sampled_from([1, 4, 8]))
+        dt = dtype(draw)
+        modes, xs = [], []
+        for i in range(k):
+            m = draw(st.sampled_from(["bilinear", ["identity"]])) if sometimes(draw, 20) else (
+                "identity" if i == 0 else draw(st.sampled_from(["identity", "nearest", "maxpool", "maxpool_sym"])))
+            h = {"identity": H, "nearest": max(1, H // 2), "maxpool": H * 2, "maxpool_sym": H * 2}.get(m if isinstance(m, str) else "", H)
+            h = h + 1 if sometimes(draw, 20) else h
+            xs.append(draw(layout(values(draw, (N, C, h, h), torch.float64 if sometimes(draw, 20) else dt))))
+            modes.append(m)
+        w = None if sometimes(draw, 20) else draw(layout(values(draw, maybe_wrong_shape(draw, (k,)), torch.float32)))
+        method = draw(st.sampled_from(["max", ["sum"]])) if sometimes(draw, 20) else draw(
+            st.sampled_from(["fastattn", "attn", "sum"]))
+        eps = draw(st.sampled_from([math.nan, -1.0, "1e-4", True, None])) if sometimes(draw, 20) else draw(
+            st.floats(0, 1e-2))
+        act = draw(st.sampled_from(["gelu", ["silu"]])) if sometimes(draw, 20) else draw(
+            st.sampled_from(["silu", None, "relu", "swish"]))
+        out_size = draw(st.sampled_from([(H, H + 1), (True, True), (2**31, 1), (H,), "8"])) if sometimes(draw, 20) \
+            else draw(st.sampled_from([None, (H, H)]))
+        return xs, w, modes, method, eps, act, out_size
+
+    @fuzz
+    @given(fuse_args(), st.booleans())
+    def test_fuzz_bifpn(args, twice):
+        xs, w, modes, method, eps, act, out_size = args
+        call = lambda: E.weighted_fuse(xs, w, resample=modes, method=method, eps=eps, act=act, out_size=out_size)  # noqa: E731
+        ok, y = named_error("weighted_fuse", call)
+        if twice:  # the second call may take the validated-plan path: it must agree exactly
+            ok2, y2 = named_error("weighted_fuse", call)
+            assert ok2 == ok
+            if ok:
+                torch.testing.assert_close(y, y2, rtol=0, atol=0, equal_nan=True)
+        if ok and not is_meta(*xs, w):
+            out_hw = tuple(out_size) if out_size is not None else tuple(
+                x.shape[2:] for x, m in zip(xs, modes) if m == "identity")[0]
+            if _empty(*xs):
+                assert y.shape == (*xs[0].shape[:2], *out_hw)
+                return
+            wn = BF.normalize_weights(w, method, len(xs), float(eps), xs[0].device)
+            want = BF.weighted_fuse_reference([x.double() for x in xs], wn.double(), modes,
+                                              DW.act_name("t", "a", act), out_hw)
+            _close(y, want.to(xs[0].dtype), xs[0].dtype)
+
+    # -------------------------------------------------------------------------- module constructors
+    CTOR_INT = st.one_of(st.integers(0, 9), st.sampled_from(BIG_INTS + [True, 2.5, None, "3", (3, 3)]))
+
+    @fuzz
+    @given(st.data())
+    def test_fuzz_modules(data):
+        from effops import nn as enn
+
+        draw = data.draw
+        which = draw(st.sampled_from(["DWSeparableConv2d", "MBConv", "SqueezeExcite"]))
+        if which == "DWSeparableConv2d":
+            kw = dict(in_channels=draw(CTOR_INT), out_channels=draw(CTOR_INT), kernel_size=draw(CTOR_INT),
+                      stride=draw(CTOR_INT), padding=draw(st.one_of(CTOR_INT, st.sampled_from(["same", "x"]))),
+                      act=draw(st.sampled_from(["silu", None, "gelu", ["relu"]])))
+        elif which == "MBConv":
+            kw = dict(in_channels=draw(CTOR_INT), out_channels=draw(CTOR_INT), kernel_size=draw(CTOR_INT),
+                      stride=draw(CTOR_INT), expand_ratio=draw(st.sampled_from([1.0, 4.0, 0.0, -1.0, math.nan, "6"])),
+                      se_ratio=draw(st.sampled_from([0.0, 0.25, -0.5, math.inf])),
+                      act=draw(st.sampled_from(["silu", "relu", "gelu", None])))
+        else:
+            kw = dict(channels=draw(CTOR_INT), reduced=draw(CTOR_INT), act=draw(st.sampled_from(["silu", "relu", "x"])))
+        try:
+            m = getattr(enn, which)(**kw)
+        except (ValueError, TypeError) as e:  # effops's named check, before torch.nn sees the value
+            assert str(e).startswith(f"{which}:"), f"{which}({kw}): unnamed {type(e).__name__}: {e}"
+            return
+        except RuntimeError as e:  # torch.empty with a negative size etc.: a crash-free error, but unnamed
+            raise AssertionError(f"{which}({kw}): unnamed RuntimeError: {e}") from e
+        # a module that was built runs on an input it accepts, or names the problem
+        c = kw.get("in_channels", kw.get("channels"))
+        x = torch.randn(1, c, 6, 6) if isinstance(c, int) and 0 < c <= 16 else None
+        if x is not None:
+            try:
+                with torch.no_grad():
+                    m.eval()(x)
+            except (ValueError, TypeError) as e:
+                assert ":" in str(e), e
