@@ -285,7 +285,7 @@ def test_strict_recognition_keeps_what_it_does_not_understand():
 
 
 def test_known_unfused_blocks_are_reported():
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     for name, reason in (("efficientnet_cc_b0_4e", "CondConv"), ("ghostnet_050", "Ghost module"),
                          ("mixnet_s", "MixedConv2d")):
         torch.manual_seed(0)
