@@ -169,6 +169,17 @@ def _like_input(out: Tensor, x: Tensor) -> Tensor:
     return out.contiguous(memory_format=fmt)
 
 
+def _strided_like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` with the strides of ``torch.empty_like(like)``: what the backward ops' fake
+    kernels declare, so torch.compile's stride assertions hold (the depthwise weight gradient is
+    computed [KH, KW, C] and viewed as [C, 1, KH, KW]; a channels_last decision on an ambiguous
+    shape can differ from empty_like's)."""
+    ref = torch.empty_like(like, dtype=t.dtype)
+    if t.stride() == ref.stride():
+        return t
+    return ref.copy_(t)
+
+
 def _copy_like(t: Tensor, x: Tensor) -> Tensor:
     """A new tensor (a custom op may not return one of its inputs) in x's memory format."""
     out = _like_input(t, x)
@@ -591,11 +602,11 @@ def _dwsep_bwd_op(grad: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
     ga, gw = P.dw_bwd(a, dw_weight, g, gd_raw)
     gx = ga * act_grad(xa, act) if preact else ga
     return (
-        _like_input(gx.to(x.dtype), x),
-        gw.reshape(dw_weight.shape).to(dw_weight.dtype),
-        dW.reshape(pw_weight.shape).to(pw_weight.dtype),
+        _strided_like(_like_input(gx.to(x.dtype), x), x),
+        _strided_like(gw.reshape(dw_weight.shape).to(dw_weight.dtype), dw_weight),
+        _strided_like(dW.reshape(pw_weight.shape).to(pw_weight.dtype), pw_weight),
         _grad_for(ddws, dw_scale), _grad_for(ddwb, dw_bias), _grad_for(dps, pw_scale), _grad_for(dpb, pw_bias),
-        _copy_like(grad, x) if has_residual else _nograd(x.device),
+        _strided_like(_copy_like(grad, x), grad) if has_residual else _nograd(x.device),
     )
 
 
@@ -623,7 +634,8 @@ def _dw_bwd_op(grad_y: Tensor, grad_means: Tensor, x: Tensor, weight: Tensor, sc
     gy = grad_y.to(acc) + (grad_means.to(acc) / hw)[:, :, None, None]
     graw, dscale, dbias = _affine_backward(gy * act_grad(pre, act), raw, scale)
     gx, gw = P.dw_bwd(xa, weight, g, graw)
-    return (_like_input(gx.to(x.dtype), x), gw.reshape(weight.shape).to(weight.dtype),
+    return (_strided_like(_like_input(gx.to(x.dtype), x), x),
+            _strided_like(gw.reshape(weight.shape).to(weight.dtype), weight),
             _grad_for(dscale, scale), _grad_for(dbias, bias))
 
 
@@ -653,9 +665,10 @@ def _pw_bwd_op(grad: Tensor, y: Tensor, weight: Tensor, channel_scale: Optional[
         dy = dys * channel_scale.to(acc)[:, :, None, None]
     else:
         dcs, dy = _nograd(y.device), dys
-    return (_like_input(dy.to(y.dtype), y), dW.reshape(weight.shape).to(weight.dtype), dcs,
+    return (_strided_like(_like_input(dy.to(y.dtype), y), y),
+            _strided_like(dW.reshape(weight.shape).to(weight.dtype), weight), dcs,
             _grad_for(dscale, scale), _grad_for(dbias, bias),
-            _copy_like(grad, y) if has_residual else _nograd(y.device))
+            _strided_like(_copy_like(grad, y), grad) if has_residual else _nograd(y.device))
 
 
 @_pw_bwd_op.register_fake
