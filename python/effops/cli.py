@@ -91,12 +91,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .nas.cli import add_parsers as _add_nas_parsers
 
     _add_nas_parsers(sub)  # search, nas {export,report,evaluate,show}
-    from .models.detect_cli import add_parser as _add_detect_parser
-
-    _add_detect_parser(sub)  # detect IMAGE_OR_DIR... --model --weights --out
     from .models.classify_cli import add_parser as _add_classify_parser
 
     _add_classify_parser(sub)  # classify IMAGE... --model --weights (top-5)
+    from .models.detect_cli import add_parser as _add_detect_parser
+
+    _add_detect_parser(sub)  # detect IMAGE_OR_DIR... --model --weights --out
     args = p.parse_args(argv)
     return args.func(args)
 
