@@ -29,3 +29,23 @@ def test_converted_model_is_as_close_to_float64_as_the_original(name):
             out = convert(copy.deepcopy(model))(x.contiguous(memory_format=torch.channels_last))
         ratios.append((out.double() - truth).abs().mean().item() / (ref.double() - truth).abs().mean().item())
     assert sum(ratios) / len(ratios) <= 1.5, f"{name}: error ratios converted / original {ratios}"
+
+
+def test_converted_efficientdet_d0_is_as_close_to_float64_as_the_original():
+    effdet = pytest.importorskip("effdet")
+    model = effdet.create_model("tf_efficientdet_d0", pretrained=False, pretrained_backbone=False,
+                                image_size=(128, 128)).eval()
+    model = calibrate(model, size=128)
+
+    def flat(outputs):
+        return torch.cat([t.flatten() for part in outputs for t in part]).double()
+
+    ratios = []
+    for seed in range(3):
+        x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            truth = flat(copy.deepcopy(model).double()(x.double()))
+            ref = flat(model(x))
+            out = flat(convert(copy.deepcopy(model))(x))
+        ratios.append((out - truth).abs().mean().item() / (ref - truth).abs().mean().item())
+    assert sum(ratios) / len(ratios) <= 1.5, f"tf_efficientdet_d0: error ratios converted / original {ratios}"
