@@ -288,3 +288,14 @@ def test_bad_options_are_named_errors_not_hash_errors():
     weighted_fuse([a, b], w, resample=modes, eps=1)
     with pytest.raises(TypeError, match="eps must be a real number"):
         weighted_fuse([a, b], w, resample=modes, eps=True)
+
+
+def test_fastattn_all_weights_nonpositive_and_zero_eps_is_nan_like_torch():
+    # relu(w) sums to 0 and eps = 0: 0 / 0. The eager CPU path normalised in Python floats and
+    # raised ZeroDivisionError (found by the fuzz suite on CI); torch's formula gives NaN.
+    xs = [torch.ones(1, 2, 3, 3), torch.ones(1, 2, 3, 3)]
+    w = torch.tensor([-2.5, -1.5])
+    got = weighted_fuse(xs, w, resample=["identity", "identity"], method="fastattn", eps=0.0, act="none")
+    with effops.use_backend("reference"):
+        want = weighted_fuse(xs, w, resample=["identity", "identity"], method="fastattn", eps=0.0, act="none")
+    assert torch.isnan(got).all() and torch.isnan(want).all()

@@ -108,6 +108,8 @@ def normalized_floats(weights: Optional[Tensor], method: str, k: int, eps: float
         return [v / s for v in e]
     r = [0.0 if v <= 0 else v for v in w]  # relu; NaN stays NaN
     s = sum(r) + eps
+    if s == 0:  # every weight <= 0 and eps == 0: 0 / 0, NaN as in torch (Python would raise)
+        return [math.nan] * k
     return [v / s for v in r]
 
 
