@@ -2,7 +2,7 @@
 // EFFOPS_ISA / effops.set_isa() (never above what the CPU has), so one machine can test and
 // benchmark every path users run.
 //
-// Kernels that are compiled per level use EFFOPS_ISA_DISPATCH (below) or switch on isa()
+// Kernels that are compiled per level use EFFOPS_ISA_DISPATCH_W (below) or switch on isa()
 // themselves; each level's copy is compiled with a target attribute, so the distributed build
 // needs no -march flag.
 #pragma once
@@ -65,22 +65,10 @@ inline const char* isa_name(Isa i) {
 
 }  // namespace effops
 
-// Define NAME(PARAMS) that runs BODY(ARGS) compiled for the level isa() picks. BODY must be an
+// Define NAME(PARAMS) that runs BODY<W> ARGS compiled for the level isa() picks, W the level's
+// native vector width in bytes (64 AVX-512, 32 AVX2, 16 baseline). BODY must be an
 // EFFOPS_INLINE template (inlined into each level's copy). PARAMS and ARGS are parenthesised.
 #if EFFOPS_X86
-#define EFFOPS_ISA_DISPATCH(NAME, BODY, PARAMS, ARGS)             \
-  EFFOPS_TARGET_V4 static void NAME##_v4 PARAMS { BODY ARGS; }    \
-  EFFOPS_TARGET_V3 static void NAME##_v3 PARAMS { BODY ARGS; }    \
-  static void NAME##_base PARAMS { BODY ARGS; }                   \
-  void NAME PARAMS {                                              \
-    switch (::effops::isa()) {                                    \
-      case ::effops::kV4: return NAME##_v4 ARGS;                  \
-      case ::effops::kV3: return NAME##_v3 ARGS;                  \
-      default: return NAME##_base ARGS;                           \
-    }                                                             \
-  }
-// The same, BODY a template whose first parameter is the native vector width in bytes of the
-// level (64 AVX-512, 32 AVX2, 16 baseline): BODY<W> ARGS.
 #define EFFOPS_ISA_DISPATCH_W(NAME, BODY, PARAMS, ARGS)              \
   EFFOPS_TARGET_V4 static void NAME##_v4 PARAMS { BODY<64> ARGS; }   \
   EFFOPS_TARGET_V3 static void NAME##_v3 PARAMS { BODY<32> ARGS; }   \
@@ -93,8 +81,6 @@ inline const char* isa_name(Isa i) {
     }                                                                \
   }
 #else
-#define EFFOPS_ISA_DISPATCH(NAME, BODY, PARAMS, ARGS) \
-  void NAME PARAMS { BODY ARGS; }
 #define EFFOPS_ISA_DISPATCH_W(NAME, BODY, PARAMS, ARGS) \
   void NAME PARAMS { BODY<16> ARGS; }
 #endif

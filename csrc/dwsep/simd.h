@@ -160,17 +160,6 @@ EFFOPS_INLINE void storev(bf16* p, V v) {
   H h = __builtin_convertvector(r, H);
   std::memcpy(p, &h, sizeof h);
 }
-EFFOPS_INLINE void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-EFFOPS_INLINE void storev(double* p, vd v) { std::memcpy(p, &v, sizeof v); }
-EFFOPS_INLINE void storev(bf16* p, vf v) {
-  vu u;
-  std::memcpy(&u, &v, sizeof u);
-  const vu nan = (u & 0x7fffffffu) > 0x7f800000u;
-  vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  r = (nan & ((u >> 16) | 0x40u)) | (~nan & r);
-  vh h = __builtin_convertvector(r, vh);
-  std::memcpy(p, &h, sizeof h);
-}
 
 // ---- math
 // Clamps that keep NaN (as torch's activations do): the comparison is false for NaN.
