@@ -29,7 +29,7 @@ import pytest
 import torch
 
 CHILD = os.environ.get("EFFOPS_FUZZ_CHILD") == "1"
-FAMILIES = ("nms", "multiclass", "soft_matrix", "dwsep", "bifpn", "modules")
+FAMILIES = ("nms", "multiclass", "soft_matrix", "dwsep", "bifpn", "modules", "bifpn_module", "convert")
 
 
 def test_fuzz_suite_in_a_child_process():
@@ -394,3 +394,95 @@ if CHILD:
                     m.eval()(x)
             except (ValueError, TypeError) as e:
                 assert ":" in str(e), e
+
+    # -------------------------------------------------------------------------- BiFPN module, convert()
+    @fuzz
+    @given(st.data())
+    def test_fuzz_bifpn_module(data):
+        """BiFPN's constructor with hostile arguments, then a forward on feature lists that may be
+        short, long, of the wrong channels or sizes: a named error or the right output shapes."""
+        from effops import nn as enn
+
+        draw = data.draw
+        small = st.integers(1, 6)
+
+        def arg(good, bad):  # a bad value about one argument in ten
+            return draw(st.sampled_from(bad)) if sometimes(draw) else draw(good)
+
+        kw = dict(in_channels=arg(st.lists(small, min_size=1, max_size=3), [[], 3, "abc", [0, 2], [2, -1], [2.5], [True, 2]]),
+                  fpn_channels=arg(small, BIG_INTS + [0, 2.5, None]),
+                  num_layers=arg(st.integers(1, 2), [0, -1, 10**6, "2"]),
+                  image_size=arg(st.tuples(st.integers(1, 20), st.integers(1, 20)),
+                                 [16, (0, 8), (8,), (2**62, 2**62), ("a", 8), None]),
+                  min_level=arg(st.just(3), [2, 7, -1, 17]),
+                  max_level=arg(st.just(7), [5, 3, 40]),
+                  weight_method=arg(st.sampled_from(["fastattn", "attn", "sum"]), ["x", None]),
+                  act=arg(st.sampled_from(["silu", "relu", None]), ["gelu", 3]),
+                  pad_type=arg(st.sampled_from(["same", ""]), ["x"]),
+                  eps=arg(st.just(1e-3), [0.0, -1.0, math.nan]))
+        if kw["image_size"] is None:
+            kw.pop("image_size")  # the default
+        ok, m = named_error("BiFPN", lambda: enn.BiFPN(**kw))
+        if not ok:
+            return
+        m.eval()
+        sizes = m.sizes
+        chans = list(m.in_channels)
+        if sometimes(draw, 4):  # a wrong feature list
+            which = draw(st.sampled_from(["short", "long", "channels"]))
+            if which == "short" and len(chans) > 1:
+                chans = chans[:-1]
+            elif which == "long":
+                chans = chans + [2]
+            else:
+                chans = [c + 1 for c in chans]
+        feats = [torch.randn(1, c, *sizes[min(i, len(sizes) - 1)]) for i, c in enumerate(chans)]
+        ok, out = named_error("BiFPN", lambda: m(feats))
+        if ok:
+            assert [tuple(o.shape) for o in out] == [(1, kw["fpn_channels"], *hw) for hw in sizes]
+            assert all(torch.isfinite(o).all() for o in out)
+
+    @fuzz
+    @given(st.data())
+    def test_fuzz_convert(data):
+        """convert() on non-modules and on small models with odd convs: a named TypeError, or a
+        model whose output equals the original's (what it cannot reproduce it keeps)."""
+        from torch import nn as tnn
+
+        from effops.nn import convert
+
+        draw = data.draw
+        what = draw(st.sampled_from(["none", "tensor", "dict", "model", "model", "model"]))
+        if what != "model":
+            bad = {"none": None, "tensor": torch.zeros(2), "dict": {"a": tnn.Linear(2, 2)}}[what]
+            try:
+                convert(bad)
+            except TypeError as e:
+                assert str(e).startswith("convert:"), e
+                return
+            raise AssertionError(f"convert({what}) accepted a non-module")
+        c = draw(st.integers(1, 6))
+        k = draw(st.sampled_from([1, 2, 3, 5]))
+        stride = draw(st.sampled_from([1, 2]))
+        dil = draw(st.sampled_from([1, 1, 2]))
+        groups = draw(st.sampled_from([1, c]))
+        co = draw(st.integers(1, 6))
+        layers = [tnn.Conv2d(c, c, k, stride, k // 2, dilation=dil, groups=groups, bias=draw(st.booleans())),
+                  tnn.BatchNorm2d(c), draw(st.sampled_from([tnn.ReLU(), tnn.SiLU(), tnn.GELU(), tnn.Identity()])),
+                  tnn.Conv2d(c, co, 1, bias=draw(st.booleans())), tnn.BatchNorm2d(co)]
+        model = tnn.Sequential(*layers).eval()
+        for mod in model.modules():
+            if isinstance(mod, tnn.BatchNorm2d):
+                mod.running_mean.uniform_(-1, 1)
+                mod.running_var.uniform_(0.5, 2)
+        x = torch.randn(2, c, draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+        try:
+            with torch.no_grad():
+                want = model(x)
+        except RuntimeError:
+            return  # torch itself rejects the geometry (kernel larger than the input)
+        conv = convert(model, copy_model=True)
+        with torch.no_grad():
+            got = conv(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -20,7 +20,10 @@ from torch import Tensor
 from ..ops.bifpn import weighted_fuse
 from ._parts import ConvStage, Unsupported, act_of, check_bn, check_depthwise, check_pointwise, padding_of, sepconv_forward
 from ._parts import _inference, _prepared
-from ..ops.dwsep import PreparedPW, apply_act, pw_conv
+from ..ops._common import EffopsInputError, EffopsTypeError, check_choice, check_int
+from ..ops.bifpn import METHODS
+from ..ops.dwsep import PreparedPW, act_name, apply_act, pw_conv
+from .dwsep import _norm_args
 
 
 def bifpn_nodes(min_level: int = 3, max_level: int = 7) -> List[Tuple[int, List[int]]]:
@@ -46,6 +49,56 @@ def feature_sizes(image_size: Tuple[int, int], max_level: int = 7) -> List[Tuple
         h, w = sizes[-1]
         sizes.append(((h - 1) // 2 + 1, (w - 1) // 2 + 1))
     return sizes
+
+
+def _check_bifpn_args(op: str, channels, sizes, fpn_channels, min_level, max_level, weight_method, act, pad_type,
+                      eps, momentum, num_layers=None, image_size=None) -> Tuple[List[int], Optional[List[Tuple[int, int]]]]:
+    """The constructor arguments of BiFPN / BiFPNLayer, checked before torch.nn sees them (which
+    would raise an unnamed RuntimeError, or build a graph that fails only at forward)."""
+    check_int(op, "min_level", min_level, minimum=0, maximum=16)
+    check_int(op, "max_level", max_level, minimum=0, maximum=16)
+    if max_level <= min_level:
+        raise EffopsInputError(f"{op}: max_level must be > min_level, got min_level={min_level}, max_level={max_level}")
+    levels = max_level - min_level + 1
+    if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+        raise EffopsTypeError(f"{op}: in_channels must be a sequence of channel counts, got {type(channels).__name__}")
+    chans = [check_int(op, f"in_channels[{i}]", c, minimum=1) for i, c in enumerate(channels)]
+    if not 1 <= len(chans) <= levels:
+        raise EffopsInputError(f"{op}: in_channels must give 1..{levels} levels (P{min_level}..P{max_level}), "
+                               f"got {len(chans)}")
+    check_int(op, "fpn_channels", fpn_channels, minimum=1)
+    if num_layers is not None:
+        check_int(op, "num_layers", num_layers, minimum=1, maximum=64)
+    check_choice(op, "weight_method", weight_method, METHODS)
+    act_name(op, "act", act)
+    check_choice(op, "pad_type", pad_type, ("same", ""))
+    _norm_args(op, eps, momentum)
+    if image_size is not None:
+        if isinstance(image_size, (str, bytes)) or not isinstance(image_size, Sequence) or len(image_size) != 2:
+            raise EffopsTypeError(f"{op}: image_size must be an (height, width) pair, got {image_size!r}")
+        for i, v in enumerate(image_size):
+            check_int(op, f"image_size[{i}]", v, minimum=1, maximum=1 << 20)
+    out_sizes = None
+    if sizes is not None:
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or len(sizes) != levels:
+            raise EffopsInputError(f"{op}: sizes must give one (height, width) per level P{min_level}..P{max_level} "
+                                   f"({levels}), got {sizes!r}")
+        out_sizes = []
+        for i, hw in enumerate(sizes):
+            if isinstance(hw, (str, bytes)) or not isinstance(hw, Sequence) or len(hw) != 2:
+                raise EffopsTypeError(f"{op}: sizes[{i}] must be a (height, width) pair, got {hw!r}")
+            out_sizes.append(tuple(check_int(op, f"sizes[{i}][{j}]", v, minimum=1, maximum=1 << 20) for j, v in enumerate(hw)))
+    return chans, out_sizes
+
+
+def _check_features(op: str, x, channels: Sequence[int]) -> None:
+    if not isinstance(x, (list, tuple)) or not all(isinstance(t, Tensor) for t in x):
+        raise EffopsTypeError(f"{op}: features must be a list of tensors, got {type(x).__name__}")
+    if len(x) != len(channels):
+        raise EffopsInputError(f"{op}: expected {len(channels)} feature maps with channels {list(channels)}, got {len(x)}")
+    for i, (t, c) in enumerate(zip(x, channels)):
+        if t.dim() != 4 or t.shape[1] != c:
+            raise EffopsInputError(f"{op}: features[{i}] must be [N, {c}, H, W], got {list(t.shape)}")
 
 
 # ------------------------------------------------------------------------------ node forward
@@ -76,7 +129,9 @@ def fnode_forward(xs: Sequence[Tensor], offsets: Sequence[int], resamples: Seque
 def _mode(in_size: Tuple[int, int], out_size: Tuple[int, int], pad_type: str) -> str:
     if tuple(in_size) == tuple(out_size):
         return "identity"
-    if in_size[0] > out_size[0]:
+    # A finer level is >= the coarser one in both dims (ceil halving); where a dim has reached 1
+    # only the other shrinks (effdet would pick 'identity' there and fail at the sum).
+    if in_size[0] > out_size[0] or in_size[1] > out_size[1]:
         return "maxpool" if pad_type == "same" else "maxpool_sym"
     return "nearest"
 
@@ -159,8 +214,13 @@ class BiFPNLayer(nn.Module):
                  pad_type: str = "same", apply_resample_bn: bool = True, redundant_bias: bool = True,
                  eps: float = 1e-3, momentum: float = 0.01):
         super().__init__()
+        chans, szs = _check_bifpn_args("BiFPNLayer", channels, sizes, fpn_channels, min_level, max_level, weight_method,
+                                       act, pad_type, eps, momentum)
+        if len(chans) != max_level - min_level + 1:
+            raise EffopsInputError(f"BiFPNLayer: channels must give one count per level P{min_level}..P{max_level}, "
+                                   f"got {len(chans)}")
         self.num_levels = max_level - min_level + 1
-        chans, szs = list(channels), [tuple(s) for s in sizes]
+        self.in_channels = list(chans)
         self.fnode = nn.ModuleList()
         for level, offsets in bifpn_nodes(min_level, max_level):
             out_size = szs[level - min_level]
@@ -170,6 +230,7 @@ class BiFPNLayer(nn.Module):
             szs.append(out_size)
 
     def forward(self, x: List[Tensor]) -> List[Tensor]:
+        _check_features("BiFPNLayer", x, self.in_channels)
         x = list(x)
         for node in self.fnode:
             x.append(node(x))
@@ -195,8 +256,10 @@ class BiFPN(nn.Module):
                  apply_resample_bn: bool = True, redundant_bias: bool = True, eps: float = 1e-3,
                  momentum: float = 0.01):
         super().__init__()
+        chans, _ = _check_bifpn_args("BiFPN", in_channels, None, fpn_channels, min_level, max_level, weight_method, act,
+                                     pad_type, eps, momentum, num_layers=num_layers, image_size=image_size)
         sizes = feature_sizes(image_size, max_level)[min_level:]
-        chans = list(in_channels)
+        self.in_channels = list(chans)
         self.resample = nn.ModuleDict()
         self._extra = []
         for level in range(len(chans), max_level - min_level + 1):
@@ -213,6 +276,7 @@ class BiFPN(nn.Module):
         self._cache = {}
 
     def forward(self, features: List[Tensor]) -> List[Tensor]:
+        _check_features("BiFPN", features, self.in_channels)
         x = list(features)
         for key, r in self.resample.items():
             t = _apply_conv1x1(x[-1], r.stage(), self._cache, f"extra{key}")
