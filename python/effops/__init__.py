@@ -9,7 +9,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _backend, nn, ops
+from ._compat import check_torch as _check_torch
+
+_check_torch()  # a clear ImportError on a torch older than effops supports, before any op registers
+
+from . import _backend, nn, ops  # noqa: E402
 from ._backend import detected_isa, isa, set_isa, use_backend, use_isa
 
 

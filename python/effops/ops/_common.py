@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -138,3 +138,26 @@ def profiled(name: str, fn, *args):
         with torch.profiler.record_function(name):
             return fn(*args)
     return fn(*args)
+
+
+#: "effops::<op>" -> (the Python function, its explicit schema), for every op made by custom_op()
+#: below (tests/test_op_schemas.py checks each schema against the function's annotations).
+OP_SCHEMAS: Dict[str, Tuple[Callable, str]] = {}
+
+
+def custom_op(name: str, schema: str):
+    """``torch.library.custom_op(name, mutates_args=(), schema=schema)``: every effops op states
+    its schema explicitly, e.g. ``"(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor"``.
+
+    Why: torch's schema inference reads the annotations, and with ``from __future__ import
+    annotations`` they are strings, which torch 2.4-2.5's ``infer_schema`` rejects
+    ("unsupported type Tensor" / "Tuple[Tensor, Tensor]"): ``import effops`` failed there. The
+    schema must equal what the current torch infers from the annotations (int -> SymInt,
+    List[int] -> SymInt[], Optional[Tensor] -> Tensor?, List[Tensor] -> Tensor[], a tuple
+    return -> (Tensor, ...)); tests/test_op_schemas.py checks it for every registered op."""
+    def register(fn: Callable):
+        op = torch.library.custom_op(name, mutates_args=(), schema=schema)(fn)
+        OP_SCHEMAS[name] = (fn, schema)
+        return op
+
+    return register

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from ._common import MAX_SIZE, EffopsInputError, EffopsTypeError, check_real, check_tensor, profiled
+from ._common import MAX_SIZE, EffopsInputError, EffopsTypeError, check_real, check_tensor, custom_op, profiled
 from .dwsep import (ACT_CODES, _autocast, _check_x, _fast_path_ok, _from_nhwc, _nhwc, act_grad, act_name, apply_act,
                     same_padding)
 
@@ -256,7 +256,10 @@ def _like(out: Tensor, x: Tensor) -> Tensor:
     return out.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
-@torch.library.custom_op("effops::weighted_fuse", mutates_args=())
+@custom_op(
+    "effops::weighted_fuse",
+    "(Tensor[] inputs, Tensor wn, SymInt[] mode_codes, SymInt[] out_size, str act) -> Tensor",
+)
 def _fuse_op(inputs: List[Tensor], wn: Tensor, mode_codes: List[int], out_size: List[int], act: str) -> Tensor:
     out_hw = _out_hw_of(out_size)
     modes = [MODES[c] for c in mode_codes]
@@ -280,7 +283,11 @@ def _(inputs, wn, mode_codes, out_size, act):
     return out.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
-@torch.library.custom_op("effops::weighted_fuse_backward", mutates_args=())
+@custom_op(
+    "effops::weighted_fuse_backward",
+    "(Tensor grad, Tensor[] inputs, Tensor wn, SymInt[] mode_codes, SymInt[] out_size, str act) "
+    "-> (Tensor[], Tensor)",
+)
 def _fuse_bwd_op(grad: Tensor, inputs: List[Tensor], wn: Tensor, mode_codes: List[int], out_size: List[int],
                  act: str) -> Tuple[List[Tensor], Tensor]:
     out_hw = _out_hw_of(out_size)

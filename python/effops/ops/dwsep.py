@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch import Tensor
 
 from .. import _backend
-from ._common import MAX_SIZE, EffopsInputError, EffopsTypeError, check_tensor, profiled
+from ._common import MAX_SIZE, EffopsInputError, EffopsTypeError, check_tensor, custom_op, profiled
 
 _backend.register_op("dwsep_conv", ("cpu", "cuda", "triton", "reference"))
 _backend.register_op("dw_conv_act", ("cpu", "cuda", "triton", "reference"))
@@ -472,7 +472,12 @@ def _nograd(device) -> Tensor:
     return torch.empty(0, device=device)
 
 
-@torch.library.custom_op("effops::dwsep_conv", mutates_args=())
+@custom_op(
+    "effops::dwsep_conv",
+    "(Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? dw_scale, Tensor? dw_bias, Tensor? pw_scale, "
+    "Tensor? pw_bias, Tensor? residual, SymInt[] stride, SymInt[] pad, SymInt[] dilation, str act, str pw_act, "
+    "bool preact) -> Tensor",
+)
 def _dwsep_op(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_scale: Optional[Tensor], dw_bias: Optional[Tensor],
               pw_scale: Optional[Tensor], pw_bias: Optional[Tensor], residual: Optional[Tensor],
               stride: List[int], pad: List[int], dilation: List[int], act: str, pw_act: str, preact: bool) -> Tensor:
@@ -497,7 +502,11 @@ def _(x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias, residual, s
     return x.new_empty((x.shape[0], pw_weight.shape[0], *g.out_hw)).contiguous(memory_format=fmt)
 
 
-@torch.library.custom_op("effops::dw_conv_act", mutates_args=())
+@custom_op(
+    "effops::dw_conv_act",
+    "(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, SymInt[] stride, SymInt[] pad, SymInt[] dilation, "
+    "str act) -> (Tensor, Tensor)",
+)
 def _dw_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], stride: List[int],
            pad: List[int], dilation: List[int], act: str) -> Tuple[Tensor, Tensor]:
     g = _geometry_from(x, weight, stride, pad, dilation)
@@ -517,7 +526,11 @@ def _(x, weight, scale, bias, stride, pad, dilation, act):
     return x.new_empty((x.shape[0], x.shape[1], *g.out_hw)).contiguous(memory_format=fmt), x.new_empty(x.shape[:2])
 
 
-@torch.library.custom_op("effops::pw_conv", mutates_args=())
+@custom_op(
+    "effops::pw_conv",
+    "(Tensor y, Tensor weight, Tensor? channel_scale, Tensor? scale, Tensor? bias, Tensor? residual, "
+    "str act) -> Tensor",
+)
 def _pw_op(y: Tensor, weight: Tensor, channel_scale: Optional[Tensor], scale: Optional[Tensor],
            bias: Optional[Tensor], residual: Optional[Tensor], act: str) -> Tensor:
     backend = _select("pw_conv", y)
@@ -577,7 +590,12 @@ def _affine_backward(gpre: Tensor, raw: Tensor, scale: Optional[Tensor]):
     return graw, dscale, dbias
 
 
-@torch.library.custom_op("effops::dwsep_conv_backward", mutates_args=())
+@custom_op(
+    "effops::dwsep_conv_backward",
+    "(Tensor grad, Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? dw_scale, Tensor? dw_bias, "
+    "Tensor? pw_scale, Tensor? pw_bias, bool has_residual, SymInt[] stride, SymInt[] pad, SymInt[] dilation, "
+    "str act, str pw_act, bool preact) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
 def _dwsep_bwd_op(grad: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_scale: Optional[Tensor],
                   dw_bias: Optional[Tensor], pw_scale: Optional[Tensor], pw_bias: Optional[Tensor],
                   has_residual: bool, stride: List[int], pad: List[int], dilation: List[int], act: str, pw_act: str,
@@ -620,7 +638,11 @@ def _(grad, x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias, has_r
             like(dw_bias), like(pw_scale), like(pw_bias), torch.empty_like(grad) if has_residual else x.new_empty(0))
 
 
-@torch.library.custom_op("effops::dw_conv_act_backward", mutates_args=())
+@custom_op(
+    "effops::dw_conv_act_backward",
+    "(Tensor grad_y, Tensor grad_means, Tensor x, Tensor weight, Tensor? scale, Tensor? bias, SymInt[] stride, "
+    "SymInt[] pad, SymInt[] dilation, str act) -> (Tensor, Tensor, Tensor, Tensor)",
+)
 def _dw_bwd_op(grad_y: Tensor, grad_means: Tensor, x: Tensor, weight: Tensor, scale: Optional[Tensor],
                bias: Optional[Tensor], stride: List[int], pad: List[int], dilation: List[int],
                act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -647,7 +669,11 @@ def _(grad_y, grad_means, x, weight, scale, bias, stride, pad, dilation, act):
     return torch.empty_like(x), torch.empty_like(weight), like(scale), like(bias)
 
 
-@torch.library.custom_op("effops::pw_conv_backward", mutates_args=())
+@custom_op(
+    "effops::pw_conv_backward",
+    "(Tensor grad, Tensor y, Tensor weight, Tensor? channel_scale, Tensor? scale, Tensor? bias, "
+    "bool has_residual, str act) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
 def _pw_bwd_op(grad: Tensor, y: Tensor, weight: Tensor, channel_scale: Optional[Tensor], scale: Optional[Tensor],
                bias: Optional[Tensor], has_residual: bool,
                act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

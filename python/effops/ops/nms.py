@@ -39,6 +39,7 @@ from ._common import (
     check_shape,
     check_tensor,
     compute_dtype,
+    custom_op,
     float32_at_most,
 )
 
@@ -427,7 +428,7 @@ def _dispatch(op: str, device: torch.device) -> str:
     return _backend.select(op, device)
 
 
-@torch.library.custom_op("effops::nms", mutates_args=())
+@custom_op("effops::nms", "(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor")
 def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     backend = _dispatch("nms", boxes.device)
     if backend == "cpu":
@@ -443,7 +444,7 @@ def _(boxes, scores, iou_threshold):
     return boxes.new_empty((k,), dtype=torch.int64)
 
 
-@torch.library.custom_op("effops::batched_nms", mutates_args=())
+@custom_op("effops::batched_nms", "(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor")
 def _batched_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     backend = _dispatch("batched_nms", boxes.device)
     if backend == "cpu":
@@ -459,7 +460,11 @@ def _(boxes, scores, idxs, iou_threshold):
     return boxes.new_empty((k,), dtype=torch.int64)
 
 
-@torch.library.custom_op("effops::multiclass_nms", mutates_args=())
+@custom_op(
+    "effops::multiclass_nms",
+    "(Tensor boxes, Tensor scores, float iou_threshold, float score_threshold, SymInt max_output_boxes, "
+    "bool class_agnostic, SymInt pre_nms_top_k) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
 def _multiclass_op(
     boxes: Tensor,
     scores: Tensor,
@@ -491,7 +496,11 @@ def _(boxes, scores, iou_threshold, score_threshold, max_output_boxes, class_agn
     )
 
 
-@torch.library.custom_op("effops::soft_nms", mutates_args=())
+@custom_op(
+    "effops::soft_nms",
+    "(Tensor boxes, Tensor scores, float iou_threshold, float sigma, SymInt method, "
+    "float score_threshold) -> (Tensor, Tensor)",
+)
 def _soft_op(
     boxes: Tensor, scores: Tensor, iou_threshold: float, sigma: float, method: int, score_threshold: float
 ) -> Tuple[Tensor, Tensor]:
@@ -515,7 +524,10 @@ def _(boxes, scores, iou_threshold, sigma, method, score_threshold):
     return boxes.new_empty((k,), dtype=torch.int64), scores.new_empty((k,))
 
 
-@torch.library.custom_op("effops::matrix_nms_decay", mutates_args=())
+@custom_op(
+    "effops::matrix_nms_decay",
+    "(Tensor boxes, Tensor scores, Tensor? idxs, SymInt kernel, float sigma) -> Tensor",
+)
 def _matrix_op(boxes: Tensor, scores: Tensor, idxs: Optional[Tensor], kernel: int, sigma: float) -> Tensor:
     backend = _dispatch("matrix_nms", boxes.device)
     if backend == "cpu":
