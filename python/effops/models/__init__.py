@@ -14,6 +14,7 @@ from .weights import load_weights, read_checkpoint  # noqa: E402
 from . import efficientdet  # noqa: E402  (registers efficientdet_d0/d1, tf_efficientdet_d0 ... d7)
 from .efficientdet import EfficientDet, EfficientDetConfig  # noqa: E402
 from .detection import Detections  # noqa: E402
+from .loss import DetectionLoss  # noqa: E402
 
 __all__ = ["create_model", "list_models", "register_model", "load_weights", "read_checkpoint", "EfficientNet",
-           "EfficientNetFeatures", "efficientnet_features", "EfficientDet", "EfficientDetConfig", "Detections"]
+           "EfficientNetFeatures", "efficientnet_features", "EfficientDet", "EfficientDetConfig", "Detections", "DetectionLoss"]
