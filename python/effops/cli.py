@@ -97,6 +97,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .models.detect_cli import add_parser as _add_detect_parser
 
     _add_detect_parser(sub)  # detect IMAGE_OR_DIR... --model --weights --out
+    from .train.eval_cli import add_parser as _add_eval_parser
+
+    _add_eval_parser(sub)  # eval --model --weights --data shapes|DIR (COCO mAP)
     args = p.parse_args(argv)
     return args.func(args)
 

@@ -4,7 +4,7 @@ Accepted: ``.pth`` / ``.pt`` / ``.bin`` (read with ``torch.load(weights_only=Tru
 plain containers only, never arbitrary pickled objects) and ``.safetensors`` (needs the
 ``safetensors`` package). The file may hold a bare state_dict or a training checkpoint wrapping
 it in ``state_dict`` / ``model`` (timm, effdet and most trainers); EMA weights
-(``state_dict_ema`` / ``model_ema``) are preferred when present. ``module.`` (DataParallel /
+(``state_dict_ema`` / ``model_ema`` / ``ema``) are preferred when present. ``module.`` (DataParallel /
 DDP / timm's ModelEma) and ``_orig_mod.`` (torch.compile) prefixes are stripped.
 
 Models can declare, for clearer errors and to load partial checkpoints:
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
-_WRAPPERS_EMA = ("state_dict_ema", "model_ema")
+_WRAPPERS_EMA = ("state_dict_ema", "model_ema", "ema")  # "ema": effops train checkpoints
 _WRAPPERS = ("state_dict", "model")
 _PREFIXES = ("module.", "_orig_mod.")
 
