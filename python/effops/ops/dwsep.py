@@ -823,7 +823,11 @@ def _check_pw_weight(op: str, w, C: int, x: Tensor, name: str) -> Tensor:
 
 def _autocast(*ts):
     """Inside torch.autocast, cast floating inputs to the autocast dtype, as conv2d is."""
-    dev = next((t.device.type for t in ts if isinstance(t, torch.Tensor)), "cpu")
+    dev = "cpu"
+    for t in ts:  # not next(generator, default): torch 2.4's dynamo cannot trace that (fullgraph)
+        if isinstance(t, torch.Tensor):
+            dev = t.device.type
+            break
     try:
         if not torch.is_autocast_enabled(dev):
             return ts

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import _backend
 from ._common import (EffopsInputError, EffopsTypeError, check_choice, check_float, check_int, check_integer,
-                      check_real, check_same_device, check_shape, check_tensor)
+                      check_real, check_same_device, check_shape, check_tensor, custom_op)
 from ._losses_ref import (BOX_KINDS, REDUCTIONS, box_loss_reference, match_anchors_reference,
                           sigmoid_focal_loss_reference, split_levels)
 from . import _losses_backends as _kb
@@ -44,7 +44,12 @@ def _select(op: str, t: Tensor) -> str:
 
 
 # =============================================================================== focal: custom ops
-@torch.library.custom_op("effops::sigmoid_focal_loss", mutates_args=())
+@custom_op(
+    "effops::sigmoid_focal_loss",
+    "(Tensor logits, Tensor targets, Tensor? ignore, float alpha, float gamma, float label_smoothing, "
+    "SymInt reduction, bool float_out, bool need_grad)"
+    " -> (Tensor, Tensor)",
+)
 def _focal_op(logits: Tensor, targets: Tensor, ignore: Optional[Tensor], alpha: float, gamma: float,
               label_smoothing: float, reduction: int, float_out: bool, need_grad: bool) -> Tuple[Tensor, Tensor]:
     red = REDUCTIONS[reduction]
@@ -67,7 +72,7 @@ def _(logits, targets, ignore, alpha, gamma, label_smoothing, reduction, float_o
     return logits.new_empty(shape, dtype=od), grad
 
 
-@torch.library.custom_op("effops::sigmoid_focal_loss_backward", mutates_args=())
+@custom_op("effops::sigmoid_focal_loss_backward", "(Tensor grad_loss, Tensor saved, SymInt reduction) -> Tensor")
 def _focal_bwd_op(grad_loss: Tensor, saved: Tensor, reduction: int) -> Tensor:
     """dL/dlogits = grad_loss (broadcast; / numel for 'mean') * the saved per-element gradient."""
     g = grad_loss.to(torch.float64 if saved.dtype == torch.float64 else torch.float32)
@@ -102,7 +107,11 @@ _focal_op.register_autograd(_focal_backward, setup_context=_focal_setup)
 
 
 # =============================================================================== box loss: custom ops
-@torch.library.custom_op("effops::box_loss", mutates_args=())
+@custom_op(
+    "effops::box_loss",
+    "(Tensor pred, Tensor target, Tensor mask, SymInt kind, float delta, SymInt reduction, bool need_grad)"
+    " -> (Tensor, Tensor)",
+)
 def _box_op(pred: Tensor, target: Tensor, mask: Tensor, kind: int, delta: float, reduction: int,
             need_grad: bool) -> Tuple[Tensor, Tensor]:
     k, red = BOX_KINDS[kind], REDUCTIONS[reduction]
@@ -125,7 +134,7 @@ def _(pred, target, mask, kind, delta, reduction, need_grad):
     return pred.new_empty(shape, dtype=cd), (pred.new_empty(pred.shape) if need_grad else pred.new_empty(0))
 
 
-@torch.library.custom_op("effops::box_loss_backward", mutates_args=())
+@custom_op("effops::box_loss_backward", "(Tensor grad_loss, Tensor saved, SymInt kind, SymInt reduction) -> Tensor")
 def _box_bwd_op(grad_loss: Tensor, saved: Tensor, kind: int, reduction: int) -> Tensor:
     g = grad_loss.to(torch.float64 if saved.dtype == torch.float64 else torch.float32)
     if REDUCTIONS[reduction] == "none" and BOX_KINDS[kind] == "giou":
@@ -154,7 +163,12 @@ _box_op.register_autograd(_box_backward, setup_context=_box_setup)
 
 
 # =============================================================================== matching: custom op
-@torch.library.custom_op("effops::match_anchors", mutates_args=())
+@custom_op(
+    "effops::match_anchors",
+    "(Tensor anchors, Tensor gt_boxes, Tensor labels, Tensor valid, float match_threshold, "
+    "float unmatched_threshold, SymInt ignored_class)"
+    " -> (Tensor, Tensor, Tensor)",
+)
 def _match_op(anchors: Tensor, gt_boxes: Tensor, labels: Tensor, valid: Tensor, match_threshold: float,
               unmatched_threshold: float, ignored_class: int) -> Tuple[Tensor, Tensor, Tensor]:
     backend = _select("match_anchors", anchors)
