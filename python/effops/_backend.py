@@ -61,15 +61,47 @@ def _with_capsules(fn):
     return call
 
 
-try:
-    from . import _C as _C_module  # type: ignore[attr-defined]
+def source_checkout() -> Optional[str]:
+    """The root of the effops source checkout this package runs from (an editable install or
+    PYTHONPATH=python), or None for an installed wheel."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        with open(os.path.join(root, "pyproject.toml")) as f:
+            is_effops = 'name = "effops"' in f.read()
+    except OSError:
+        return None
+    return root if is_effops and os.path.isdir(os.path.join(root, "csrc")) else None
 
-    _C = _DLPackCalls(_C_module)
 
-    _C_ERROR: Optional[str] = None
-except ImportError as e:  # pragma: no cover - only on a broken install
+def reinstall_hint(cuda: bool = False) -> str:
+    """How to get the compiled modules back, for this install: rebuild the checkout it runs from,
+    or reinstall the wheel / build from a checkout (effops is not on a package index)."""
+    env = "EFFOPS_CUDA=ON " if cuda else ""
+    root = source_checkout()
+    if root is not None:
+        return f"rebuild it from this checkout: cd {root} && {env}pip install -e . (pip install -v shows the compile)"
+    if cuda:
+        return ("install a wheel built with nvcc (.ci/build-wheel), or build from a source checkout with nvcc on "
+                "PATH: EFFOPS_CUDA=ON pip install ./effops")
+    return ("reinstall the wheel (pip install --force-reinstall effops-*.whl) or build from a source checkout: "
+            "pip install ./effops")
+
+
+if importlib.util.find_spec(f"{__package__}._C") is None:
+    # Checked first: ``from . import _C`` on a missing module reports "cannot import name '_C'
+    # from partially initialized module ... (most likely due to a circular import)".
     _C = None
-    _C_ERROR = f"{type(e).__name__}: {e}"
+    _C_ERROR: Optional[str] = (f"effops was installed without its compiled CPU module (effops._C): "
+                               f"{reinstall_hint()}")
+else:
+    try:
+        from . import _C as _C_module  # type: ignore[attr-defined]
+
+        _C = _DLPackCalls(_C_module)
+        _C_ERROR = None
+    except ImportError as e:  # a module that is there but does not load (wrong Python, missing library)
+        _C = None
+        _C_ERROR = f"effops._C failed to load ({type(e).__name__}: {e}): {reinstall_hint()}"
 
 
 def torch_openmp_runtime() -> Optional[str]:
@@ -163,8 +195,8 @@ if _C is not None and os.environ.get("EFFOPS_ISA", "").strip():
 if importlib.util.find_spec(f"{__package__}._cuda") is None:
     _cuda = None
     _CUDA_IMPORT_ERROR: Optional[str] = (
-        "effops was built without CUDA kernels (no nvcc at build time, or EFFOPS_CUDA=OFF); "
-        "rebuild with nvcc on PATH: EFFOPS_CUDA=ON pip install --no-binary effops effops"
+        "effops was built without CUDA kernels (no nvcc or no GPU at build time, or EFFOPS_CUDA=OFF); "
+        + reinstall_hint(cuda=True)
     )
 else:
     try:
@@ -253,7 +285,7 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     if backend == "cpu":
         if device.type != "cpu":
             return f"the cpu backend needs CPU tensors, got {device.type}"
-        return None if _C is not None else f"effops._C failed to load ({_C_ERROR}); reinstall effops"
+        return None if _C is not None else _C_ERROR
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got {device.type}"

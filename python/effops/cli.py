@@ -15,8 +15,48 @@ def _info(args) -> int:
     return 0
 
 
+def _default_results() -> str:
+    """Where ``effops bench`` appends rows without --results: bench/results of the effops source
+    checkout it runs from (or of the current directory when that is one), else the user's cache
+    (``$XDG_CACHE_HOME/effops/bench/results``), never a folder relative to an arbitrary cwd."""
+    import os
+
+    from ._backend import source_checkout
+
+    root = source_checkout()
+    if root is None and os.path.isfile("pyproject.toml") and os.path.isdir("csrc"):
+        with open("pyproject.toml") as f:
+            root = os.getcwd() if 'name = "effops"' in f.read() else None
+    if root is not None:
+        return os.path.join(root, "bench", "results")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "effops", "bench", "results")
+
+
+def _bench_epilog() -> str:
+    from .bench import FAMILIES
+
+    return (
+        f"families: {', '.join(FAMILIES)} (op benchmarks; all of them by default), models (whole networks;\n"
+        "  only when named)\n"
+        "results: rows are appended to bench/results/<device>.csv of the source checkout effops runs from\n"
+        "  (or that is the current directory), else to $XDG_CACHE_HOME/effops/bench/results (~/.cache/...);\n"
+        "  --results DIR chooses\n"
+        "environment:\n"
+        "  EFFOPS_BACKEND=cpu|cuda|triton|reference  run every op on that backend (default: auto)\n"
+        "  EFFOPS_ISA=baseline|avx2|avx512           cap the CPU kernels' SIMD level (default: the CPU's best)\n"
+        "  EFFOPS_PARALLEL=auto|openmp|pool          threads of the CPU kernels (auto: torch's OpenMP threads)\n"
+        "  EFFOPS_CUDA=AUTO|ON|OFF                   at build time: compile the CUDA kernels (AUTO: when nvcc\n"
+        "                                            is found and a GPU is visible)\n"
+        "  EFFOPS_NATIVE=ON|OFF                      at build time: -march=native (local builds only)\n"
+    )
+
+
 def _bench(args) -> int:
     import torch
+
+    if args.results is None:
+        args.results = _default_results()
 
     from .bench import FAMILIES
     from .bench.harness import markdown_table, run_cases
@@ -64,11 +104,17 @@ def _bench(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    import torch
+
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="effops", description="effops: fast kernels for efficient conv nets and detectors")
+    p.add_argument("--version", action="version", version=f"effops {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("info", help="version, build and which backend runs each op")
     sp.set_defaults(func=_info)
-    sp = sub.add_parser("bench", help="benchmark effops against eager PyTorch, torch.compile and other libraries")
+    sp = sub.add_parser("bench", help="benchmark effops against eager PyTorch, torch.compile and other libraries",
+                        epilog=_bench_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.add_argument("families", nargs="*", help="op families to run (default: all), or 'models': whole networks "
                     "(run only when named; options --models --batch --dtype --train --cold --profile)")
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -84,7 +130,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sp.add_argument("--cold", action="store_true", help="models: also time to first result (fresh compile cache)")
     sp.add_argument("--profile", metavar="MODEL", default=None,
                     help="models: print where a converted MODEL's time goes, per op (torch.profiler), and exit")
-    sp.add_argument("--results", default="bench/results", help="folder of the CSV files (default bench/results)")
+    sp.add_argument("--results", default=None,
+                    help="folder of the CSV files (default: see 'results' below)")
     sp.add_argument("--no-save", action="store_true", help="do not append rows to the CSV files")
     sp.add_argument("--table", action="store_true", help="print the markdown table of the saved results and exit")
     sp.set_defaults(func=_bench)
