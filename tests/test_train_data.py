@@ -46,6 +46,47 @@ def test_shapes_deterministic_and_independent_of_workers(tiny_shapes, tmp_path):
     assert sorted(p.name for p in again.parent.iterdir()) == sorted([again.name, other.name])
 
 
+def _generate_into(cache, queue):
+    queue.put(str(ensure_shapes(cache_dir=cache, workers=0, **TINY)))
+
+
+def test_shapes_concurrent_generators_agree(tiny_shapes, tmp_path):
+    """Two processes generating the same set at once: both get the one complete folder."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_generate_into, args=(tmp_path, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    got = {q.get(timeout=5) for _ in procs}
+    assert len(got) == 1
+    folder = Path(got.pop())
+    assert _digest(folder) == _digest(tiny_shapes)
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left
+
+
+def test_shapes_losing_the_rename_race_keeps_the_winner(tiny_shapes, tmp_path, monkeypatch):
+    """Deterministically: another generator finishes while this one is still writing."""
+    real = shapes_mod._generate
+
+    def slow(params, folder, workers, progress):
+        real(params, folder, workers, progress)
+        monkeypatch.setattr(shapes_mod, "_generate", real)
+        winner = ensure_shapes(cache_dir=tmp_path, workers=0, **TINY)  # completes and renames first
+        (winner / "winner").write_text("")
+
+    monkeypatch.setattr(shapes_mod, "_generate", slow)
+    folder = ensure_shapes(cache_dir=tmp_path, workers=0, **TINY)
+    assert (folder / "winner").is_file()  # the first complete folder stays; the loser's copy is gone
+    (folder / "winner").unlink()
+    assert _digest(folder) == _digest(tiny_shapes)
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+
+
 def test_shapes_cache_location(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFOPS_CACHE", str(tmp_path / "env"))
     p = shapes_mod.shapes_dir(shapes_mod.shapes_params(**TINY))

@@ -137,19 +137,41 @@ def test_evaluate_bad_arguments(shapes_dir):
         coco_metrics(ds.coco, [dict(image_id=999, category_id=1, bbox=[0, 0, 1, 1], score=0.5)])
 
 
+def _train_checkpoint(path, model, ema, data, overrides=None):
+    """An ``effops train`` checkpoint's layout (loop.py): weights, EMA weights, EMA counters, the run."""
+    torch.save(dict(epoch=3, position=0, model=model.state_dict(), model_ema=ema.state_dict(),
+                    ema=dict(num_updates=5, decay=0.9998), image_size=128, model_name="tf_efficientdet_d0",
+                    num_classes=8, config=dict(data=str(data), data_options={}, model_overrides=overrides or {},
+                                               image_size=128, model="tf_efficientdet_d0")), path)
+
+
+def test_checkpoint_forms_prefer_ema(tmp_path):
+    from effops.models.weights import read_checkpoint
+
+    a = {"w": torch.zeros(2)}
+    b = {"w": torch.ones(2)}
+    for form in (dict(model=a, ema=b), dict(model=a, model_ema=b, ema=dict(num_updates=3, decay=0.9)),
+                 dict(model=a, model_ema=None, ema=None, epoch=1), dict(state_dict=a, state_dict_ema=b)):
+        torch.save(form, tmp_path / "c.pth")
+        expect = a if form.get("model_ema", 0) is None else b
+        assert torch.equal(read_checkpoint(tmp_path / "c.pth")["w"], expect["w"]), form.keys()
+
+
 def test_eval_cli_prefers_ema_and_reports_errors(shapes_dir, tmp_path, capsys):
     torch.manual_seed(0)
     model = create_model("tf_efficientdet_d0", num_classes=8, image_size=128)
     ema = create_model("tf_efficientdet_d0", num_classes=8, image_size=128)
-    ckpt = tmp_path / "last.pth"
-    torch.save(dict(model=model.state_dict(), ema=ema.state_dict(), epoch=3, image_size=128), ckpt)
+    ckpt = tmp_path / "checkpoint.pt"
+    _train_checkpoint(ckpt, model, ema, shapes_dir)
     out, dets = tmp_path / "m" / "metrics.json", tmp_path / "dets.json"
-    rc = main(["eval", "--weights", str(ckpt), "--data", str(shapes_dir), "--batch-size", "2", "--max-images", "2",
-               "--out", str(out), "--detections", str(dets)])
+    # model, image size and data all come from the checkpoint
+    rc = main(["eval", "--weights", str(ckpt), "--batch-size", "2", "--max-images", "2", "--out", str(out),
+               "--detections", str(dets)])
     text = capsys.readouterr().out
     assert rc == 0 and "AP50" in text and "2 images" in text
     metrics = json.loads(out.read_text())
     assert metrics["image_size"] == [128, 128] and metrics["num_classes"] == 8 and metrics["split"] == "val"
+    assert metrics["data"] == str(shapes_dir)
     assert all(-1.0 <= metrics[k] <= 1.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
     # the EMA weights were evaluated: the same detections as evaluating `ema` directly
     direct = evaluate(ema, make_dataset(shapes_dir, "val", image_size=128, train=False), batch_size=2, max_images=2)
@@ -166,3 +188,13 @@ def test_eval_cli_prefers_ema_and_reports_errors(shapes_dir, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["eval", "--model", "resnet50", "--weights", str(ckpt), "--data", str(shapes_dir)]) == 2
     assert "--model must be one of" in capsys.readouterr().err
+
+
+def test_eval_cli_rebuilds_a_reduced_model(shapes_dir, tmp_path, capsys):
+    loop = pytest.importorskip("effops.train.loop")
+    over = dict(fpn_channels=16, fpn_cell_repeats=1, box_class_repeats=1)
+    model = loop.build_model(loop.TrainConfig(out=str(tmp_path), image_size=128, model_overrides=over), 8)
+    ckpt = tmp_path / "checkpoint.pt"
+    _train_checkpoint(ckpt, model, model, shapes_dir, over)
+    assert main(["eval", "--weights", str(ckpt), "--max-images", "1", "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["num_images"] == 1

@@ -290,7 +290,13 @@ def collate_detections(batch, pad_to: Optional[int] = None) -> dict:
     int64 [B], ``img_scale`` float32 [B], ``img_size`` int64 [B, 2] (original height, width)."""
     if not batch:
         raise ValueError("collate_detections: empty batch")
-    images = torch.stack([b[0] for b in batch])
+    imgs = [b[0] for b in batch]
+    if all(isinstance(x, torch.Tensor) and x.device.type == "cpu" and not x.requires_grad for x in imgs):
+        # one single-threaded copy: torch.stack's OpenMP copy stalls when the cores are oversubscribed
+        # (loader workers + training threads), at no gain for a memory copy this size
+        images = torch.from_numpy(np.stack([x.numpy() for x in imgs]))
+    else:
+        images = torch.stack(imgs)
     counts = [int(b[1]["labels"].shape[0]) for b in batch]
     G = max(1, max(counts)) if pad_to is None else int(pad_to)
     if G < 1:

@@ -3,11 +3,14 @@
 COCO box mAP (pycocotools COCOeval) of a detector checkpoint on a split of the ``shapes`` set or of a
 COCO folder (``DIR/annotations/instances_<split>.json`` + images in ``DIR/<split>/`` or
 ``DIR/images/<split>/``). The checkpoint is a plain state_dict or a training checkpoint (its
-``ema`` weights are preferred over ``model``; see ``effops.models.weights``), read with
-``torch.load(weights_only=True)`` or safetensors. ``num_classes`` comes from the checkpoint's class
-head; the input size from ``--image-size``, else a top-level ``image_size`` entry of a training
-checkpoint, else the variant's default. Prints the 12 COCO statistics; ``--out FILE`` writes them
-(and what was evaluated) as JSON, ``--detections FILE`` the COCO result list.
+EMA weights - ``model_ema`` / ``ema`` / ``state_dict_ema`` - are preferred over ``model``; see
+``effops.models.weights``), read with ``torch.load(weights_only=True)`` or safetensors.
+``num_classes`` comes from the checkpoint's class head. An ``effops train`` checkpoint also gives
+the defaults of ``--model`` (its ``model_name``), ``--image-size`` (its ``image_size``) and
+``--data`` (its config's data, with the shapes options it was trained with), and a reduced model
+(``model_overrides`` in its config) is rebuilt as trained; otherwise the variant's defaults.
+Prints the 12 COCO statistics; ``--out FILE`` writes them (and what was evaluated) as JSON,
+``--detections FILE`` the COCO result list.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ _AMP = {"off": None, "bf16": "bfloat16", "fp16": "float16"}
 
 def add_parser(sub) -> None:
     sp = sub.add_parser("eval", help="COCO mAP of a detector checkpoint on a COCO folder or the shapes set")
-    sp.add_argument("--model", default="tf_efficientdet_d0", help="model name (default tf_efficientdet_d0)")
+    sp.add_argument("--model", default=None, help="model name (default: the checkpoint's, else tf_efficientdet_d0)")
     sp.add_argument("--weights", required=True, help="checkpoint (.pth/.pt/.safetensors: state_dict or training "
                     "checkpoint; its 'ema' weights are preferred)")
-    sp.add_argument("--data", default="shapes", help="'shapes' (generated on first use) or a COCO folder: "
-                    "DIR/annotations/instances_<split>.json + DIR/<split>/ or DIR/images/<split>/ (default shapes)")
+    sp.add_argument("--data", default=None, help="'shapes' (generated on first use) or a COCO folder: "
+                    "DIR/annotations/instances_<split>.json + DIR/<split>/ or DIR/images/<split>/ "
+                    "(default: the training run's data, else shapes)")
     sp.add_argument("--split", default="val", help="split to evaluate (default val)")
     sp.add_argument("--image-size", type=int, default=None,
                     help="model input size (default: the checkpoint's image_size, else the variant's)")
@@ -49,23 +53,53 @@ def _err(msg: str) -> int:
     return 2
 
 
-def checkpoint_image_size(path) -> Optional[int]:
-    """A training checkpoint's top-level ``image_size`` (int or [h, w] with h == w), else None."""
+def checkpoint_meta(path) -> dict:
+    """What an ``effops train`` checkpoint records about its run (top-level ``image_size``,
+    ``model_name``, ``config``: the TrainConfig as a dict); {} for a bare state_dict, a
+    safetensors file or anything unreadable (the weights loading reports what is wrong)."""
     p = Path(path)
     if p.suffix.lower() not in (".pth", ".pt", ".bin") or not p.is_file():
-        return None
+        return {}
     import pickle
 
     import torch
 
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError):
-        return None  # create_model's weights loading reports what is wrong with the file
-    size = obj.get("image_size") if isinstance(obj, dict) else None
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError):
+        return {}
+    if not isinstance(obj, dict):
+        return {}
+    meta = {}
+    size = obj.get("image_size")
     if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
-    return int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        meta["image_size"] = size
+    if isinstance(obj.get("model_name"), str):
+        meta["model_name"] = obj["model_name"]
+    if isinstance(obj.get("config"), dict):
+        meta["config"] = obj["config"]
+    return meta
+
+
+def _build_model(name: str, nc: Optional[int], size: int, meta: dict):
+    """The detector as trained: a run with ``model_overrides`` (a reduced EfficientDet) is rebuilt by
+    the training loop's ``build_model`` from the checkpoint's config; else ``create_model``."""
+    from ..models import create_model
+
+    over = (meta.get("config") or {}).get("model_overrides") or {}
+    if not over:
+        return create_model(name, num_classes=nc, image_size=size)
+    import dataclasses
+
+    from .loop import TrainConfig, build_model
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = dict((k, v) for k, v in meta["config"].items() if k in known)
+    cfg.update(model=name, image_size=size)
+    cfg.setdefault("out", ".")  # a required field that building the model does not read
+    return build_model(TrainConfig(**cfg), nc if nc is not None else 90)
 
 
 def _head_classes(weights: str, model_name: str) -> Optional[int]:
@@ -88,13 +122,11 @@ def _write_json(path: str, obj) -> None:
 def run(args) -> int:
     import torch
 
-    from ..models import create_model
     from ..models.efficientdet import VARIANTS
+    from ..models.weights import load_weights
     from .data import CocoDetection, resolve_data
     from .evaluate import evaluate, format_metrics
 
-    if args.model not in VARIANTS:
-        return _err(f"--model must be one of {', '.join(VARIANTS)}, got {args.model!r}")
     for name in ("batch_size", "image_size", "max_images"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -105,21 +137,30 @@ def run(args) -> int:
         return _err(f"--device {args.device} but torch sees no CUDA device")
     if not Path(args.weights).is_file():
         return _err(f"--weights {args.weights}: no such file")
+    meta = checkpoint_meta(args.weights)
+    config = meta.get("config") or {}
+    name = args.model or meta.get("model_name") or "tf_efficientdet_d0"
+    if name not in VARIANTS:
+        return _err(f"--model must be one of {', '.join(VARIANTS)}, got {name!r}")
+    data = args.data or config.get("data") or "shapes"
+    # the shapes set as trained (its options) when evaluating the run's own data
+    shapes_options = (config.get("data_options") or None) if str(data) == str(config.get("data")) else None
     try:
-        images, ann = resolve_data(args.data, args.split)
+        images, ann = resolve_data(data, args.split, shapes_options=shapes_options)
     except (OSError, ValueError, TypeError) as e:
-        return _err(f"cannot read --data {args.data} --split {args.split}: {e}")
+        return _err(f"cannot read --data {data} --split {args.split}: {e}")
     try:
-        nc = _head_classes(args.weights, args.model)
-        size = args.image_size or checkpoint_image_size(args.weights) or VARIANTS[args.model].image_size[0]
-        model = create_model(args.model, num_classes=nc, image_size=size, weights=args.weights)
-    except (OSError, ValueError, TypeError, RuntimeError) as e:
-        return _err(f"cannot build {args.model} from {args.weights}: {e}")
+        nc = _head_classes(args.weights, name)
+        size = args.image_size or meta.get("image_size") or VARIANTS[name].image_size[0]
+        model = _build_model(name, nc, size, meta)
+        load_weights(model, args.weights)
+    except (OSError, ValueError, TypeError, RuntimeError, ImportError) as e:
+        return _err(f"cannot build {name} from {args.weights}: {e}")
     try:
         ds = CocoDetection(images, ann, image_size=model.image_size, train=False,
                            cat_ids_as_labels=args.cat_ids_as_labels, mean=model.config.mean, std=model.config.std)
     except (OSError, ValueError, TypeError) as e:
-        return _err(f"cannot read --data {args.data} --split {args.split}: {e}")
+        return _err(f"cannot read --data {data} --split {args.split}: {e}")
     if model.num_classes < ds.num_classes:
         return _err(f"{args.weights} has a {model.num_classes}-class head but {ds.ann_file} has labels up to "
                     f"{ds.num_classes}")
@@ -131,16 +172,16 @@ def run(args) -> int:
     except (OSError, ValueError) as e:
         return _err(str(e))
     dets = res.pop("detections")
-    print(f"{args.model} ({args.weights}) on {ds.ann_file}: {res['num_images']} images, {len(dets)} detections, "
+    print(f"{name} ({args.weights}) on {ds.ann_file}: {res['num_images']} images, {len(dets)} detections, "
           f"{res['seconds']:.1f} s, input {model.image_size[0]}x{model.image_size[1]}")
     print(format_metrics(res))
     if args.out:
-        _write_json(args.out, dict(res, model=args.model, weights=str(args.weights), data=str(args.data),
-                                   split=args.split, ann_file=str(ds.ann_file), image_size=list(model.image_size),
+        _write_json(args.out, dict(res, model=name, weights=str(args.weights), data=str(data), split=args.split,
+                                   ann_file=str(ds.ann_file), image_size=list(model.image_size),
                                    num_classes=model.num_classes, num_detections=len(dets)))
     if args.detections:
         _write_json(args.detections, dets)
     return 0
 
 
-__all__ = ["add_parser", "run", "checkpoint_image_size"]
+__all__ = ["add_parser", "run", "checkpoint_meta"]
