@@ -4,6 +4,7 @@ transforms (boxes follow the pixels), collate padding, loader order (seed / epoc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -43,20 +44,30 @@ def test_shapes_deterministic_and_independent_of_workers(tiny_shapes, tmp_path):
     assert other != again and _digest(other) != a
     # a second call reuses the folder; nothing temporary is left next to it
     assert ensure_shapes(cache_dir=tmp_path, **TINY) == again
-    assert sorted(p.name for p in again.parent.iterdir()) == sorted([again.name, other.name])
+    assert sorted(p.name for p in again.parent.iterdir() if not p.name.endswith(".lock")) == \
+        sorted([again.name, other.name])
 
 
 def _generate_into(cache, queue):
     queue.put(str(ensure_shapes(cache_dir=cache, workers=0, **TINY)))
 
 
-def test_shapes_concurrent_generators_agree(tiny_shapes, tmp_path):
-    """Two processes generating the same set at once: both get the one complete folder."""
+def test_shapes_concurrent_generators_agree(tiny_shapes, tmp_path, monkeypatch):
+    """Two processes asking for the same set at once: one renders it (the other waits on the lock),
+    both get the one complete folder."""
     import multiprocessing as mp
 
+    real, log = shapes_mod._generate, tmp_path / "generated.log"
+
+    def logged(*a):
+        with open(log, "a") as f:
+            f.write("x\n")
+        real(*a)
+
+    monkeypatch.setattr(shapes_mod, "_generate", logged)  # inherited by the forked children
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_generate_into, args=(tmp_path, q)) for _ in range(2)]
+    procs = [ctx.Process(target=_generate_into, args=(tmp_path / "cache", q)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -66,12 +77,14 @@ def test_shapes_concurrent_generators_agree(tiny_shapes, tmp_path):
     assert len(got) == 1
     folder = Path(got.pop())
     assert _digest(folder) == _digest(tiny_shapes)
-    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left
+    assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]  # no temporary folder left
+    assert log.read_text() == "x\n"  # rendered once
 
 
 def test_shapes_losing_the_rename_race_keeps_the_winner(tiny_shapes, tmp_path, monkeypatch):
     """Deterministically: another generator finishes while this one is still writing."""
     real = shapes_mod._generate
+    monkeypatch.setattr(shapes_mod, "_generation_lock", lambda path: contextlib.nullcontext())  # no flock: a race
 
     def slow(params, folder, workers, progress):
         real(params, folder, workers, progress)
@@ -84,7 +97,7 @@ def test_shapes_losing_the_rename_race_keeps_the_winner(tiny_shapes, tmp_path, m
     assert (folder / "winner").is_file()  # the first complete folder stays; the loser's copy is gone
     (folder / "winner").unlink()
     assert _digest(folder) == _digest(tiny_shapes)
-    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+    assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]
 
 
 def test_shapes_cache_location(tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ number of worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -289,6 +290,24 @@ def _generate(params: dict, folder: Path, workers: int, progress: bool) -> None:
     (folder / "shapes.json").write_text(json.dumps(params, indent=1, sort_keys=True))
 
 
+@contextlib.contextmanager
+def _generation_lock(path: Path):
+    """An advisory lock (flock) held while generating, so processes asking for the same set at once
+    (DDP ranks, parallel test runs) wait for the first instead of each rendering it. Correctness
+    does not depend on it: the atomic rename alone keeps the folder whole (no flock: no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def ensure_shapes(*, cache_dir=None, workers: Optional[int] = None, progress: bool = False, **kw) -> Path:
     """The folder of the ``shapes`` set with these parameters (see ``shapes_params`` for them and
     their defaults: 2000 train + 300 val images of 256 x 256), generated on first use.
@@ -301,23 +320,26 @@ def ensure_shapes(*, cache_dir=None, workers: Optional[int] = None, progress: bo
     marker = final / "shapes.json"
     if marker.is_file():
         return final
-    if final.exists():
-        raise RuntimeError(f"shapes: {final} exists but is not a complete shapes set (no shapes.json); "
-                           f"delete the folder to generate it again")
     if workers is None:
         workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     workers = _check_int("workers", workers, 0)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        _generate(params, tmp / "set", workers, progress)
+    with _generation_lock(final.parent / f".{final.name}.lock"):
+        if marker.is_file():  # made by the process that held the lock before us
+            return final
+        if final.exists():
+            raise RuntimeError(f"shapes: {final} exists but is not a complete shapes set (no shapes.json); "
+                               f"delete the folder to generate it again")
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
-            os.rename(tmp / "set", final)
-        except OSError:
-            if not marker.is_file():  # not a concurrent generator winning the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            _generate(params, tmp / "set", workers, progress)
+            try:
+                os.rename(tmp / "set", final)
+            except OSError:
+                if not marker.is_file():  # not a concurrent generator winning the race
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
