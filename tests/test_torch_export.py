@@ -1,0 +1,94 @@
+"""torch.export of converted and effops models: the effops ops trace as single custom-op nodes
+(their fake kernels give the shapes), and the exported program runs and equals eager.
+
+Models at small image sizes; randomised BatchNorm statistics so that every folded scale and
+bias matters (a freshly initialised BN is the identity)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+timm = pytest.importorskip("timm")
+
+from effops.models import create_model  # noqa: E402
+from effops.nn import convert  # noqa: E402
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.uniform_(-0.5, 0.5, generator=g)
+    return model
+
+
+def _flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _flat(o)]
+
+
+def _effops_ops(ep) -> set:
+    return {n.target.name() for n in ep.graph.nodes
+            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "effops"}
+
+
+def _check(model, x, others=(), dynamic=True):
+    with torch.no_grad():
+        want = _flat(model(x))
+        ds = ({0: torch.export.Dim("batch")},) if dynamic else None
+        ep = torch.export.export(model, (x,), dynamic_shapes=ds)
+        got = _flat(ep.module()(x))
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)  # the same kernels: bitwise equal
+        for y in others:  # other batch sizes through the same program
+            for g, w in zip(_flat(ep.module()(y)), _flat(model(y))):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+    return ep
+
+
+def test_converted_timm_efficientnet_b0():
+    torch.manual_seed(0)
+    m = randomize_bn(timm.create_model("efficientnet_b0", pretrained=False)).eval()
+    convert(m)
+    ep = _check(m, torch.randn(2, 3, 64, 64), [torch.randn(3, 3, 64, 64)])
+    assert {"effops::dw_conv_act", "effops::pw_conv"} <= _effops_ops(ep)
+
+
+def test_effops_efficientnet_b0_and_tf_b0():
+    torch.manual_seed(1)
+    for name, size in (("efficientnet_b0", 64), ("tf_efficientnet_b0", 65)):  # 65: TF 'same' is asymmetric
+        m = randomize_bn(create_model(name)).eval()
+        ep = _check(m, torch.randn(2, 3, size, size), [torch.randn(1, 3, size, size)])
+        assert {"effops::dw_conv_act", "effops::pw_conv"} <= _effops_ops(ep)
+
+
+def test_effops_tf_efficientdet_d0_forward():
+    torch.manual_seed(2)
+    m = randomize_bn(create_model("tf_efficientdet_d0", image_size=128)).eval()
+    ep = _check(m, torch.randn(2, 3, 128, 128), dynamic=False)
+    assert {"effops::dwsep_conv", "effops::weighted_fuse", "effops::pw_conv"} <= _effops_ops(ep)
+
+
+class _Detect(nn.Module):
+    def __init__(self, det):
+        super().__init__()
+        self.det = det
+
+    def forward(self, x):
+        return tuple(self.det.detect(x))
+
+
+@pytest.mark.slow
+def test_effops_tf_efficientdet_d0_detect_dynamic_batch():
+    torch.manual_seed(3)
+    m = _Detect(randomize_bn(create_model("tf_efficientdet_d0", image_size=128))).eval()
+    ep = _check(m, torch.randn(2, 3, 128, 128), [torch.randn(3, 3, 128, 128)])
+    assert "effops::multiclass_nms" in _effops_ops(ep)
