@@ -89,6 +89,17 @@ def test_perfect_shifted_and_empty_predictions(shapes_dir):
     assert none["AP"] == 0.0 and none["AP50"] == 0.0 and none["AR100"] == 0.0
 
 
+def test_evaluate_on_one_rank_of_a_ddp_job_sees_every_image(shapes_dir, monkeypatch):
+    """Rank 0 of 2 evaluating: the loader must not shard the split like a training loader does."""
+    ds = make_dataset(shapes_dir, "val", image_size=64, train=False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    assert len(build_loader(ds, 4, train=False).sampler) == 3  # a training-style loader: half the images
+    res = evaluate(FixedDetector(_detections(ds, 4), (64, 64), 8), ds, batch_size=4)
+    assert res["num_images"] == 6 and res["AP"] == pytest.approx(1.0)
+
+
 def test_category_ids_restored_and_only_evaluated_images_count(tmp_path):
     (tmp_path / "img").mkdir()
     sizes = [(64, 48), (80, 80), (70, 40)]

@@ -198,7 +198,8 @@ class CocoDetection(Dataset):
         self.num_classes = max(self.cat_id_to_label.values(), default=0)
         self._parse(data, int(min_img_size), bool(ignore_empty))
         if check_files:
-            missing = [info["file_name"] for info in self.img_infos if not (self.images_dir / info["file_name"]).is_file()]
+            missing = [info["file_name"] for info in self.img_infos
+                       if not (self.images_dir / info["file_name"]).is_file()]
             if missing:
                 raise FileNotFoundError(f"CocoDetection: {len(missing)} image(s) listed in {self.ann_file} are missing "
                                         f"from {self.images_dir}: {', '.join(missing[:5])}"
@@ -230,8 +231,8 @@ class CocoDetection(Dataset):
             self.img_infos.append(info)
             self._gt.append((np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64)))
         if small:
-            warnings.warn(f"CocoDetection: {small} image(s) in {self.ann_file} smaller than min_img_size={min_img_size} "
-                          f"are left out (as effdet does)", stacklevel=3)
+            warnings.warn(f"CocoDetection: {small} image(s) in {self.ann_file} smaller than "
+                          f"min_img_size={min_img_size} are left out (as effdet does)", stacklevel=3)
         if not self.img_ids:
             raise ValueError(f"CocoDetection: {self.ann_file} has no usable images")
 
@@ -258,7 +259,8 @@ class CocoDetection(Dataset):
             with Image.open(path) as im:
                 img = im.convert("RGB")
         except FileNotFoundError:
-            raise FileNotFoundError(f"CocoDetection: image file {str(path)!r} (image id {info['id']}) is missing") from None
+            raise FileNotFoundError(f"CocoDetection: image file {str(path)!r} (image id {info['id']}) is "
+                                    f"missing") from None
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise ValueError(f"CocoDetection: cannot read image {str(path)!r} (image id {info['id']}): {e}") from None
         if img.size != (info["width"], info["height"]):

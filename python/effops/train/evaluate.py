@@ -20,7 +20,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, SequentialSampler, Subset
 
 from .data import CocoDetection, build_loader, coco_from_dict
 
@@ -147,7 +147,9 @@ def evaluate(model, data, *, device="cpu", batch_size: int = 8, workers: int = 0
             if not isinstance(max_images, int) or isinstance(max_images, bool) or max_images < 1:
                 raise ValueError(f"evaluate: max_images must be a positive int, got {max_images!r}")
             ds = Subset(ds, list(range(min(max_images, len(ds)))))
-        loader = build_loader(ds, batch_size, train=False, workers=workers, drop_last=False)
+        # every image once, in order, also on one rank of a DDP job (no DistributedSampler sharding)
+        loader = build_loader(ds, batch_size, train=False, workers=workers, drop_last=False,
+                              sampler=SequentialSampler(ds))
     was_training = model.training if hasattr(model, "training") else False
     if hasattr(model, "eval"):
         model.eval()

@@ -234,7 +234,8 @@ def cache_root(cache_dir=None) -> Path:
 
 def shapes_dir(params: dict, cache_dir=None) -> Path:
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    name = f"v{VERSION}-{params['num_train']}-{params['num_val']}-{params['image_size']}px-seed{params['seed']}-{digest}"
+    name = (f"v{VERSION}-{params['num_train']}-{params['num_val']}-{params['image_size']}px-seed{params['seed']}-"
+            f"{digest}")
     return cache_root(cache_dir) / "shapes" / name
 
 
