@@ -410,3 +410,57 @@ def test_distributed_sampler_split_matches_one_process(tiny_shapes):
         for r in range(2):
             for j, img_id in enumerate(ranks[r][step][0]):
                 torch.testing.assert_close(ranks[r][step][1][j], images[ids.index(img_id)], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ effdet as the oracle
+def test_matches_effdets_parser_and_eval_transform(tiny_shapes):
+    """effdet's CocoParser (category ids as labels, yxyx) + transforms_coco_eval on the same files:
+    the same boxes, labels, scale and pixels."""
+    effdet_data = pytest.importorskip("effdet.data")
+    from effdet.data.parsers import CocoParserCfg, create_parser
+
+    ann = tiny_shapes / "annotations" / "instances_val.json"
+    parser = create_parser("coco", cfg=CocoParserCfg(ann_filename=str(ann)))
+    theirs = effdet_data.DetectionDatset(tiny_shapes / "val", parser=parser,
+                                         transform=effdet_data.transforms.transforms_coco_eval(
+                                             img_size=64, use_prefetcher=True))
+    ours = CocoDetection(tiny_shapes / "val", ann, image_size=64, train=False, cat_ids_as_labels=True)
+    assert len(ours) == len(theirs) and ours.img_ids == parser.img_ids
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
+    for i in range(len(ours)):
+        img_t, tgt_t = theirs[i]
+        x, tgt = ours[i]
+        torch.testing.assert_close(x * std + mean, torch.from_numpy(img_t).float(), atol=2e-3, rtol=0)
+        np.testing.assert_allclose(tgt["boxes"].numpy(), tgt_t["bbox"], rtol=1e-6)
+        assert tgt["labels"].tolist() == tgt_t["cls"].tolist()
+        assert tgt["img_scale"] == pytest.approx(tgt_t["img_scale"])
+        assert tgt["img_size"] == tuple(reversed(tgt_t["img_size"]))  # effdet: (width, height)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_resize_pad_matches_effdets_given_the_same_draws(seed):
+    """The crop / pad / box arithmetic of effdet's RandomResizePad, fed the draws ours made."""
+    tf = pytest.importorskip("effdet.data.transforms")
+    from effops.train.transforms import RandomResizePad
+
+    rs = np.random.default_rng(100 + seed)
+    w, h = int(rs.integers(40, 200)), int(rs.integers(40, 200))
+    img = PIL.fromarray(rs.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    y1, x1 = rs.uniform(0, h / 2, 8), rs.uniform(0, w / 2, 8)
+    boxes = np.stack([y1, x1, y1 + rs.uniform(1, h / 2, 8), x1 + rs.uniform(1, w / 2, 8)], 1).astype(np.float32)
+    labels = np.arange(1, 9, dtype=np.int64)
+    ours = RandomResizePad(96, scale=(0.3, 2.0), interpolation="bilinear", fill=(124, 116, 104))
+    o_img, o_boxes, o_labels, o_scale = ours(img, boxes.copy(), labels, np.random.default_rng(seed))
+    # the draws, as ours takes them from the generator
+    g = np.random.default_rng(seed)
+    f = g.uniform(0.3, 2.0)
+    s = min(f * 96 / h, f * 96 / w)
+    sh, sw = int(h * s), int(w * s)
+    oy, ox = int(max(0.0, float(sh - 96)) * g.uniform(0, 1)), int(max(0.0, float(sw - 96)) * g.uniform(0, 1))
+    theirs = tf.RandomResizePad(96, scale=(0.3, 2.0), interpolation="bilinear", fill_color=(124, 116, 104))
+    theirs._get_params = lambda _img: (sh, sw, oy, ox, s)
+    t_img, anno = theirs(img, dict(bbox=boxes.copy(), cls=labels.copy()))
+    assert (np.asarray(o_img) == np.asarray(t_img)).all()
+    np.testing.assert_allclose(o_boxes, anno["bbox"], rtol=1e-6, atol=1e-4)
+    assert o_labels.tolist() == anno["cls"].tolist() and o_scale == pytest.approx(anno["img_scale"])
