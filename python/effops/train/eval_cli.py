@@ -174,6 +174,7 @@ def run(args) -> int:
     dets = res.pop("detections")
     print(f"{name} ({args.weights}) on {ds.ann_file}: {res['num_images']} images, {len(dets)} detections, "
           f"{res['seconds']:.1f} s, input {model.image_size[0]}x{model.image_size[1]}")
+    print("COCO box metrics (%, n/a: no ground truth in that size range)")
     print(format_metrics(res))
     if args.out:
         _write_json(args.out, dict(res, model=name, weights=str(args.weights), data=str(data), split=args.split,
