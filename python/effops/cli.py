@@ -147,6 +147,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train.eval_cli import add_parser as _add_eval_parser
 
     _add_eval_parser(sub)  # eval --model --weights --data shapes|DIR (COCO mAP)
+    from .compress.prune_cli import add_parser as _add_prune_parser
+
+    _add_prune_parser(sub)  # prune --model [--weights] --amount --steps --epochs [--teacher] --out [--resume]
     args = p.parse_args(argv)
     return args.func(args)
 
