@@ -104,9 +104,37 @@ def _interleaved(models: Dict[str, nn.Module], x: torch.Tensor, rounds: int = 7,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def tp_study(args) -> Dict:
+def _tp_prune(model: nn.Module, x: torch.Tensor, amount: float) -> nn.Module:
     import torch_pruning as tp
 
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    ignored = linear[-1:] or [m for n, m in model.named_modules() if n.endswith("predict.conv_pw")]
+    pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.BNScaleImportance(), pruning_ratio=amount,
+                                  ignored_layers=ignored, global_pruning=False)
+    pruner.step()
+    return model
+
+
+def _tp_on(name: str, make, x: torch.Tensor, amount: float) -> str:
+    """What Torch-Pruning does with a model effops prunes: pruned and correct, or why not."""
+    m = make().eval()
+    macs0 = count_macs(m, x)
+    try:
+        with torch.no_grad():
+            ref_shape = m(x).shape
+        _tp_prune(m, x, amount)
+        with torch.no_grad():
+            shape = m(x).shape
+        macs = count_macs(m, x)
+    except Exception as e:  # noqa: BLE001 - the study records whatever goes wrong
+        return f"{name}: Torch-Pruning fails: {type(e).__name__}: {str(e)[:160]}"
+    if shape != ref_shape:
+        return f"{name}: Torch-Pruning gives outputs {list(shape)} instead of {list(ref_shape)}"
+    return f"{name}: Torch-Pruning runs, MACs x{macs / macs0:.3f}"
+
+
+def tp_study(args) -> Dict:
+    from ..models import create_model
     from ..nas.data import load_dataset
     from ..nn import convert
 
@@ -118,37 +146,66 @@ def tp_study(args) -> Dict:
     print(f"base tinynet_e: {100 * base_acc:.2f}% held-out, {count_params(base):,} params", flush=True)
     x = ds.train_x[:8]
     base.eval()
-
-    # Torch-Pruning: dependency graph on the eager timm model, BN-scale importance, same amount
-    tpm = copy.deepcopy(base)
-    pruner = tp.pruner.MetaPruner(tpm, x, importance=tp.importance.BNScaleImportance(), pruning_ratio=args.amount,
-                                  ignored_layers=[tpm.classifier], global_pruning=False)
-    pruner.step()
-    # effops: the same model, converted to the fused blocks, pruned
-    efm, rep = prune(convert(copy.deepcopy(base)), amount=args.amount, criterion="bn_scale", example_input=x)
     out = {"amount": args.amount, "image_size": args.image_size, "base_accuracy": base_acc,
            "base_params": count_params(base), "base_macs": count_macs(base, x[:1]), "epochs": args.epochs}
-    for name, m in (("torch_pruning", tpm), ("effops", efm)):
-        finetune(m, ds.train_x, ds.train_y, epochs=args.epochs, lr=0.05, seed=0)
-        out[name] = {"accuracy": evaluate(m, ds.val_x, ds.val_y)["accuracy"], "params": count_params(m),
-                     "macs": count_macs(m, x[:1])}
-        print(f"{name}: {100 * out[name]['accuracy']:.2f}% held-out after {args.epochs} epochs, "
+    # Torch-Pruning: dependency graph on the eager timm model, BN-scale importance, same amount;
+    # effops: the same model converted to the fused blocks, pruned, same criterion
+    tp0 = _tp_prune(copy.deepcopy(base), x, args.amount)
+    ef0, rep = prune(convert(copy.deepcopy(base)), amount=args.amount, criterion="bn_scale", example_input=x)
+    tuned = {}
+    for name, m0 in (("torch_pruning", tp0), ("effops", ef0)):
+        accs = []
+        for seed in range(args.seeds):
+            m = copy.deepcopy(m0)
+            finetune(m, ds.train_x, ds.train_y, epochs=args.epochs, lr=0.05, seed=seed)
+            accs.append(evaluate(m, ds.val_x, ds.val_y)["accuracy"])
+            tuned.setdefault(name, m)
+        out[name] = {"accuracy": accs, "params": count_params(m0), "macs": count_macs(m0, x[:1])}
+        print(f"{name}: {_ms(accs)}% held-out after {args.epochs} epochs ({args.seeds} seeds), "
               f"{out[name]['params']:,} params, {out[name]['macs']:,} MACs", flush=True)
-    # latency: eager base, TP-pruned eager, TP-pruned converted, effops-pruned (fused)
-    tp_conv = convert(copy.deepcopy(tpm).eval())
-    models = {"base_eager": base.eval(), "base_effops": convert(copy.deepcopy(base)).eval(),
-              "tp_eager": tpm.eval(), "tp_effops": tp_conv, "effops_pruned": efm.eval()}
+    tpm, efm = tuned["torch_pruning"].eval(), tuned["effops"].eval()
+    models = {"base_eager": base, "base_effops": convert(copy.deepcopy(base)).eval(),
+              "tp_eager": tpm, "tp_effops": convert(copy.deepcopy(tpm)).eval(), "effops_pruned": efm}
     torch.set_num_threads(args.threads)
-    for b in (1, 8):
-        xb = ds.val_x[:b].contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():  # outputs checked: each fused model computes what its eager source does
-            torch.testing.assert_close(models["tp_effops"](xb), tpm(xb), rtol=1e-3, atol=1e-4)
-            torch.testing.assert_close(models["base_effops"](xb), base(xb), rtol=1e-3, atol=1e-4)
-        ms = _interleaved(models, xb)
-        out[f"latency_ms_b{b}"] = ms
-        print(f"batch {b}, {args.threads} thread(s): " + ", ".join(f"{k} {v:.2f} ms "
-              f"({ms['base_eager'] / v:.2f}x)" for k, v in ms.items()), flush=True)
+    for size in (args.image_size, args.latency_size):
+        for b in (1, 8):
+            g = torch.Generator().manual_seed(b)
+            xb = (ds.val_x[:b] if size == args.image_size else torch.randn(b, ds.in_channels, size, size, generator=g))
+            xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():  # outputs checked: each fused model computes what its eager source does
+                torch.testing.assert_close(models["tp_effops"](xb), tpm(xb), rtol=1e-3, atol=1e-4)
+                torch.testing.assert_close(models["base_effops"](xb), base(xb), rtol=1e-3, atol=1e-4)
+            ms = _interleaved(models, xb)
+            out[f"latency_ms_{size}px_b{b}"] = ms
+            print(f"{size}x{size} batch {b}, {args.threads} thread(s): " + ", ".join(
+                f"{k} {v:.2f} ms ({ms['base_eager'] / v:.2f}x)" for k, v in ms.items()), flush=True)
+    xs = torch.randn(1, 3, 64, 64)
+    out["coverage"] = [
+        _tp_on("effops efficientnet_b0", lambda: create_model("efficientnet_b0", num_classes=10), xs, args.amount),
+        _tp_on("converted timm efficientnet_b0", lambda: convert(_timm3()), xs, args.amount),
+        _tp_on("effops tf_efficientdet_d0 (class logits)", lambda: _DetLogits(create_model(
+            "tf_efficientdet_d0", num_classes=5, image_size=128)), torch.randn(1, 3, 128, 128), args.amount)]
+    for line in out["coverage"]:
+        print(line, flush=True)
     return out
+
+
+def _timm3() -> nn.Module:
+    import timm
+
+    return timm.create_model("efficientnet_b0", num_classes=10)
+
+
+class _DetLogits(nn.Module):
+    """EfficientDet with its P3 class logits as the one output (Torch-Pruning wants a tensor)."""
+
+    def __init__(self, det: nn.Module):
+        super().__init__()
+        self.det = det
+
+    def forward(self, x):
+        cls, box = self.det(x)
+        return torch.cat([c.flatten(1) for c in cls] + [b.flatten(1) for b in box], 1)
 
 
 def main(argv=None) -> int:
@@ -166,6 +223,8 @@ def main(argv=None) -> int:
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--image-size", type=int, default=32)
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--seeds", type=int, default=3)
+    t.add_argument("--latency-size", type=int, default=128, help="also time at this input size (random data)")
     for q in (k, t):
         q.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
