@@ -341,8 +341,26 @@ def test_effops_tf_efficientdet_d0_heads_and_detections(tmp_path):
     assert_standard(path)
     got = eo.run(path, (x,))
     with torch.no_grad():
-        want = wrapped(x)
+        want = det.detect(x)
     torch.testing.assert_close(torch.from_numpy(got[0]), want.boxes, rtol=RTOL, atol=1e-3)  # pixels, up to 128
     torch.testing.assert_close(torch.from_numpy(got[1]), want.scores, rtol=RTOL, atol=ATOL)
     assert torch.equal(torch.from_numpy(got[2]), want.classes)
     assert torch.equal(torch.from_numpy(got[3]), want.num_detections)
+
+
+def test_info_reports_the_exporter(monkeypatch):
+    import effops
+    from importlib import metadata
+
+    assert "effops.onnx.export, opset 18" in effops.info(print_table=False)["onnx"]
+    assert "onnx " in effops.format_info(effops.info(print_table=False))
+    real = metadata.version
+
+    def fake(pkg):
+        if pkg == "onnxscript":
+            raise metadata.PackageNotFoundError(pkg)
+        return real(pkg)
+
+    monkeypatch.setattr(metadata, "version", fake)
+    line = eo.availability()
+    assert line.startswith("unavailable: pip install onnxscript") and "effops[onnx]" in line

@@ -18,12 +18,18 @@ from ._backend import detected_isa, isa, set_isa, use_backend, use_isa
 
 
 def __getattr__(name: str):
-    # effops.models / effops.nas load on first use (they pull in more than the ops need).
-    if name in ("models", "nas"):
+    # effops.models / effops.nas / effops.onnx load on first use (they pull in more than the ops need).
+    if name in ("models", "nas", "onnx"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'effops' has no attribute {name!r}")
+
+
+def _onnx_availability() -> str:
+    from .onnx import availability
+
+    return availability()
 
 
 def info(print_table: bool = True) -> dict:
@@ -40,6 +46,7 @@ def info(print_table: bool = True) -> dict:
         "version": __version__,
         "build": _backend.build_info(),
         "backends": {str(d): _backend.availability(d) for d in devices},
+        "onnx": _onnx_availability(),
     }
     if print_table:
         print(format_info(result))
@@ -50,6 +57,8 @@ def format_info(result: dict) -> str:
     lines = [f"effops {result['version']}"]
     for k, v in result["build"].items():
         lines.append(f"  {k:8s} {v}")
+    if "onnx" in result:
+        lines.append(f"  {'onnx':8s} {result['onnx']}")
     for dev, table in result["backends"].items():
         lines.append(f"backends for {dev} tensors (yes = usable; no = why not):")
         lines.append(f"  {'op':16s} " + " ".join(f"{b:10s}" for b in _backend.BACKENDS))

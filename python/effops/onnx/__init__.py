@@ -63,6 +63,24 @@ def supported_ops() -> List[str]:
     return sorted(t.name() for t in translations())
 
 
+def availability() -> str:
+    """One line for ``effops info``: whether ``export`` can run here (package versions), or what to
+    install. Reads package metadata only (importing the exporter takes seconds)."""
+    from importlib import metadata
+
+    versions, missing = [], []
+    for pkg in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            versions.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            missing.append(pkg)
+    if missing:
+        need = [p for p in missing if p != "onnxruntime"]
+        head = f"unavailable: pip install {' '.join(need)}" if need else "export available, cannot run the result here"
+        return f"{head} (missing {', '.join(missing)}; or pip install 'effops[onnx]')"
+    return f"effops.onnx.export, opset {DEFAULT_OPSET}, standard ops only ({', '.join(versions)})"
+
+
 # ------------------------------------------------------------------------------ checks
 def _as_inputs(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
@@ -258,4 +276,5 @@ def compare(path, model: nn.Module, inputs, *, threads: int = 1) -> Dict[str, fl
     return {"max_abs": abs_err, "max_rel": rel_err, "outputs": len(want), "ort_seconds": ort_s}
 
 
-__all__ = ["export", "compare", "run", "supported_ops", "translations", "check_standard", "DEFAULT_OPSET"]
+__all__ = ["export", "compare", "run", "supported_ops", "translations", "check_standard", "availability",
+           "DEFAULT_OPSET"]
