@@ -5,4 +5,5 @@ FAMILIES = {
     "nms": "effops.bench.bench_nms",
     "dwsep": "effops.bench.bench_dwsep",
     "bifpn": "effops.bench.bench_bifpn",
+    "prune": "effops.bench.bench_prune",
 }
