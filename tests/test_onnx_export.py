@@ -264,6 +264,47 @@ def test_multiclass_nms_padded_outputs(tmp_path, per_class, kw):
         assert_parity(path, mod, inputs(b), exact=True)
 
 
+class _Post(nn.Module):
+    """EfficientDet's post-processing alone (effops.models.detection.postprocess) on given head
+    outputs: top-k over anchors and (anchor, class) pairs, decoding, multiclass NMS, padding."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        from effops.models.anchors import generate_anchors
+
+        self.C = num_classes
+        self.register_buffer("anchors", generate_anchors((128, 128)).clone(), persistent=False)
+
+    def forward(self, *outs):
+        from effops.models.detection import postprocess
+
+        return tuple(postprocess(outs[:5], outs[5:], self.anchors, num_classes=self.C, max_detection_points=600,
+                                 max_det_per_image=50))
+
+
+def _head_outputs(b, C, g, tied: bool):
+    cls = [torch.randn(b, 9 * C, s, s, generator=g) for s in (16, 8, 4, 2, 1)]
+    if tied:  # logits on a coarse grid: many exactly equal scores across anchors and classes
+        cls = [torch.round(t * 2) / 2 for t in cls]
+    box = [torch.randn(b, 36, s, s, generator=g) * 0.5 for s in (16, 8, 4, 2, 1)]
+    return tuple(cls + box)
+
+
+def test_detection_postprocess_with_tied_scores(tmp_path):
+    g = torch.Generator().manual_seed(6)
+    mod = _Post(4).eval()
+    path = eo.export(mod, _head_outputs(2, 4, g, tied=False), tmp_path / "post.onnx")
+    assert_standard(path)
+    for b, tied in ((3, False), (2, True), (1, True)):
+        inputs = _head_outputs(b, 4, g, tied)
+        got = eo.run(path, inputs)
+        with torch.no_grad():
+            want = mod(*inputs)
+        torch.testing.assert_close(torch.from_numpy(got[0]), want[0], rtol=RTOL, atol=1e-4)  # boxes, pixels
+        torch.testing.assert_close(torch.from_numpy(got[1]), want[1], rtol=RTOL, atol=ATOL)
+        assert torch.equal(torch.from_numpy(got[2]), want[2]) and torch.equal(torch.from_numpy(got[3]), want[3])
+
+
 # ------------------------------------------------------------------------------ errors
 class _SoftNMSHead(nn.Module):
     def forward(self, boxes, scores):

@@ -17,6 +17,9 @@ for the COCO models they are the COCO category ids), padded with zeros. How it i
   on a [B, k anchors, C] score table that holds the candidates' scores and -1 elsewhere (score
   threshold -0.5: exactly the candidates), so every shape is fixed: no host synchronisation on
   CUDA and one graph under ``torch.compile(fullgraph=True)``.
+* equal scores: the candidate anchors are kept in anchor order, so ties go to the lower anchor,
+  then the lower class (multiclass_nms's flat-index order) - the same in eager, compiled and
+  ONNX-exported post-processing (topk's own order among its results is unspecified).
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ def postprocess(cls_outputs: Sequence[Tensor], box_outputs: Sequence[Tensor], an
     dev = logits.device
     # the Ka anchors whose best class logit is largest hold the K best (anchor, class) logits
     top_anchor = logits.amax(dim=2).topk(Ka, dim=1, sorted=False).indices  # [B, Ka]
+    # in anchor order: topk's order is unspecified (and differs between torch and ONNX Runtime),
+    # and multiclass_nms breaks score ties by position - so ties go to the lower anchor index
+    top_anchor = top_anchor.sort(dim=1).values
     rows = (top_anchor + torch.arange(B, device=dev)[:, None] * N).reshape(-1)
     sub = logits.reshape(B * N, C).index_select(0, rows).view(B, Ka * C)
     vals, pos = sub.topk(K, dim=1, sorted=False)

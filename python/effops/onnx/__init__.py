@@ -126,6 +126,29 @@ def _batch_shapes(args: tuple, dynamic_batch: bool):
     return tuple({0: batch} for _ in args)
 
 
+def _by_parameter(model: nn.Module, args: tuple, shapes):
+    """dynamic_shapes in the structure of ``model.forward``'s parameters (a ``*args`` forward
+    takes one tuple of specs for all its positional inputs)."""
+    if shapes is None:
+        return None
+    import inspect
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args)
+    except (TypeError, ValueError) as e:
+        raise EffopsInputError(f"effops.onnx.export: example_inputs do not fit {type(model).__name__}.forward: {e}") from None
+    out, i = {}, 0
+    for name, value in bound.arguments.items():
+        kind = inspect.signature(model.forward).parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(shapes[i + j] for j in range(len(value)))
+            i += len(value)
+        else:
+            out[name] = shapes[i]
+            i += 1
+    return out
+
+
 def _module_of(node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -186,8 +209,15 @@ def export(model: nn.Module, example_inputs, path, *, opset: int = DEFAULT_OPSET
         fold_constants: fold BatchNorm into the conv weights and every other constant
             subgraph (the graph ORT would fold at load time anyway).
     """
+    import inspect
+
     import onnx  # noqa: F401  (a clear ImportError before any work)
     import onnxscript.optimizer
+
+    if "custom_translation_table" not in inspect.signature(torch.onnx.export).parameters:
+        raise RuntimeError(f"effops.onnx.export needs torch's dynamo-based ONNX exporter with custom translation "
+                           f"tables (torch.onnx.export(..., custom_translation_table=...)); torch {torch.__version__} "
+                           "has none: upgrade torch (tested with 2.14)")
 
     if not isinstance(model, nn.Module):
         raise EffopsTypeError(f"effops.onnx.export: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -207,7 +237,7 @@ def export(model: nn.Module, example_inputs, path, *, opset: int = DEFAULT_OPSET
         # torch.export specialises a size-1 axis to the constant 1: trace on the batch doubled
         args = tuple(torch.cat([t, t]) for t in args)
     with torch.no_grad(), _EvalMode(model):
-        ep = torch.export.export(model, args, dynamic_shapes=shapes)
+        ep = torch.export.export(model, args, dynamic_shapes=_by_parameter(model, args, shapes))
     _check_lowerings(ep, table)
     program = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=table, opset_version=opset,
                                 optimize=False, input_names=list(input_names) if input_names else None,
