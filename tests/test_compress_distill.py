@@ -77,6 +77,7 @@ def test_distillation_loss_runs_the_teacher_in_eval_no_grad():
 def _hand_det(s_outs, t_outs, T, box_weight, delta):
     num, den = 0.0, 0.0
     for sc, sb, tc, tb in zip(*s_outs, *t_outs):
+        sc, sb = sc.detach(), sb.detach()
         b, ak, h, w = sb.shape
         a = ak // 4
         c = sc.shape[1] // a
