@@ -13,6 +13,7 @@
 #include "common/parallel.h"
 #include "common/isa.h"
 #include "dwsep/dwsep_api.h"
+#include "losses/losses_api.h"
 #include "nms/nms_api.h"
 
 namespace nb = nanobind;
@@ -53,6 +54,19 @@ NB_MODULE(_C, m) {
         "out"_a.noconvert(), "threads"_a, release);
   m.def("fuse_backward", &effops::bifpn::fuse_backward_api, "grad"_a, "inputs"_a, "weights"_a, "modes"_a,
         "act"_a, "grads"_a.noconvert(), "grad_weights"_a.noconvert(), "threads"_a, release);
+
+  namespace ls = effops::losses;
+  m.def("focal_loss", &ls::focal_loss_api, "logits"_a, "targets"_a, "ignore"_a.none(), "alpha"_a, "gamma"_a,
+        "label_smoothing"_a, "loss_out"_a.noconvert().none(), "partial"_a.noconvert().none(),
+        "grad"_a.noconvert().none(), "threads"_a, release);
+  m.def("focal_rows_per_task", &ls::focal_rows_per_task, "C"_a);
+  m.def("box_loss", &ls::box_loss_api, "pred"_a, "target"_a, "mask"_a, "kind"_a, "delta"_a,
+        "loss_out"_a.noconvert().none(), "partial"_a.noconvert().none(), "grad"_a.noconvert().none(), "threads"_a,
+        release);
+  m.def("box_rows_per_task", &ls::box_rows_per_task);
+  m.def("match_anchors", &ls::match_anchors_api, "anchors"_a, "gt_boxes"_a, "labels"_a, "valid"_a,
+        "match_threshold"_a, "unmatched_threshold"_a, "ignored_class"_a, "cls_out"_a.noconvert(),
+        "box_out"_a.noconvert(), "npos_out"_a.noconvert(), "threads"_a, release);
 
   // effops.nn's prepared-weight cache: are the sources still byte-equal to the copies taken
   // when the kernel arguments were prepared? Raw addresses (Tensor.data_ptr()) of live,

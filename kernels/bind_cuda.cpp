@@ -14,6 +14,7 @@
 #include "bifpn/fuse_api_cuda.h"
 #include "dwsep/dwsep.cuh"
 #include "dwsep/dwsep_api_cuda.h"
+#include "losses/losses_api_cuda.h"
 #include "nms/nms_api_cuda.h"
 
 namespace nb = nanobind;
@@ -70,4 +71,18 @@ NB_MODULE(_cuda, m) {
         "pads"_a, "act"_a, "gpre"_a.noconvert(), "part"_a.noconvert(), "grads"_a.noconvert(), "stream"_a,
         "device"_a, release);
   m.attr("fuse_threads") = bf::kFuseThreads;
+
+  namespace lo = effops::cuda::losses;
+  m.def("focal_loss", &lo::focal_loss_api, "logits"_a, "targets"_a, "ignore"_a.none(), "alpha"_a, "gamma"_a,
+        "label_smoothing"_a, "loss_out"_a.noconvert().none(), "partial"_a.noconvert().none(),
+        "grad"_a.noconvert().none(), "stream"_a, "device"_a, release);
+  m.def("focal_blocks", &lo::focal_blocks, "n"_a);
+  m.def("box_loss", &lo::box_loss_api, "pred"_a, "target"_a, "mask"_a, "kind"_a, "delta"_a,
+        "loss_out"_a.noconvert().none(), "partial"_a.noconvert().none(), "grad"_a.noconvert().none(), "stream"_a,
+        "device"_a, release);
+  m.def("box_blocks", &lo::box_blocks, "n"_a);
+  m.def("match_anchors", &lo::match_anchors_api, "anchors"_a, "gt_boxes"_a, "labels"_a, "valid"_a,
+        "match_threshold"_a, "unmatched_threshold"_a, "ignored_class"_a, "keys"_a.noconvert(),
+        "cls_out"_a.noconvert(), "box_out"_a.noconvert(), "npos_out"_a.noconvert(), "stream"_a, "device"_a,
+        release);
 }

@@ -5,5 +5,6 @@ FAMILIES = {
     "nms": "effops.bench.bench_nms",
     "dwsep": "effops.bench.bench_dwsep",
     "bifpn": "effops.bench.bench_bifpn",
+    "losses": "effops.bench.bench_losses",
     "prune": "effops.bench.bench_prune",
 }
