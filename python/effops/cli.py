@@ -144,6 +144,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .models.detect_cli import add_parser as _add_detect_parser
 
     _add_detect_parser(sub)  # detect IMAGE_OR_DIR... --model --weights --out
+    from .train.train_cli import add_parser as _add_train_parser
+
+    _add_train_parser(sub)  # train --model --data shapes|DIR --epochs --batch-size --out [--resume] (DDP via torchrun)
     from .train.eval_cli import add_parser as _add_eval_parser
 
     _add_eval_parser(sub)  # eval --model --weights --data shapes|DIR (COCO mAP)
