@@ -290,6 +290,17 @@ def _head_outputs(b, C, g, tied: bool):
     return tuple(cls + box)
 
 
+def test_topk_lower_index_breaks_ties_like_onnx_topk():
+    from effops.models.detection import _topk_lower_index
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(0, 6, (3, 500), generator=g).float()  # ~80 copies of each value
+    for k in (1, 7, 100, 333, 500):
+        got = _topk_lower_index(x, k).sort(dim=1).values
+        want = torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+        assert torch.equal(got, want), k
+
+
 def test_detection_postprocess_with_tied_scores(tmp_path):
     g = torch.Generator().manual_seed(6)
     mod = _Post(4).eval()

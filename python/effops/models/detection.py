@@ -10,16 +10,18 @@ for the COCO models they are the COCO category ids), padded with zeros. How it i
 * top-k without materialising anything of size anchors x classes beyond the logits themselves:
   the k best elements lie in at most k anchors, and those anchors are among the k anchors with the
   largest per-anchor maximum logit (an anchor outside them has k anchors whose maxima are >= its
-  own maximum, so k elements at least as large as any of its elements - ties aside). So: max over
-  classes per anchor, top-k anchors, gather their k x C logits, top-k of those. Exact up to the
-  order among equal logits (where torch.topk's choice is unspecified too).
+  own maximum, so k elements at least as large as any of its elements). So: max over classes per
+  anchor, top-k anchors, gather their k x C logits, top-k of those. Exact, ties included: both
+  top-k's give equal values at the k-th place to the lower index (``_topk_lower_index``; the
+  choice of torch.topk is unspecified and differs between devices and from ONNX's TopK), the
+  anchors are kept in anchor order, and with one tie rule the two stages select exactly the K
+  best pairs by (logit desc, flat index n * C + c asc).
 * sigmoid and decoding only for the kept candidates; per-class NMS by ``effops.ops.multiclass_nms``
   on a [B, k anchors, C] score table that holds the candidates' scores and -1 elsewhere (score
   threshold -0.5: exactly the candidates), so every shape is fixed: no host synchronisation on
   CUDA and one graph under ``torch.compile(fullgraph=True)``.
-* equal scores: the candidate anchors are kept in anchor order, so ties go to the lower anchor,
-  then the lower class (multiclass_nms's flat-index order) - the same in eager, compiled and
-  ONNX-exported post-processing (topk's own order among its results is unspecified).
+* equal scores then go to the lower anchor, then the lower class (multiclass_nms's flat-index
+  order): the same detections on every backend, compiled, and in the ONNX export.
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ def flatten_levels(outputs: Sequence[Tensor], per_anchor: int) -> Tensor:
     return flat[0] if len(flat) == 1 else torch.cat(flat, 1)
 
 
+def _topk_lower_index(x: Tensor, k: int) -> Tensor:
+    """Indices [B, k] of the k largest entries of each row of x, equal values at the k-th place
+    going to the lower index (ONNX TopK's rule), in no particular order. Fixed shapes (no host
+    synchronisation); about 3x one torch.topk."""
+    kth = x.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    above = x > kth
+    tied = x == kth
+    room = k - above.sum(dim=1, keepdim=True)  # how many of the tied values are in the k
+    take = above | (tied & (tied.cumsum(dim=1) <= room))  # exactly k per row
+    return take.to(x.dtype).topk(k, dim=1, sorted=False).indices
+
+
 def postprocess(cls_outputs: Sequence[Tensor], box_outputs: Sequence[Tensor], anchors: Tensor, *, num_classes: int,
                 max_detection_points: int = 5000, iou_threshold: float = 0.5, max_det_per_image: int = 100,
                 clip_size: Optional[Tensor] = None, box_scale: Optional[Tensor] = None) -> Detections:
@@ -74,13 +88,12 @@ def postprocess(cls_outputs: Sequence[Tensor], box_outputs: Sequence[Tensor], an
     Ka = min(K, N)
     dev = logits.device
     # the Ka anchors whose best class logit is largest hold the K best (anchor, class) logits
-    top_anchor = logits.amax(dim=2).topk(Ka, dim=1, sorted=False).indices  # [B, Ka]
-    # in anchor order: topk's order is unspecified (and differs between torch and ONNX Runtime),
-    # and multiclass_nms breaks score ties by position - so ties go to the lower anchor index
-    top_anchor = top_anchor.sort(dim=1).values
+    # in anchor order (multiclass_nms breaks score ties by position): ties to the lower anchor
+    top_anchor = _topk_lower_index(logits.amax(dim=2), Ka).sort(dim=1).values  # [B, Ka]
     rows = (top_anchor + torch.arange(B, device=dev)[:, None] * N).reshape(-1)
     sub = logits.reshape(B * N, C).index_select(0, rows).view(B, Ka * C)
-    vals, pos = sub.topk(K, dim=1, sorted=False)
+    pos = _topk_lower_index(sub, K)
+    vals = sub.gather(1, pos)
     scores = torch.full_like(sub, -1.0).scatter_(1, pos, torch.sigmoid(vals)).view(B, Ka, C)
     codes = rel.reshape(B * N, 4).index_select(0, rows).view(B, Ka, 4)
     boxes = decode_boxes(codes, anchors.index_select(0, top_anchor.reshape(-1)).view(B, Ka, 4))

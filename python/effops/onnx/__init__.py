@@ -14,19 +14,22 @@ How, and why this mechanism:
    is the op-level graph, exactly what needs lowering, and it runs (and is tested) on its own.
 2. ``torch.onnx.export(exported_program, dynamo=True, custom_translation_table=...)``
    translates it, with one function per effops op that emits standard ONNX nodes (onnxscript
-   in trace mode). This is the exporter torch develops and recommends (the TorchScript
-   exporter, ``dynamo=False`` + ``register_custom_op_symbolic``, is deprecated and cannot
-   express ``new_dynamic_size`` outputs such as NMS's); the lowering sees each op's own
-   arguments, so TF 'same' padding, BatchNorm folding and the resampling modes map to ONNX
-   attributes directly instead of being re-derived from a decomposed graph.
+   in trace mode). The lowering sees each op's own arguments, so TF 'same' padding, BatchNorm
+   folding and the resampling modes map to ONNX attributes directly. The alternatives: the
+   TorchScript exporter (``dynamo=False`` + ``register_custom_op_symbolic``) is the legacy path
+   (torch warns on it; the torch.export-based exporter is the default since torch 2.9) and
+   traces a second, separate graph; exporting the ops' pure-PyTorch
+   reference path instead would give Pad + Conv + Mul + Add per fused conv for ONNX Runtime
+   to re-fuse, and cannot export NMS at all (its reference is a data-dependent Python loop).
 3. onnxscript's optimizer folds constants with the size limits lifted (so every
    ``W * bn_scale`` becomes one initializer) and removes dead nodes; the dynamic batch axis is
    named ``batch``; a graph check asserts that only standard-domain operators remain.
 
 Inputs: a module (exported in eval mode - BatchNorm with running statistics, no dropout - each
-module's mode restored afterwards, as torch.onnx's ``TrainingMode.EVAL``), example input tensors, and optionally ``dynamic_batch`` (default True: axis 0 of
-every input and output is symbolic; other axes stay static - the lowerings need static
-spatial sizes for TF 'same' padding and the BiFPN resampling). Models that call an effops op
+module's mode restored afterwards, as torch.onnx's ``TrainingMode.EVAL``), example input
+tensors, and ``dynamic_batch`` (default True: axis 0 of every input and output is symbolic;
+the other axes stay static - TF 'same' padding and the BiFPN resampling are resolved for the
+example's spatial size, and ONNX Runtime refuses inputs of another size). Models that call an effops op
 without an ONNX lowering (soft_nms, matrix_nms, the backward ops) are refused with the module
 that calls it. Outputs are flattened in pytree order (EfficientDet: 5 class maps, then 5 box
 maps; a Detections tuple: boxes, scores, classes, num_detections).

@@ -27,6 +27,7 @@ standard-domain ONNX nodes computing the op's reference implementation (``ops/dw
   give the same floor), otherwise a Gather per axis with effops's own index table (exact for
   any ratio); 'maxpool' - MaxPool 3x3/2 with the TF 'same' pads (ONNX pads of MaxPool never
   win the max, which is effops's -inf padding); 'maxpool_sym' - MaxPool 3x3/2 pads 1.
+  (NaN inputs: effops's pools propagate NaN as torch does; ONNX leaves it to the runtime.)
 """
 
 from __future__ import annotations
