@@ -73,7 +73,7 @@ def cases(device: torch.device, quick: bool = False) -> List[Case]:
     for batch in ((1,) if quick else (1, 8)):
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)).contiguous(
             memory_format=torch.channels_last)
-        impls = {k: (lambda m=m: m(x)) for k, m in models.items()}
+        impls = {k: (lambda m=m, x=x: m(x)) for k, m in models.items()}
         out.append(Case("prune", f"efficientnet_b0 50% {size}px b{batch}", "fp32", inference(impls), check=_check,
                         note=f"MACs x{rep.macs_ratio:.2f}, params x{rep.params_ratio:.2f}"))
     return out
