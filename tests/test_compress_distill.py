@@ -162,3 +162,24 @@ def test_bad_input():
         detection_kd_loss(_det_outputs(g, a=3), _det_outputs(g, a=2))
     with pytest.raises(ValueError, match="huber_delta must be > 0"):
         DetectionDistillationLoss(t, huber_delta=0.0)
+
+
+@pytest.mark.slow  # prunes and back-propagates an EfficientDet-D0: ~10-20 s on 2 shared cores
+def test_detection_kd_trains_a_pruned_efficientdet_toward_its_teacher():
+    from effops.compress import prune
+    from effops.models import create_model
+
+    torch.manual_seed(5)
+    teacher = create_model("tf_efficientdet_d0", num_classes=3, image_size=128).eval()
+    x = torch.randn(2, 3, 128, 128)
+    student, _ = prune(teacher, amount=0.5, example_input=x[:1])
+    student.eval()  # frozen BN (fused kernels, fused backward)
+    kd = DetectionDistillationLoss(teacher, temperature=2.0)
+    opt = torch.optim.SGD([p for n, p in student.named_parameters() if "predict" in n or "conv_rep" in n], lr=0.05)
+    loss = kd(student(x), inputs=x)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        after = kd(student(x), inputs=x)
+    assert math.isfinite(float(loss.detach())) and float(after) < float(loss.detach())
+    assert all(p.grad is None for p in teacher.parameters())
