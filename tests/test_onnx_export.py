@@ -199,7 +199,7 @@ def test_nms_equals_effops_with_ties_and_any_box_count(tmp_path):
     path = eo.export(_NMS(0.3), (_boxes(50, g), torch.rand(50, generator=g)), tmp_path / "nms.onnx")
     assert_standard(path)
     assert ("", "NonMaxSuppression") in ops_of(path)
-    for n in (200, 37, 1):
+    for n in (200, 37, 1, 0):
         s = torch.rand(n, generator=g)
         s[: n // 3] = 0.25  # a block of tied scores: ties go to the lower index in both
         assert_parity(path, _NMS(0.3), (_boxes(n, g), s), exact=True)
@@ -233,7 +233,7 @@ def test_batched_nms_classes_never_suppress_each_other(tmp_path):
     path = eo.export(_Batched(), (_boxes(40, g), torch.rand(40, generator=g), torch.randint(0, 3, (40,), generator=g)),
                      tmp_path / "bnms.onnx")
     assert_standard(path)
-    for n in (150, 9):
+    for n in (150, 9, 0):
         s = torch.rand(n, generator=g)
         s[::4] = 0.5
         ids = torch.randint(-2, 3, (n,), generator=g) * 1000  # sparse, negative ids

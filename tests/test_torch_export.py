@@ -62,12 +62,12 @@ def test_converted_timm_efficientnet_b0():
     assert {"effops::dw_conv_act", "effops::pw_conv"} <= _effops_ops(ep)
 
 
-def test_effops_efficientnet_b0_and_tf_b0():
+@pytest.mark.parametrize("name,size", [("efficientnet_b0", 64), ("tf_efficientnet_b0", 65)])  # 65: asymmetric TF pads
+def test_effops_efficientnet(name, size):
     torch.manual_seed(1)
-    for name, size in (("efficientnet_b0", 64), ("tf_efficientnet_b0", 65)):  # 65: TF 'same' is asymmetric
-        m = randomize_bn(create_model(name)).eval()
-        ep = _check(m, torch.randn(2, 3, size, size), [torch.randn(1, 3, size, size)])
-        assert {"effops::dw_conv_act", "effops::pw_conv"} <= _effops_ops(ep)
+    m = randomize_bn(create_model(name)).eval()
+    ep = _check(m, torch.randn(2, 3, size, size), [torch.randn(1, 3, size, size)])
+    assert {"effops::dw_conv_act", "effops::pw_conv"} <= _effops_ops(ep)
 
 
 def test_effops_tf_efficientdet_d0_forward():
