@@ -214,7 +214,7 @@ def export(model: nn.Module, example_inputs, path, *, opset: int = DEFAULT_OPSET
     """
     import inspect
 
-    import onnx  # noqa: F401  (a clear ImportError before any work)
+    import onnx  # a clear ImportError before any work
     import onnxscript.optimizer
 
     if "custom_translation_table" not in inspect.signature(torch.onnx.export).parameters:
@@ -254,8 +254,6 @@ def export(model: nn.Module, example_inputs, path, *, opset: int = DEFAULT_OPSET
         batch_sym = d0.dim_param or None
     _rename_batch(proto, batch_sym)
     check_standard(proto)
-    import onnx
-
     onnx.checker.check_model(proto)
     onnx.save(proto, os.fspath(path))
     return os.fspath(path)

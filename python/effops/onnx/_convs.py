@@ -32,7 +32,7 @@ standard-domain ONNX nodes computing the op's reference implementation (``ops/dw
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
