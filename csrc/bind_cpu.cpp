@@ -15,6 +15,7 @@
 #include "dwsep/dwsep_api.h"
 #include "losses/losses_api.h"
 #include "nms/nms_api.h"
+#include "qconv/qconv_api.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -54,6 +55,20 @@ NB_MODULE(_C, m) {
         "out"_a.noconvert(), "threads"_a, release);
   m.def("fuse_backward", &effops::bifpn::fuse_backward_api, "grad"_a, "inputs"_a, "weights"_a, "modes"_a,
         "act"_a, "grads"_a.noconvert(), "grad_weights"_a.noconvert(), "threads"_a, release);
+
+  m.def("q_dw_forward", &effops::qconv::q_dw_forward_api, "x"_a, "taps"_a, "bias"_a.none(), "mult"_a,
+        "lut"_a.none(), "stride"_a, "pad"_a, "x_zp"_a, "out_zp"_a, "qmin"_a, "qmax"_a, "y"_a.noconvert(),
+        "sums"_a.noconvert(), "threads"_a, release);
+  m.def("q_pw_forward", &effops::qconv::q_pw_forward_api, "x"_a, "w"_a, "bias"_a.none(), "mult"_a, "lut"_a.none(),
+        "gate"_a.none(), "residual"_a.none(), "x_zp"_a, "out_zp"_a, "qmin"_a, "qmax"_a, "res_zp"_a, "res_mult"_a,
+        "out"_a.noconvert(), "threads"_a, release);
+  m.def("q_dwsep_forward", &effops::qconv::q_dwsep_forward_api, "x"_a, "taps"_a, "dw_bias"_a.none(), "dw_mult"_a,
+        "dw_lut"_a.none(), "pw"_a, "pw_bias"_a.none(), "pw_mult"_a, "lut"_a.none(), "residual"_a.none(),
+        "stride"_a, "pad"_a, "x_zp"_a, "dw_zp"_a, "mid_qmin"_a, "mid_qmax"_a, "mid_zp"_a, "out_zp"_a, "qmin"_a, "qmax"_a,
+        "res_zp"_a, "res_mult"_a, "out"_a.noconvert(), "threads"_a, release);
+  m.def("q_fuse_forward", &effops::qconv::q_fuse_forward_api, "inputs"_a, "zps"_a, "mults"_a, "modes"_a, "out_zp"_a,
+        "qmin"_a, "qmax"_a, "lut"_a.none(), "out"_a.noconvert(), "threads"_a, release);
+  m.def("q_isa", &effops::qconv::q_isa_name, "The level the int8 (qconv) kernels run at now");
 
   namespace ls = effops::losses;
   m.def("focal_loss", &ls::focal_loss_api, "logits"_a, "targets"_a, "ignore"_a.none(), "alpha"_a, "gamma"_a,

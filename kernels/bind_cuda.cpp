@@ -16,6 +16,7 @@
 #include "dwsep/dwsep_api_cuda.h"
 #include "losses/losses_api_cuda.h"
 #include "nms/nms_api_cuda.h"
+#include "qconv/qconv_api_cuda.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -85,4 +86,12 @@ NB_MODULE(_cuda, m) {
         "match_threshold"_a, "unmatched_threshold"_a, "ignored_class"_a, "keys"_a.noconvert(),
         "cls_out"_a.noconvert(), "box_out"_a.noconvert(), "npos_out"_a.noconvert(), "stream"_a, "device"_a,
         release);
+
+  namespace qc = effops::cuda::qconv;
+  m.def("q_dw_forward", &qc::q_dw_forward_api, "x"_a, "taps"_a, "bias"_a.none(), "mult"_a, "lut"_a.none(),
+        "stride"_a, "pad"_a, "x_zp"_a, "out_zp"_a, "qmin"_a, "qmax"_a, "y"_a.noconvert(), "sums"_a.noconvert(),
+        "stream"_a, "device"_a, release);
+  m.def("q_pw_forward", &qc::q_pw_forward_api, "x"_a, "w"_a, "bias"_a.none(), "mult"_a, "lut"_a.none(),
+        "gate"_a.none(), "residual"_a.none(), "x_zp"_a, "out_zp"_a, "qmin"_a, "qmax"_a, "res_zp"_a, "res_mult"_a,
+        "out"_a.noconvert(), "stream"_a, "device"_a, release);
 }

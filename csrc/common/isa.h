@@ -39,6 +39,25 @@ inline Isa detected_isa() {
 #endif
 }
 
+// Int8 dot-product extensions, used by the qconv kernels on top of a level: AVX-512 VNNI (with
+// x86-64-v4) and AVX-VNNI (its VEX-encoded 256-bit forms, with x86-64-v3).
+inline bool cpu_has_avx512vnni() {
+#if EFFOPS_X86
+  static const bool has = [] { __builtin_cpu_init(); return __builtin_cpu_supports("avx512vnni") != 0; }();
+  return has;
+#else
+  return false;
+#endif
+}
+inline bool cpu_has_avxvnni() {
+#if EFFOPS_X86
+  static const bool has = [] { __builtin_cpu_init(); return __builtin_cpu_supports("avxvnni") != 0; }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 // The cap set by set_isa(); one definition across translation units (inline variable).
 inline std::atomic<int> g_isa_cap{kV4};
 

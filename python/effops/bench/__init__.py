@@ -7,4 +7,5 @@ FAMILIES = {
     "bifpn": "effops.bench.bench_bifpn",
     "losses": "effops.bench.bench_losses",
     "prune": "effops.bench.bench_prune",
+    "qconv": "effops.bench.bench_qconv",
 }

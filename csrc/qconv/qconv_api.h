@@ -1,0 +1,35 @@
+// Array-level entry points of the int8 convolutions (checked shapes/dtypes). NHWC uint8
+// activations; see python/effops/ops/qconv.py for the arithmetic.
+#pragma once
+#include <optional>
+#include <vector>
+
+#include "common/ndarray.h"
+
+namespace effops::qconv {
+
+using Opt = std::optional<CpuArray>;
+
+void q_dw_forward_api(const CpuArray& x, const CpuArray& taps, Opt bias, const CpuArray& mult, Opt lut,
+                      const std::vector<int64_t>& stride, const std::vector<int64_t>& pad, int64_t x_zp,
+                      int64_t out_zp, int64_t qmin, int64_t qmax, const CpuArray& y, const CpuArray& sums,
+                      int threads);
+void q_pw_forward_api(const CpuArray& x, const CpuArray& w, Opt bias, const CpuArray& mult, Opt lut, Opt gate,
+                      Opt residual, int64_t x_zp, int64_t out_zp, int64_t qmin, int64_t qmax, int64_t res_zp,
+                      double res_mult, const CpuArray& out, int threads);
+void q_dwsep_forward_api(const CpuArray& x, const CpuArray& taps, Opt dw_bias, const CpuArray& dw_mult, Opt dw_lut,
+                         const CpuArray& pw, Opt pw_bias, const CpuArray& pw_mult, Opt lut, Opt residual,
+                         const std::vector<int64_t>& stride, const std::vector<int64_t>& pad, int64_t x_zp,
+                         int64_t dw_zp, int64_t mid_qmin, int64_t mid_qmax, int64_t mid_zp, int64_t out_zp, int64_t qmin,
+                         int64_t qmax, int64_t res_zp, double res_mult, const CpuArray& out, int threads);
+
+// The int8 BiFPN fusion (python/effops/ops/qconv_fuse.py); modes 0 identity, 1 nearest,
+// 2 maxpool (TF same), 3 maxpool_sym.
+void q_fuse_forward_api(const std::vector<CpuArray>& inputs, const std::vector<int64_t>& zps,
+                        const std::vector<int64_t>& mults, const std::vector<int>& modes, int64_t out_zp,
+                        int64_t qmin, int64_t qmax, Opt lut, const CpuArray& out, int threads);
+
+// The level the int8 kernels run at now: "avx512-vnni", "avx-vnni" or "scalar".
+const char* q_isa_name();
+
+}  // namespace effops::qconv

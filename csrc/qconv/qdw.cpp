@@ -1,0 +1,213 @@
+// Int8 depthwise convolution (NHWC): per output pixel, each block of channels accumulates its
+// taps in int32 lanes with vpdpwssd (a 16 x 16 -> 32 bit multiply-add: the code x or x - x_zp in
+// the low int16 of a lane, the weight in the low int16 of the other operand's lane with a zero
+// high half, so the pair sum is the one exact product). Interior pixels multiply the raw codes
+// and take the zero point out through the bias (bias - x_zp * sum of the taps); border pixels,
+// whose out-of-range taps read real zeros, subtract x_zp from each code instead.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/parallel.h"
+#include "qconv/qcore.h"
+
+namespace effops::qconv {
+namespace detail {
+
+DwPrep prep_dw(const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& e) {
+  DwPrep p;
+  const int64_t T = g.KH * g.KW, C = g.C;
+  p.Cp = round_up(C, 16);
+  p.taps32.assign(static_cast<size_t>(T * p.Cp), 0);
+  p.bias.assign(static_cast<size_t>(p.Cp), 0);
+  p.bias_int.assign(static_cast<size_t>(p.Cp), 0);
+  p.mult.assign(static_cast<size_t>(p.Cp), 0.0f);
+  for (int64_t c = 0; c < C; ++c) {
+    int32_t sum = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t w = taps[t * C + c];
+      p.taps32[t * p.Cp + c] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(w)));
+      sum += w;
+    }
+    p.bias[c] = e.bias ? e.bias[c] : 0;
+    p.bias_int[c] = wadd(p.bias[c], -x_zp * sum);  // |x_zp * sum| <= 255 * 128 * T < 2^30
+    p.mult[c] = e.mult[c];
+  }
+  if (e.lut) {
+    p.lut32.resize(256);
+    for (int i = 0; i < 256; ++i) p.lut32[i] = e.lut[i];
+  }
+  return p;
+}
+
+namespace {
+
+// Channels [c0, C) of one output pixel, exactly as the reference (also the SIMD levels' tails).
+void pixel_scalar(const uint8_t* xi, const int8_t* taps, const DwGeom& g, int64_t oh, int64_t ow, int64_t c0,
+                  int32_t x_zp, const Epilogue& e, uint8_t* yp, int32_t* sums) {
+  const int64_t C = g.C;
+  for (int64_t c = c0; c < C; ++c) {
+    int32_t acc = e.bias ? e.bias[c] : 0;
+    for (int64_t kh = 0; kh < g.KH; ++kh) {
+      const int64_t ih = oh * g.sh - g.pt + kh;
+      if (ih < 0 || ih >= g.H) continue;
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        const int64_t iw = ow * g.sw - g.pl + kw;
+        if (iw < 0 || iw >= g.W) continue;
+        acc = wadd(acc, (static_cast<int32_t>(xi[(ih * g.W + iw) * C + c]) - x_zp) * taps[(kh * g.KW + kw) * C + c]);
+      }
+    }
+    yp[c] = finish(acc, e.mult[c], 0, e);
+    if (sums) sums[c] += yp[c];
+  }
+}
+
+void rows_scalar(const uint8_t* xi, const int8_t* taps, const DwGeom& g, int64_t oh0, int64_t oh1, int32_t x_zp,
+                 const Epilogue& e, uint8_t* y, int32_t* sums) {
+  for (int64_t oh = oh0; oh < oh1; ++oh)
+    for (int64_t ow = 0; ow < g.Wo; ++ow)
+      pixel_scalar(xi, taps, g, oh, ow, 0, x_zp, e, y + ((oh - oh0) * g.Wo + ow) * g.C, sums);
+}
+
+#if EFFOPS_X86
+QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t oh0, int64_t oh1, int32_t x_zp,
+                    const Epilogue& e, uint8_t* y, int32_t* sums) {
+  const int64_t C = g.C, Cp = p.Cp;
+  const __m512i zp = _mm512_set1_epi32(x_zp), ozp = _mm512_set1_epi32(e.zp);
+  const __m512i qmin = _mm512_set1_epi32(e.qmin), qmax = _mm512_set1_epi32(e.qmax);
+  const __m512 lo = _mm512_set1_ps(-kClamp), hi = _mm512_set1_ps(kClamp);
+  const bool lut = e.lut != nullptr;
+  const Lut512 L = lut ? lut512_load(e.lut) : Lut512{};
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const int64_t ih0 = oh * g.sh - g.pt;
+    const int64_t kh0 = std::max<int64_t>(0, -ih0), kh1 = std::min<int64_t>(g.KH, g.H - ih0);
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      const int64_t iw0 = ow * g.sw - g.pl;
+      const int64_t kw0 = std::max<int64_t>(0, -iw0), kw1 = std::min<int64_t>(g.KW, g.W - iw0);
+      const bool interior = kh0 == 0 && kh1 == g.KH && kw0 == 0 && kw1 == g.KW;
+      uint8_t* yp = y + ((oh - oh0) * g.Wo + ow) * C;
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const __mmask16 m = C - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c0)) - 1);
+        __m512i acc = _mm512_loadu_si512(interior ? &p.bias_int[c0] : &p.bias[c0]);
+        for (int64_t kh = kh0; kh < kh1; ++kh) {
+          const uint8_t* xr = xi + ((ih0 + kh) * g.W + iw0) * C + c0;
+          const int32_t* wr = &p.taps32[(kh * g.KW) * Cp + c0];
+          for (int64_t kw = kw0; kw < kw1; ++kw) {
+            __m512i xv = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, xr + kw * C));
+            if (!interior) xv = _mm512_sub_epi32(xv, zp);
+            acc = _mm512_dpwssd_epi32(acc, xv, _mm512_loadu_si512(wr + kw * Cp));
+          }
+        }
+        __m512 v = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(acc, kRne), _mm512_loadu_ps(&p.mult[c0]));
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        __m512i q = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, kRne), ozp);
+        q = _mm512_min_epi32(_mm512_max_epi32(q, qmin), qmax);
+        __m128i b = _mm512_cvtepi32_epi8(q);
+        if (lut) b = lut512_apply(L, b);
+        _mm_mask_storeu_epi8(yp + c0, m, b);
+        if (sums) {
+          __m512i s = _mm512_maskz_loadu_epi32(m, sums + c0);
+          _mm512_mask_storeu_epi32(sums + c0, m, _mm512_add_epi32(s, _mm512_cvtepu8_epi32(b)));
+        }
+      }
+    }
+  }
+}
+
+QT256 void rows_256(const uint8_t* xi, const int8_t* taps, const DwPrep& p, const DwGeom& g, int64_t oh0,
+                    int64_t oh1, int32_t x_zp, const Epilogue& e, uint8_t* y, int32_t* sums) {
+  const int64_t C = g.C, Cp = p.Cp, C8 = C / 8 * 8;
+  const __m256i zp = _mm256_set1_epi32(x_zp), ozp = _mm256_set1_epi32(e.zp);
+  const __m256i qmin = _mm256_set1_epi32(e.qmin), qmax = _mm256_set1_epi32(e.qmax);
+  const __m256 lo = _mm256_set1_ps(-kClamp), hi = _mm256_set1_ps(kClamp);
+  const bool lut = !p.lut32.empty();
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const int64_t ih0 = oh * g.sh - g.pt;
+    const int64_t kh0 = std::max<int64_t>(0, -ih0), kh1 = std::min<int64_t>(g.KH, g.H - ih0);
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      const int64_t iw0 = ow * g.sw - g.pl;
+      const int64_t kw0 = std::max<int64_t>(0, -iw0), kw1 = std::min<int64_t>(g.KW, g.W - iw0);
+      const bool interior = kh0 == 0 && kh1 == g.KH && kw0 == 0 && kw1 == g.KW;
+      uint8_t* yp = y + ((oh - oh0) * g.Wo + ow) * C;
+      for (int64_t c0 = 0; c0 < C8; c0 += 8) {
+        __m256i acc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(interior ? &p.bias_int[c0] : &p.bias[c0]));
+        for (int64_t kh = kh0; kh < kh1; ++kh) {
+          const uint8_t* xr = xi + ((ih0 + kh) * g.W + iw0) * C + c0;
+          const int32_t* wr = &p.taps32[(kh * g.KW) * Cp + c0];
+          for (int64_t kw = kw0; kw < kw1; ++kw) {
+            __m256i xv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(xr + kw * C)));
+            if (!interior) xv = _mm256_sub_epi32(xv, zp);
+            acc = _mm256_dpwssd_avx_epi32(acc, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + kw * Cp)));
+          }
+        }
+        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(&p.mult[c0]));
+        v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+        __m256i q = _mm256_cvtps_epi32(_mm256_round_ps(v, kRne));
+        q = _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(q, ozp), qmin), qmax);
+        if (lut) q = _mm256_i32gather_epi32(p.lut32.data(), q, 4);
+        const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(yp + c0), _mm_packus_epi16(w16, w16));
+        if (sums) {
+          __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + c0));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + c0), _mm256_add_epi32(s, q));
+        }
+      }
+      if (C8 < C) pixel_scalar(xi, taps, g, oh, ow, C8, x_zp, e, yp, sums);
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+void dw_rows(int lvl, const uint8_t* xi, const int8_t* taps, const DwPrep& p, const DwGeom& g, int64_t oh0,
+             int64_t oh1, int32_t x_zp, const Epilogue& e, uint8_t* y, int32_t* sums) {
+#if EFFOPS_X86
+  if (lvl == 2) return rows_512(xi, p, g, oh0, oh1, x_zp, e, y, sums);
+  if (lvl == 1) return rows_256(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums);
+#endif
+  rows_scalar(xi, taps, g, oh0, oh1, x_zp, e, y, sums);
+}
+
+}  // namespace detail
+
+int level() {
+#if EFFOPS_X86
+  const Isa i = ::effops::isa();
+  // the AVX-512 level also uses VBMI (vpermi2b) for the activation tables
+  static const bool vbmi = [] { __builtin_cpu_init(); return __builtin_cpu_supports("avx512vbmi") != 0; }();
+  if (i >= kV4 && cpu_has_avx512vnni() && vbmi) return 2;
+  if (i >= kV3 && cpu_has_avxvnni()) return 1;
+#endif
+  return 0;
+}
+
+const char* level_name(int lvl) { return lvl == 2 ? "avx512-vnni" : (lvl == 1 ? "avx-vnni" : "scalar"); }
+
+void q_dw(const uint8_t* x, const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& e, uint8_t* y,
+          int32_t* sums, int threads) {
+  using namespace detail;
+  const int lvl = level();
+  const DwPrep p = prep_dw(taps, g, x_zp, e);
+  // Tasks: blocks of output rows of one image, ~8 per thread; per-task channel sums, added after
+  // (integer sums: the order does not matter).
+  const int64_t want = std::max<int64_t>(1, 8 * static_cast<int64_t>(threads) / std::max<int64_t>(1, g.N));
+  const int64_t rb = std::max<int64_t>(1, (g.Ho + want - 1) / want);
+  const int64_t blocks = (g.Ho + rb - 1) / rb;
+  std::vector<int32_t> part(sums ? static_cast<size_t>(g.N * blocks * p.Cp) : 0, 0);
+  parallel_for(g.N * blocks, threads, [&](int64_t t, int) {
+    const int64_t n = t / blocks, oh0 = (t % blocks) * rb, oh1 = std::min(g.Ho, oh0 + rb);
+    dw_rows(lvl, x + n * g.H * g.W * g.C, taps, p, g, oh0, oh1, x_zp, e, y + (n * g.Ho + oh0) * g.Wo * g.C,
+            sums ? &part[t * p.Cp] : nullptr);
+  });
+  if (sums) {
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t c = 0; c < g.C; ++c) {
+        int32_t s = 0;
+        for (int64_t b = 0; b < blocks; ++b) s += part[(n * blocks + b) * p.Cp + c];
+        sums[n * g.C + c] = s;
+      }
+  }
+}
+
+}  // namespace effops::qconv

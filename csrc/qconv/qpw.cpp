@@ -1,0 +1,316 @@
+// Int8 pointwise convolution as a GEMM (uint8 activations x int8 weights -> int32) with the
+// requantising epilogue, and the fused depthwise-separable driver.
+//
+// VNNI tile: vpdpbusd adds, in each int32 lane, the four products of 4 unsigned bytes of A
+// (4 consecutive input channels of one pixel, broadcast to every lane) with 4 signed bytes of B
+// (the same 4 input channels of the lane's output channel). B is packed per panel of NR output
+// channels as [K/4][NR][4]. The zero point of A goes into the bias once per call:
+// sum (a - zp) w = sum a w - zp sum w. AVX-512: 6 rows x 64 output channels (24 zmm
+// accumulators); AVX-VNNI: 6 rows x 16 (12 ymm).
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/parallel.h"
+#include "qconv/qcore.h"
+
+namespace effops::qconv {
+namespace detail {
+
+PwPrep prep_pw(int lvl, const int8_t* w, int64_t K, int64_t Co, int32_t x_zp, const Epilogue& e) {
+  PwPrep p;
+  p.lvl = lvl, p.K = K, p.Co = Co;
+  p.NR = lvl == 2 ? 64 : 16;
+  p.K4 = round_up(K, 4);
+  p.panels = (Co + p.NR - 1) / p.NR;
+  const int64_t Cop = p.panels * p.NR;
+  p.bias.assign(static_cast<size_t>(Cop), 0);
+  p.mult.assign(static_cast<size_t>(Cop), 0.0f);
+  for (int64_t co = 0; co < Co; ++co) {
+    int32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) s += w[co * K + k];
+    p.bias[co] = wadd(e.bias ? e.bias[co] : 0, -x_zp * s);  // |x_zp * s| < 2^30 (K is bounded)
+    p.mult[co] = e.mult[co];
+  }
+  if (lvl > 0) {
+    p.packed.assign(static_cast<size_t>(p.panels * p.K4 * p.NR), 0);
+    const int64_t kfull = K / 4;
+    for (int64_t co = 0; co < Co; ++co) {  // 4 bytes (one lane's k-quad) at a time
+      const int64_t panel = co / p.NR, j = co % p.NR;
+      int8_t* dst = p.packed.data() + panel * p.K4 * p.NR + j * 4;
+      const int8_t* src = w + co * K;
+      for (int64_t kq = 0; kq < kfull; ++kq) std::memcpy(dst + kq * p.NR * 4, src + kq * 4, 4);
+      if (K & 3) std::memcpy(dst + kfull * p.NR * 4, src + kfull * 4, static_cast<size_t>(K & 3));
+    }
+  }
+  if (e.lut) {
+    p.lut32.resize(256);
+    for (int i = 0; i < 256; ++i) p.lut32[i] = e.lut[i];
+  }
+  return p;
+}
+
+namespace {
+
+inline int32_t load4(const uint8_t* a) {
+  int32_t v;
+  std::memcpy(&v, a, 4);
+  return v;
+}
+inline int32_t load_tail(const uint8_t* a, int64_t n) {  // n < 4 bytes, the rest zero
+  int32_t v = 0;
+  std::memcpy(&v, a, static_cast<size_t>(n));
+  return v;
+}
+
+void gemm_scalar(const PwPrep& p, const int8_t* w, const uint8_t* a, int64_t lda, int64_t M, const Epilogue& e,
+                 const Residual& res, const uint8_t* rr, uint8_t* out) {
+  const int64_t K = p.K, Co = p.Co;
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* ar = a + m * lda;
+    for (int64_t co = 0; co < Co; ++co) {
+      const int8_t* wr = w + co * K;
+      int32_t s = 0;  // < 2^30: exact
+      for (int64_t k = 0; k < K; ++k) s += static_cast<int32_t>(ar[k]) * wr[k];
+      const int32_t extra = rr ? residual_term(res, rr[m * Co + co]) : 0;
+      out[m * Co + co] = finish(wadd(p.bias[co], s), p.mult[co], extra, e);
+    }
+  }
+}
+
+#if EFFOPS_X86
+template <int MR, int NJ>
+QT512 void tile_512(const PwPrep& p, int64_t panel, const uint8_t* a, int64_t lda, const Epilogue& e,
+                    const Residual& res, const uint8_t* rr, uint8_t* out) {
+  const int64_t K = p.K, Co = p.Co, kfull = K / 4;
+  const int8_t* bp = p.packed.data() + panel * p.K4 * 64;
+  const int64_t c0 = panel * 64;
+  __m512i acc[MR][NJ];
+  for (int j = 0; j < NJ; ++j) {
+    const __m512i b = _mm512_loadu_si512(&p.bias[c0 + j * 16]);
+    for (int i = 0; i < MR; ++i) acc[i][j] = b;
+  }
+  for (int64_t kq = 0; kq < kfull; ++kq) {
+    __m512i b[NJ];
+    for (int j = 0; j < NJ; ++j) b[j] = _mm512_loadu_si512(bp + kq * 256 + j * 64);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i av = _mm512_set1_epi32(load4(a + i * lda + 4 * kq));
+      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, b[j]);
+    }
+  }
+  if (K & 3) {
+    __m512i b[NJ];
+    for (int j = 0; j < NJ; ++j) b[j] = _mm512_loadu_si512(bp + kfull * 256 + j * 64);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i av = _mm512_set1_epi32(load_tail(a + i * lda + 4 * kfull, K & 3));
+      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, b[j]);
+    }
+  }
+  const __m512i ozp = _mm512_set1_epi32(e.zp), qmin = _mm512_set1_epi32(e.qmin), qmax = _mm512_set1_epi32(e.qmax);
+  const __m512 lo = _mm512_set1_ps(-kClamp), hi = _mm512_set1_ps(kClamp);
+  const __m512i rzp = _mm512_set1_epi32(res.zp);
+  const __m512 rm = _mm512_set1_ps(res.mult);
+  const Lut512 L = e.lut ? lut512_load(e.lut) : Lut512{};
+  for (int j = 0; j < NJ; ++j) {
+    const int64_t co = c0 + j * 16;
+    if (co >= Co) break;
+    const __mmask16 m = Co - co >= 16 ? __mmask16(0xffff) : __mmask16((1u << (Co - co)) - 1);
+    const __m512 mult = _mm512_loadu_ps(&p.mult[co]);
+    for (int i = 0; i < MR; ++i) {
+      __m512 v = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(acc[i][j], kRne), mult);
+      v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+      __m512i q = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, kRne), ozp);
+      if (rr) {
+        const __m512i r = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, rr + i * Co + co)), rzp);
+        __m512 rv = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(r, kRne), rm);
+        rv = _mm512_min_ps(_mm512_max_ps(rv, lo), hi);
+        q = _mm512_add_epi32(q, _mm512_cvt_roundps_epi32(rv, kRne));
+      }
+      q = _mm512_min_epi32(_mm512_max_epi32(q, qmin), qmax);
+      __m128i b = _mm512_cvtepi32_epi8(q);
+      if (e.lut) b = lut512_apply(L, b);
+      _mm_mask_storeu_epi8(out + i * Co + co, m, b);
+    }
+  }
+}
+
+template <int MR, int NJ>
+QT256 void tile_256(const PwPrep& p, int64_t panel, const uint8_t* a, int64_t lda, const Epilogue& e,
+                    const Residual& res, const uint8_t* rr, uint8_t* out) {
+  const int64_t K = p.K, Co = p.Co, kfull = K / 4;
+  const int8_t* bp = p.packed.data() + panel * p.K4 * 16;
+  const int64_t c0 = panel * 16;
+  __m256i acc[MR][NJ];
+  for (int j = 0; j < NJ; ++j) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&p.bias[c0 + j * 8]));
+    for (int i = 0; i < MR; ++i) acc[i][j] = b;
+  }
+  for (int64_t kq = 0; kq <= kfull; ++kq) {
+    if (kq == kfull && !(K & 3)) break;
+    __m256i b[NJ];
+    for (int j = 0; j < NJ; ++j) b[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + kq * 64 + j * 32));
+    for (int i = 0; i < MR; ++i) {
+      const uint8_t* ap = a + i * lda + 4 * kq;
+      const __m256i av = _mm256_set1_epi32(kq < kfull ? load4(ap) : load_tail(ap, K & 3));
+      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm256_dpbusd_avx_epi32(acc[i][j], av, b[j]);
+    }
+  }
+  const __m256i ozp = _mm256_set1_epi32(e.zp), qmin = _mm256_set1_epi32(e.qmin), qmax = _mm256_set1_epi32(e.qmax);
+  const __m256 lo = _mm256_set1_ps(-kClamp), hi = _mm256_set1_ps(kClamp);
+  const __m256i rzp = _mm256_set1_epi32(res.zp);
+  const __m256 rm = _mm256_set1_ps(res.mult);
+  for (int j = 0; j < NJ; ++j) {
+    const int64_t co = c0 + j * 8;
+    if (co >= Co) break;
+    const __m256 mult = _mm256_loadu_ps(&p.mult[co]);
+    for (int i = 0; i < MR; ++i) {
+      if (Co - co < 8) {  // the last few output channels: the scalar epilogue on the accumulators
+        alignas(32) int32_t t[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc[i][j]);
+        for (int64_t l = 0; l < Co - co; ++l) {
+          const int32_t extra = rr ? residual_term(res, rr[i * Co + co + l]) : 0;
+          out[i * Co + co + l] = finish(t[l], p.mult[co + l], extra, e);
+        }
+        continue;
+      }
+      __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][j]), mult), lo), hi);
+      __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_round_ps(v, kRne)), ozp);
+      if (rr) {
+        const __m256i r = _mm256_sub_epi32(
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rr + i * Co + co))), rzp);
+        __m256 rv = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(r), rm), lo), hi);
+        q = _mm256_add_epi32(q, _mm256_cvtps_epi32(_mm256_round_ps(rv, kRne)));
+      }
+      q = _mm256_min_epi32(_mm256_max_epi32(q, qmin), qmax);
+      if (!p.lut32.empty()) q = _mm256_i32gather_epi32(p.lut32.data(), q, 4);
+      const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i * Co + co), _mm_packus_epi16(w16, w16));
+    }
+  }
+}
+
+using TileFn = void (*)(const PwPrep&, int64_t, const uint8_t*, int64_t, const Epilogue&, const Residual&,
+                        const uint8_t*, uint8_t*);
+#define QROW512(R) {&tile_512<R, 1>, &tile_512<R, 2>, &tile_512<R, 3>, &tile_512<R, 4>}
+const TileFn kTiles512[6][4] = {QROW512(1), QROW512(2), QROW512(3), QROW512(4), QROW512(5), QROW512(6)};
+#define QROW256(R) {&tile_256<R, 1>, &tile_256<R, 2>}
+const TileFn kTiles256[6][2] = {QROW256(1), QROW256(2), QROW256(3), QROW256(4), QROW256(5), QROW256(6)};
+#undef QROW512
+#undef QROW256
+#endif
+
+}  // namespace
+
+void gemm_rows(const PwPrep& p, const int8_t* raw, const uint8_t* a, int64_t lda, int64_t M, int32_t,
+               const Epilogue& e, const Residual& res, const uint8_t* rr, uint8_t* out) {
+#if EFFOPS_X86
+  if (p.lvl > 0) {
+    constexpr int MR = 6;
+    const int64_t lanes = p.lvl == 2 ? 16 : 8;
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
+      for (int64_t panel = 0; panel < p.panels; ++panel) {
+        const int64_t left = p.Co - panel * p.NR;
+        const int nj = static_cast<int>(std::min<int64_t>(p.NR / lanes, (left + lanes - 1) / lanes));
+        const TileFn fn = p.lvl == 2 ? kTiles512[mr - 1][nj - 1] : kTiles256[mr - 1][nj - 1];
+        fn(p, panel, a + m0 * lda, lda, e, res, rr ? rr + m0 * p.Co : nullptr, out + m0 * p.Co);
+      }
+    }
+    return;
+  }
+#endif
+  gemm_scalar(p, raw, a, lda, M, e, res, rr, out);
+}
+
+namespace {
+
+// SE gates on the codes of rows [m0, m0 + rows): a = clamp(rne(float(x - zp) * g) + zp, 0, 255).
+void gate_rows(int lvl, const uint8_t* x, int64_t m0, int64_t rows, int64_t HW, int64_t C, int32_t zp,
+               const float* gate, uint8_t* a);
+
+#if EFFOPS_X86
+QT512 void gate_rows_512(const uint8_t* x, int64_t m0, int64_t rows, int64_t HW, int64_t C, int32_t zp,
+                         const float* gate, uint8_t* a) {
+  const __m512i zv = _mm512_set1_epi32(zp), z = _mm512_setzero_si512(), top = _mm512_set1_epi32(255);
+  const __m512 lo = _mm512_set1_ps(-kClamp), hi = _mm512_set1_ps(kClamp);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    const float* g = gate + (m / HW) * C;
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 k = C - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c)) - 1);
+      const __m512i d = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, x + m * C + c)), zv);
+      __m512 v = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(d, kRne), _mm512_maskz_loadu_ps(k, g + c));
+      v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+      __m512i q = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, kRne), zv);
+      q = _mm512_min_epi32(_mm512_max_epi32(q, z), top);
+      _mm_mask_storeu_epi8(a + r * C + c, k, _mm512_cvtepi32_epi8(q));
+    }
+  }
+}
+#endif
+
+void gate_rows(int lvl, const uint8_t* x, int64_t m0, int64_t rows, int64_t HW, int64_t C, int32_t zp,
+               const float* gate, uint8_t* a) {
+#if EFFOPS_X86
+  if (lvl == 2) return gate_rows_512(x, m0, rows, HW, C, zp, gate, a);
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    const float* g = gate + (m / HW) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      int32_t q = round_scaled(static_cast<int32_t>(x[m * C + c]) - zp, g[c]) + zp;
+      a[r * C + c] = static_cast<uint8_t>(q < 0 ? 0 : (q > 255 ? 255 : q));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace detail
+
+void q_pw(const uint8_t* x, const int8_t* w, int64_t N, int64_t HW, int64_t C, int64_t Co, int32_t x_zp,
+          const float* gate, const Epilogue& e, const Residual& res, uint8_t* out, int threads) {
+  using namespace detail;
+  const int lvl = level();
+  const PwPrep p = prep_pw(lvl, w, C, Co, x_zp, e);
+  const int64_t M = N * HW;
+  const int64_t rb = round_up(std::clamp<int64_t>((M + 4 * threads - 1) / (4 * threads), 6, 192), 6);
+  const int64_t tasks = (M + rb - 1) / rb;
+  std::vector<std::vector<uint8_t>> scratch(static_cast<size_t>(max_workers(tasks, threads)));
+  parallel_for(tasks, threads, [&](int64_t t, int worker) {
+    const int64_t m0 = t * rb, rows = std::min(rb, M - m0);
+    const uint8_t* a = x + m0 * C;
+    if (gate) {
+      std::vector<uint8_t>& s = scratch[static_cast<size_t>(worker)];
+      s.resize(static_cast<size_t>(rb * C));
+      gate_rows(lvl, x, m0, rows, HW, C, x_zp, gate, s.data());
+      a = s.data();
+    }
+    gemm_rows(p, w, a, C, rows, x_zp, e, res, res.r ? res.r + m0 * Co : nullptr, out + m0 * Co);
+  });
+}
+
+void q_dwsep(const uint8_t* x, const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& mid,
+             int32_t mid_zp, const int8_t* pw, int64_t Co, const Epilogue& e, const Residual& res, uint8_t* out, int threads) {
+  using namespace detail;
+  const int lvl = level();
+  const DwPrep dp = prep_dw(taps, g, x_zp, mid);
+  const PwPrep pp = prep_pw(lvl, pw, g.C, Co, mid_zp, e);
+  // Blocks of output rows whose depthwise result (uint8) stays in L2: <= 64 KiB, >= 4 tasks per thread.
+  const int64_t row_bytes = std::max<int64_t>(1, g.Wo * g.C);
+  int64_t rb = std::clamp<int64_t>(65536 / row_bytes, 1, g.Ho);
+  const int64_t want = 4 * static_cast<int64_t>(threads);
+  if (g.N * ((g.Ho + rb - 1) / rb) < want) rb = std::max<int64_t>(1, g.N * g.Ho / want);
+  const int64_t blocks = (g.Ho + rb - 1) / rb;
+  std::vector<std::vector<uint8_t>> scratch(static_cast<size_t>(max_workers(g.N * blocks, threads)));
+  parallel_for(g.N * blocks, threads, [&](int64_t t, int worker) {
+    const int64_t n = t / blocks, oh0 = (t % blocks) * rb, oh1 = std::min(g.Ho, oh0 + rb);
+    std::vector<uint8_t>& s = scratch[static_cast<size_t>(worker)];
+    s.resize(static_cast<size_t>(rb * row_bytes));
+    dw_rows(lvl, x + n * g.H * g.W * g.C, taps, dp, g, oh0, oh1, x_zp, mid, s.data(), nullptr);
+    const int64_t m0 = (n * g.Ho + oh0) * g.Wo;
+    gemm_rows(pp, pw, s.data(), g.C, (oh1 - oh0) * g.Wo, mid_zp, e, res, res.r ? res.r + m0 * Co : nullptr,
+              out + m0 * Co);
+  });
+}
+
+}  // namespace effops::qconv

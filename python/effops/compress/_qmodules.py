@@ -1,0 +1,177 @@
+"""The int8 modules ``effops.compress.quantize`` puts in place of fused float blocks.
+
+Every number a module needs is a buffer (weights int8, biases int32, multipliers float32,
+activation tables uint8, and the scales / zero points / clamp bounds), so ``state_dict`` /
+``load_state_dict`` round-trip a quantized model. The kernels take zero points and clamp
+bounds as Python ints: those are read from the buffers once, at construction and after every
+``load_state_dict`` (never per call), which keeps ``forward`` free of host reads under
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..nn._parts import se_gate_of
+from ..ops.dwsep import conv_geometry
+
+
+def quantize_tensor(x: Tensor, scale: float, zp: int) -> Tensor:
+    """uint8 codes clamp(round_half_even(x / scale) + zp, 0, 255) (the memory format is kept)."""
+    return torch.clamp(torch.round(x / scale) + zp, 0, 255).to(torch.uint8)
+
+
+def dequantize_tensor(q: Tensor, scale: float, zp: int) -> Tensor:
+    """float32 scale * (q - zp)."""
+    return (q.to(torch.float32) - zp) * scale
+
+
+@dataclass
+class QStage:
+    """One int8 conv stage: codes, int32 bias, float32 multipliers, optional activation table;
+    the epilogue's zero point and clamp (zp is the pre-activation's when lut is set), and the
+    scale / zero point of the codes it writes."""
+
+    weight: Tensor
+    bias: Tensor
+    mult: Tensor
+    lut: Optional[Tensor]
+    zp: int
+    qmin: int
+    qmax: int
+    scale: float
+    ozp: int
+
+
+class _QBlock(nn.Module):
+    _stages: Tuple[str, ...] = ()
+
+    def _init(self, in_scale: float, in_zp: int, stages, stride, padding) -> None:
+        self.register_buffer("in_scale", torch.tensor(float(in_scale), dtype=torch.float64))
+        self.register_buffer("in_zp", torch.tensor(int(in_zp), dtype=torch.int64))
+        self.register_buffer("chain_out", torch.tensor(False))
+        names = []
+        for name, st in stages:
+            if st is None:
+                continue
+            names.append(name)
+            self.register_buffer(f"{name}_weight", st.weight.clone())
+            self.register_buffer(f"{name}_bias", st.bias.clone())
+            self.register_buffer(f"{name}_mult", st.mult.clone())
+            self.register_buffer(f"{name}_lut", None if st.lut is None else st.lut.clone())
+            self.register_buffer(f"{name}_cfg", torch.tensor([st.zp, st.qmin, st.qmax, st.ozp], dtype=torch.int64))
+            self.register_buffer(f"{name}_scale", torch.tensor(float(st.scale), dtype=torch.float64))
+        self._stages = tuple(names)
+        self.stride = tuple(int(s) for s in stride)
+        self.padding = padding
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._in = (float(self.in_scale), int(self.in_zp))
+        self._chain = bool(self.chain_out)
+        self._cfg = {n: tuple(int(v) for v in getattr(self, f"{n}_cfg").tolist()) + (float(getattr(self, f"{n}_scale")),)
+                     for n in self._stages}
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh()
+
+    def in_qparams(self) -> Tuple[float, int]:
+        return self._in
+
+    def out_qparams(self) -> Tuple[float, int]:
+        c = self._cfg["project"]
+        return c[4], c[3]
+
+    def set_chain_out(self, on: bool) -> None:
+        """Return uint8 codes (at out_qparams) instead of float: for a next block whose input
+        parameters are these."""
+        self.chain_out.fill_(bool(on))
+        self._refresh()
+
+    def _codes_in(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:
+            return x
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{type(self).__name__}: x must be a float tensor or the uint8 codes of the previous "
+                            f"block, got {x.dtype}")
+        return quantize_tensor(x, *self._in)
+
+    def _out(self, q: Tensor) -> Tensor:
+        if self._chain:
+            return q
+        scale, zp = self.out_qparams()
+        return dequantize_tensor(q, scale, zp)
+
+    def _geometry(self, x: Tensor) -> Tuple[list, list]:
+        g = conv_geometry(type(self).__name__, x.shape[2:], self.dw_weight.shape[2:], self.stride, self.padding, 1)
+        return list(g.stride), list(g.pad)
+
+    def _dwsep(self, h: Tensor, h_zp: int, residual: Optional[Tensor]) -> Tensor:
+        stride, pad = self._geometry(h)
+        d, p = self._cfg["dw"], self._cfg["project"]
+        res_mult = self._in[0] / p[4]
+        return torch.ops.effops.q_dwsep_conv(
+            h, self.dw_weight, self.dw_bias, self.dw_mult, self.dw_lut, self.project_weight, self.project_bias,
+            self.project_mult, self.project_lut, residual, stride, pad, h_zp, d[0], d[1], d[2], d[3], p[0], p[1],
+            p[2], self._in[1], res_mult)
+
+    def extra_repr(self) -> str:
+        w = self.dw_weight
+        return (f"channels={w.shape[0]}, out_channels={self.project_weight.shape[0]}, kernel_size={w.shape[2]}, "
+                f"stride={self.stride[0]}, in=(scale={self._in[0]:.4g}, zp={self._in[1]}), "
+                f"out=(scale={self.out_qparams()[0]:.4g}, zp={self.out_qparams()[1]}), chain_out={self._chain}")
+
+
+class QMBConv(_QBlock):
+    """Int8 inverted residual: [expand 1x1 + act] -> depthwise + act -> [SE, float32] -> project
+    1x1 [+ input], on the qconv kernels. Without SE the depthwise and the projection are one
+    fused ``q_dwsep_conv``; with SE ``q_dw_conv_act`` gives the channel sums for the pool and
+    ``q_pw_conv`` applies the gates to its input codes."""
+
+    def __init__(self, in_scale: float, in_zp: int, expand: Optional[QStage], dw: QStage, se: Optional[nn.Module],
+                 project: QStage, skip: bool, stride, padding):
+        super().__init__()
+        self.se = se
+        self.skip = bool(skip)
+        self._init(in_scale, in_zp, (("expand", expand), ("dw", dw), ("project", project)), stride, padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xq = self._codes_in(x)
+        h, h_zp = xq, self._in[1]
+        if "expand" in self._cfg:
+            e = self._cfg["expand"]
+            h = torch.ops.effops.q_pw_conv(h, self.expand_weight, self.expand_bias, self.expand_mult, self.expand_lut,
+                                           None, None, h_zp, e[0], e[1], e[2], 0, 1.0)
+            h_zp = e[3]
+        residual = xq if self.skip else None
+        if self.se is None:
+            return self._out(self._dwsep(h, h_zp, residual))
+        stride, pad = self._geometry(h)
+        d, p = self._cfg["dw"], self._cfg["project"]
+        y, sums = torch.ops.effops.q_dw_conv_act(h, self.dw_weight, self.dw_bias, self.dw_mult, self.dw_lut, stride,
+                                                 pad, h_zp, d[0], d[1], d[2])
+        means = (sums.to(torch.float32) / float(y.shape[2] * y.shape[3]) - d[3]) * d[4]
+        gates = se_gate_of(self.se)(means[:, :, None, None])[:, :, 0, 0].to(torch.float32).contiguous()
+        out = torch.ops.effops.q_pw_conv(y, self.project_weight, self.project_bias, self.project_mult, self.project_lut, gates,
+                                         residual, d[3], p[0], p[1], p[2], self._in[1], self._in[0] / p[4])
+        return self._out(out)
+
+
+class QDWSeparableConv2d(_QBlock):
+    """Int8 ``DWSeparableConv2d``: depthwise + act -> pointwise + pw_act, one fused kernel."""
+
+    def __init__(self, in_scale: float, in_zp: int, dw: QStage, project: QStage, stride, padding):
+        super().__init__()
+        self._init(in_scale, in_zp, (("dw", dw), ("project", project)), stride, padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._out(self._dwsep(self._codes_in(x), self._in[1], None))
+
+
+__all__ = ["QStage", "QMBConv", "QDWSeparableConv2d", "quantize_tensor", "dequantize_tensor"]

@@ -1,0 +1,365 @@
+"""Int8 fused convolutions (effops.ops.qconv): every backend gives the reference's integers bit for
+bit, on adversarial inputs (saturation, zero points 0/128/255, ties of round-half-even, int32
+wrap-around of the bias, odd channel counts and spatial sizes, stride 2, TF-same and symmetric
+padding), at every CPU ISA level this machine runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import effops
+from effops import _backend
+from effops.ops import qconv as Q
+from effops.ops.dwsep import conv_geometry
+
+LEVELS = [lvl for lvl in effops._backend.ISA_LEVELS
+          if effops._backend.ISA_LEVELS.index(lvl) <= effops._backend.ISA_LEVELS.index(effops._backend.detected_isa())]
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _mult(g, C, kind):
+    if kind == "tie":  # products k * 0.5 / 0.25: exact ties, round half to even decides
+        return torch.tensor([0.5, 0.25] * C, dtype=torch.float32)[:C]
+    if kind == "saturate":
+        return torch.full((C,), 3.0, dtype=torch.float32)
+    if kind == "small":
+        return torch.full((C,), 0.004, dtype=torch.float32)
+    if kind == "wrap":  # with a bias near the int32 limits: |acc| ~ 2**31 lands inside the code range
+        return (10 ** (torch.rand(C, generator=g) * 1.5 - 9.5)).to(torch.float32)
+    return (10 ** (torch.rand(C, generator=g) * 3 - 4.5)).to(torch.float32)
+
+
+def _bias(g, C, kind):
+    if kind == "none":
+        return None
+    if kind == "wrap":  # near the int32 limits: the sum wraps around
+        return torch.randint(2 ** 31 - 2 ** 20, 2 ** 31 - 1, (C,), generator=g, dtype=torch.int64).to(torch.int32)
+    return torch.randint(-2 ** 16, 2 ** 16, (C,), generator=g, dtype=torch.int32)
+
+
+def _codes(g, shape, x_zp, kind="uniform"):
+    if kind == "const":
+        return torch.full(shape, x_zp, dtype=torch.uint8)
+    if kind == "extreme":
+        return (torch.randint(0, 2, shape, generator=g) * 255).to(torch.uint8)
+    return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+
+
+def _lut(g, kind):
+    return torch.randint(0, 256, (256,), generator=g, dtype=torch.uint8) if kind == "lut" else None
+
+
+DW_CASES = [
+    # N, C, H, W, k, stride, padding, x_zp, out_zp, mult, bias, act(kind), codes
+    (2, 1, 7, 5, 3, 1, "same", 0, 0, "rand", "int", "clamp", "uniform"),
+    (1, 3, 9, 9, 5, 2, "same", 128, 3, "tie", "int", "none", "uniform"),
+    (2, 7, 6, 11, 3, 2, 1, 255, 255, "wrap", "wrap", "lut", "extreme"),
+    (1, 65, 5, 7, 3, 1, 1, 17, 128, "saturate", "int", "none", "extreme"),
+    (1, 16, 4, 4, 5, 1, "same", 128, 128, "rand", "none", "lut", "const"),
+    (2, 40, 13, 13, 5, 2, "same", 3, 7, "rand", "int", "clamp", "uniform"),
+    (1, 96, 8, 8, 3, 1, "same", 200, 90, "rand", "int", "lut", "uniform"),
+    (1, 17, 1, 1, 1, 1, 0, 9, 100, "wrap", "wrap", "none", "uniform"),
+]
+
+
+def _dw_case(seed, N, C, H, W, k, stride, padding, x_zp, out_zp, mult, bias, act, codes):
+    g = _g(seed)
+    x = _codes(g, (N, C, H, W), x_zp, codes)
+    if seed % 2:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-128, 128, (C, 1, k, k), generator=g, dtype=torch.int8)
+    kw = dict(mult=_mult(g, C, mult), x_zp=x_zp, out_zp=out_zp, lut=_lut(g, act), stride=stride, padding=padding)
+    if act == "clamp":
+        kw.update(qmin=out_zp // 2, qmax=min(255, out_zp + 60))
+    return x, w, _bias(g, C, bias), kw
+
+
+def _run(backend, fn, *args, **kw):
+    with _backend.use_backend(backend):
+        return fn(*args, **kw)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("case", range(len(DW_CASES)))
+def test_q_dw_conv_act_bit_exact(case, level):
+    x, w, b, kw = _dw_case(case, *DW_CASES[case])
+    ref_y, ref_s = _run("reference", Q.q_dw_conv_act, x, w, b, **kw)
+    with effops.use_isa(level):
+        y, s = _run("cpu", Q.q_dw_conv_act, x, w, b, **kw)
+    assert y.dtype == torch.uint8 and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, ref_y)
+    assert torch.equal(s, ref_s)
+    assert ref_y.float().std() > 0 or DW_CASES[case][-1] == "const" or DW_CASES[case][9] == "saturate"
+
+
+PW_CASES = [
+    # N, C, Co, H, W, x_zp, out_zp, mult, bias, act, gate, residual
+    (2, 1, 1, 3, 5, 0, 128, "small", "none", "none", False, False),
+    (1, 3, 7, 7, 7, 128, 128, "wrap", "wrap", "clamp", False, True),
+    (2, 7, 65, 5, 3, 255, 0, "rand", "int", "lut", True, False),
+    (1, 65, 3, 9, 1, 37, 255, "saturate", "none", "none", True, True),
+    (1, 24, 144, 6, 6, 128, 120, "rand", "int", "lut", False, False),
+    (2, 144, 24, 7, 5, 90, 128, "rand", "int", "none", True, True),
+    (1, 193, 81, 2, 3, 1, 2, "rand", "int", "clamp", False, False),
+]
+
+
+def _pw_case(seed, N, C, Co, H, W, x_zp, out_zp, mult, bias, act, gate, residual):
+    g = _g(100 + seed)
+    x = _codes(g, (N, C, H, W), x_zp)
+    if seed % 2:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-128, 128, (Co, C, 1, 1), generator=g, dtype=torch.int8)
+    kw = dict(mult=_mult(g, Co, mult), x_zp=x_zp, out_zp=out_zp, lut=_lut(g, act))
+    if act == "clamp":
+        kw.update(qmin=out_zp // 3, qmax=min(255, out_zp + 50))
+    if gate:  # SE gates in (0, 1), and ties: 0.5 on every other channel
+        gv = torch.rand(N, C, generator=g)
+        gv[:, ::2] = 0.5
+        kw["gate"] = gv
+    if residual:
+        kw.update(residual=_codes(g, (N, Co, H, W), 0), res_zp=200 - seed, res_mult=[0.5, 1.7, 0.003, 2.5][seed % 4])
+    return x, w, _bias(g, Co, bias), kw
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("case", range(len(PW_CASES)))
+def test_q_pw_conv_bit_exact(case, level):
+    x, w, b, kw = _pw_case(case, *PW_CASES[case])
+    ref = _run("reference", Q.q_pw_conv, x, w, b, **kw)
+    with effops.use_isa(level):
+        out = _run("cpu", Q.q_pw_conv, x, w, b, **kw)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, ref)
+    assert ref.float().std() > 0 or PW_CASES[case][7] == "saturate"  # not a degenerate (constant) case
+
+
+DWSEP_CASES = [
+    # N, C, Co, H, W, k, stride, padding, residual
+    (2, 1, 3, 5, 7, 3, 1, "same", False),
+    (1, 7, 7, 9, 9, 3, 1, 1, True),
+    (2, 65, 17, 11, 6, 5, 2, "same", False),
+    (1, 32, 96, 14, 14, 3, 2, 1, False),
+    (1, 40, 40, 6, 5, 5, 1, "same", True),
+]
+
+
+def _dwsep_case(seed, N, C, Co, H, W, k, stride, padding, residual):
+    g = _g(200 + seed)
+    x = _codes(g, (N, C, H, W), 0)
+    dw = torch.randint(-128, 128, (C, 1, k, k), generator=g, dtype=torch.int8)
+    pw = torch.randint(-128, 128, (Co, C, 1, 1), generator=g, dtype=torch.int8)
+    kw = dict(dw_bias=_bias(g, C, "int"), dw_mult=_mult(g, C, "rand"), dw_lut=_lut(g, "lut" if seed % 2 else ""),
+              x_zp=[0, 128, 255, 5, 77][seed], mid_zp=[255, 0, 128, 64, 3][seed], dw_zp=[255, 30, 128, 200, 3][seed],
+              mid_qmin=seed, mid_qmax=255 - seed,
+              pw_bias=_bias(g, Co, "wrap" if seed == 2 else "int"), pw_mult=_mult(g, Co, {1: "tie", 2: "wrap"}.get(seed, "rand")),
+              out_zp=[0, 128, 255, 9, 100][seed], stride=stride, padding=padding)
+    if residual:
+        Ho, Wo = conv_geometry("test", (H, W), (k, k), stride, padding, 1).out_hw
+        kw.update(residual=_codes(g, (N, Co, Ho, Wo), 0),
+                  res_zp=128, res_mult=0.75)
+    return x, dw, pw, kw
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("case", range(len(DWSEP_CASES)))
+def test_q_dwsep_conv_bit_exact(case, level):
+    x, dw, pw, kw = _dwsep_case(case, *DWSEP_CASES[case])
+    ref = _run("reference", Q.q_dwsep_conv, x, dw, pw, **kw)
+    with effops.use_isa(level):
+        out = _run("cpu", Q.q_dwsep_conv, x, dw, pw, **kw)
+    assert torch.equal(out, ref)
+    assert ref.float().std() > 0
+    # the fused op is the two ops back to back
+    mid, _ = _run("reference", Q.q_dw_conv_act, x, dw, kw["dw_bias"], mult=kw["dw_mult"], x_zp=kw["x_zp"],
+                  out_zp=kw["dw_zp"], qmin=kw["mid_qmin"], qmax=kw["mid_qmax"], lut=kw["dw_lut"],
+                  stride=kw["stride"], padding=kw["padding"])
+    two = _run("reference", Q.q_pw_conv, mid, pw, kw["pw_bias"], mult=kw["pw_mult"], x_zp=kw["mid_zp"],
+               out_zp=kw["out_zp"], residual=kw.get("residual"), res_zp=kw.get("res_zp", 0),
+               res_mult=kw.get("res_mult", 1.0))
+    assert torch.equal(out, two)
+
+
+def test_reference_arithmetic_by_hand():
+    """The definition on numbers small enough to check by hand: acc = (x - zp) * w + bias,
+    float32 product, round half to even, + zp, clamp."""
+    x = torch.tensor([[[[10, 11, 12]]]], dtype=torch.uint8).permute(0, 3, 1, 2)  # N=1, C=3, H=W=1
+    w = torch.tensor([[[[1]]], [[[1]]], [[[1]]]], dtype=torch.int8)
+    b = torch.tensor([0, 0, 1], dtype=torch.int32)
+    y, s = Q.q_dw_conv_act_reference(x, w, b, torch.tensor([0.5, 0.5, 0.5]), None, (1, 1), (0, 0, 0, 0), 7, 100,
+                                     0, 255)
+    # (10-7)*0.5 = 1.5 -> 2; (11-7)*0.5 = 2.0 -> 2; (12-7+1)*0.5 = 3.0 -> 3
+    assert y.flatten().tolist() == [102, 102, 103]
+    assert s.flatten().tolist() == [102, 102, 103]
+    # wrap-around: 2**31 - 1 + 1 -> -2**31
+    assert Q.wrap32(torch.tensor([2 ** 31])).item() == -2 ** 31
+
+
+def test_activation_lut_and_clamp_range():
+    lut = Q.activation_lut("silu", 0.05, 128, 0.04, 10)
+    q = torch.arange(256)
+    want = (torch.round(torch.nn.functional.silu(0.05 * (q - 128.0).double()) / 0.04) + 10).clamp(0, 255)
+    assert torch.equal(lut.long(), want.long())
+    assert Q.clamp_range("relu6", 0.1, 20) == (20, 80)
+    assert Q.clamp_range("relu", 0.1, 20) == (20, 255)
+
+
+def test_bad_input():
+    x = torch.zeros(1, 4, 5, 5, dtype=torch.uint8)
+    w = torch.zeros(4, 1, 3, 3, dtype=torch.int8)
+    m = torch.ones(4)
+    with pytest.raises(TypeError, match="x must be uint8"):
+        Q.q_dw_conv_act(x.float(), w, mult=m, x_zp=0, out_zp=0)
+    with pytest.raises(TypeError, match="weight must be int8"):
+        Q.q_dw_conv_act(x, w.float(), mult=m, x_zp=0, out_zp=0)
+    with pytest.raises(ValueError, match="x_zp must be <= 255"):
+        Q.q_dw_conv_act(x, w, mult=m, x_zp=256, out_zp=0)
+    with pytest.raises(ValueError, match="mult must have shape"):
+        Q.q_dw_conv_act(x, w, mult=torch.ones(3), x_zp=0, out_zp=0)
+    with pytest.raises(ValueError, match="qmin .* must be <= qmax"):
+        Q.q_dw_conv_act(x, w, mult=m, x_zp=0, out_zp=0, qmin=9, qmax=3)
+    with pytest.raises(ValueError, match="lut must have shape"):
+        Q.q_pw_conv(x, torch.zeros(2, 4, 1, 1, dtype=torch.int8), mult=torch.ones(2), x_zp=0, out_zp=0,
+                    lut=torch.zeros(255, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="residual must have shape"):
+        Q.q_pw_conv(x, torch.zeros(2, 4, 1, 1, dtype=torch.int8), mult=torch.ones(2), x_zp=0, out_zp=0,
+                    residual=x)
+    with pytest.raises(TypeError, match="bias must be int32"):
+        Q.q_pw_conv(x, torch.zeros(2, 4, 1, 1, dtype=torch.int8), torch.zeros(2), mult=torch.ones(2), x_zp=0,
+                    out_zp=0)
+
+
+def test_custom_ops_opcheck_and_compile():
+    x, w, b, kw = _dw_case(3, *DW_CASES[3])
+    torch.library.opcheck(torch.ops.effops.q_dw_conv_act.default,
+                          (x, w, b, kw["mult"], kw["lut"], [1, 1], [1, 1, 1, 1], kw["x_zp"], kw["out_zp"], 0, 255))
+    xp, wp, bp, kp = _pw_case(2, *PW_CASES[2])
+    torch.library.opcheck(torch.ops.effops.q_pw_conv.default,
+                          (xp, wp, bp, kp["mult"], kp["lut"], kp["gate"], None, kp["x_zp"], kp["out_zp"], 0, 255, 0,
+                           1.0))
+    xs, dw, pw, ks = _dwsep_case(1, *DWSEP_CASES[1])
+
+    def f(t):
+        return Q.q_dwsep_conv(t, dw, pw, **ks)
+
+    eager = f(xs)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(xs)
+    assert torch.equal(eager, compiled)
+
+
+def test_cpu_level_name():
+    assert effops._backend._C_module.q_isa() in ("avx512-vnni", "avx-vnni", "scalar")
+    with effops.use_isa("baseline"):
+        assert effops._backend._C_module.q_isa() == "scalar"
+
+
+FUSE_CASES = [
+    # sizes of the inputs, modes, zero points, normalised weights, scales
+    ([(9, 9), (5, 5)], ["identity", "nearest"], [0, 128], [0.6, 0.4], [0.05, 0.02]),
+    ([(9, 9), (5, 5), (17, 17)], ["identity", "nearest", "maxpool"], [255, 3, 128], [0.2, 0.3, 0.5], [0.1, 0.03, 0.2]),
+    ([(7, 6), (13, 12), (7, 6), (4, 3)], ["identity", "maxpool_sym", "identity", "nearest"], [9, 0, 255, 77],
+     [0.25, 0.25, 0.25, 0.25], [1.0, 0.001, 0.5, 3.0]),
+    ([(10, 10), (20, 20)], ["identity", "maxpool"], [128, 128], [0.5, 0.5], [0.04, 0.04]),
+]
+
+
+def _fuse_case(i):
+    from effops.ops import qconv_fuse as QF
+
+    sizes, modes, zps, wn, scales = FUSE_CASES[i]
+    g = _g(300 + i)
+    C = [1, 7, 65, 16][i]
+    xs = [_codes(g, (2, C, *s), 0, "extreme" if i == 2 else "uniform") for s in sizes]
+    mults = QF.fuse_multipliers(wn, scales, 0.04)
+    return xs, dict(zps=zps, mults=mults, resample=modes, out_zp=[0, 128, 255, 5][i], lut=_lut(g, "lut" if i % 2 else ""),
+                    qmin=[0, 3, 0, 10][i], qmax=[255, 250, 255, 200][i])
+
+
+@pytest.mark.parametrize("case", range(len(FUSE_CASES)))
+def test_q_weighted_fuse_bit_exact(case):
+    from effops.ops import qconv_fuse as QF
+
+    assert hasattr(_backend._C_module, "q_fuse_forward"), "rebuild effops._C"
+    xs, kw = _fuse_case(case)
+    ref = _run("reference", QF.q_weighted_fuse, xs, **kw)
+    out = _run("cpu", QF.q_weighted_fuse, xs, **kw)
+    assert torch.equal(out, ref)
+    # against the float definition: acc / 2**16 rounded half up
+    acc = sum((QF.resample_reference(x.double(), m, ref.shape[2:]) - z) * mu
+              for x, m, z, mu in zip(xs, kw["resample"], kw["zps"], kw["mults"]))
+    q = (torch.floor(acc / 2 ** 16 + 0.5) + kw["out_zp"]).clamp(kw["qmin"], kw["qmax"]).long()
+    if kw["lut"] is not None:
+        q = kw["lut"].long()[q]
+    assert torch.equal(q.to(torch.uint8), ref)
+
+
+def test_q_weighted_fuse_bad_input():
+    from effops.ops import qconv_fuse as QF
+
+    a = torch.zeros(1, 4, 8, 8, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="must be uint8"):
+        QF.q_weighted_fuse([a, a.float()], zps=[0, 0], mults=[1, 1], resample=["identity"] * 2, out_zp=0)
+    with pytest.raises(ValueError, match="does not give"):
+        QF.q_weighted_fuse([a, a[..., :5, :5]], zps=[0, 0], mults=[1, 1], resample=["identity"] * 2, out_zp=0)
+    with pytest.raises(ValueError, match="one entry per input"):
+        QF.q_weighted_fuse([a, a], zps=[0], mults=[1, 1], resample=["identity"] * 2, out_zp=0)
+
+
+def _triton_device():
+    return "cuda" if torch.cuda.is_available() and not _backend.triton_interpret() else "cpu"
+
+
+def _to(dev, obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if isinstance(obj, dict):
+        return {k: _to(dev, v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(dev, v) for v in obj)
+    return obj
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 7])
+def test_triton_q_dw_conv_act(case):
+    dev = _triton_device()
+    x, w, b, kw = _dw_case(case, *DW_CASES[case])
+    ref_y, ref_s = _run("reference", Q.q_dw_conv_act, x, w, b, **kw)
+    y, s = _run("triton", Q.q_dw_conv_act, *_to(dev, (x, w, b)), **_to(dev, kw))
+    assert torch.equal(y.cpu(), ref_y) and torch.equal(s.cpu(), ref_s)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [0, 1, 2, 3])
+def test_triton_q_pw_conv(case):
+    dev = _triton_device()
+    x, w, b, kw = _pw_case(case, *PW_CASES[case])
+    ref = _run("reference", Q.q_pw_conv, x, w, b, **kw)
+    out = _run("triton", Q.q_pw_conv, *_to(dev, (x, w, b)), **_to(dev, kw))
+    assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [0, 1])
+def test_triton_q_dwsep_conv(case):
+    dev = _triton_device()
+    x, dw, pw, kw = _dwsep_case(case, *DWSEP_CASES[case])
+    ref = _run("reference", Q.q_dwsep_conv, x, dw, pw, **kw)
+    out = _run("triton", Q.q_dwsep_conv, *_to(dev, (x, dw, pw)), **_to(dev, kw))
+    assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", range(len(FUSE_CASES)))
+def test_triton_q_weighted_fuse(case):
+    from effops.ops import qconv_fuse as QF
+
+    dev = _triton_device()
+    xs, kw = _fuse_case(case)
+    ref = _run("reference", QF.q_weighted_fuse, xs, **kw)
+    out = _run("triton", QF.q_weighted_fuse, _to(dev, xs), **_to(dev, kw))
+    assert torch.equal(out.cpu(), ref)

@@ -1,0 +1,225 @@
+"""Post-training static int8 quantization (effops.compress.quantize): agreement with the float
+model on a small trained network, calibration determinism, state_dict round trip,
+torch.compile, the module tree, and bad calibration data."""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from effops.compress.quantize import QDWSeparableConv2d, QMBConv, quantize
+from effops.nn import DWSeparableConv2d, MBConv
+
+
+class Tiny(nn.Module):
+    """EfficientNet-like: stem, MBConv with and without SE / residual / TF-same 5x5 stride 2, a
+    depthwise-separable conv with relu6 + silu, global pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.SiLU())
+        self.blocks = nn.Sequential(
+            MBConv(16, 24, 3, 2, expand_ratio=4, se_ratio=0.25),
+            MBConv(24, 24, 3, 1, expand_ratio=4, se_ratio=0.0),
+            MBConv(24, 32, 5, 2, expand_ratio=3, se_ratio=0.25, padding="same"),
+            DWSeparableConv2d(32, 48, 3, 1, act="relu6", pw_act="silu"),
+        )
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x).contiguous(memory_format=torch.channels_last))
+        return self.head(x.mean((2, 3)))
+
+
+@functools.lru_cache(maxsize=1)
+def _digits():
+    sk = pytest.importorskip("sklearn.datasets")
+    d = sk.load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+@functools.lru_cache(maxsize=1)
+def _trained():
+    torch.manual_seed(0)
+    xt, yt, _, _ = _digits()
+    m = Tiny()
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    m.train()
+    for _ in range(4):
+        for i in range(0, len(yt), 50):
+            opt.zero_grad()
+            F.cross_entropy(m(xt[i:i + 50]), yt[i:i + 50]).backward()
+            opt.step()
+    return m.eval()
+
+
+def _untrained(seed=0):
+    torch.manual_seed(seed)
+    m = Tiny().eval()
+    for mod in m.modules():  # non-trivial BN statistics to fold
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    return m
+
+
+def _data(seed, n=24):
+    return torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("observer", ["minmax", "percentile"])
+def test_top1_agreement_on_trained_digits(observer):
+    m = _trained()
+    xt, yt, xv, yv = _digits()
+    with torch.no_grad():
+        ref_t, ref_v = m(xt).argmax(1), m(xv).argmax(1)
+    assert (ref_v == yv).float().mean() > 0.9  # the float model learned the task
+    q = quantize(m, xt, observer=observer, batch_size=200)
+    with torch.no_grad():
+        got_t, got_v = q(xt).argmax(1), q(xv).argmax(1)
+    agree = (got_t == ref_t).float().mean().item()
+    assert agree >= 0.99, agree
+    drop = (ref_v == yv).float().mean().item() - (got_v == yv).float().mean().item()
+    assert drop <= 0.01, drop
+
+
+def test_output_close_to_float():
+    m = _untrained()
+    x = _data(1)
+    q = quantize(m, x)
+    with torch.no_grad():
+        ref, got = m(x), q(x)
+    err = (got - ref).norm() / ref.norm()
+    assert err < 0.1, err
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.75
+
+
+def test_module_tree_and_report():
+    m = _untrained()
+    q = quantize(m, _data(1))
+    assert q is not m and isinstance(m.blocks[0], MBConv)  # the original is untouched
+    assert [type(b) for b in q.blocks] == [QMBConv, QMBConv, QMBConv, QDWSeparableConv2d]
+    assert isinstance(q.stem[0], nn.Conv2d) and isinstance(q.head, nn.Linear)  # kept float
+    assert {n for n, _ in q.named_children()} == {n for n, _ in m.named_children()}
+    assert [r[:2] for r in q.quantization_report] == [(f"blocks.{i}", "quantized") for i in range(4)]
+    # consecutive blocks pass uint8 codes; the last one returns float
+    assert [b.chain_out.item() for b in q.blocks] == [True, True, True, False]
+    assert q.blocks[0].se is not None and q.blocks[1].se is None
+    assert q.blocks[0].dw_weight.dtype == torch.int8 and q.blocks[0].dw_bias.dtype == torch.int32
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile"])
+def test_calibration_is_deterministic(observer):
+    m = _untrained()
+    a = quantize(m, _data(2), observer=observer, batch_size=8).state_dict()
+    b = quantize(m, [_data(2)[i:i + 8] for i in range(0, 24, 8)], observer=observer).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    c = quantize(m, _data(3), observer=observer).state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # other data, other ranges
+
+
+def test_state_dict_round_trip():
+    m = _untrained()
+    x = _data(4)
+    q1 = quantize(m, _data(5))
+    q2 = quantize(m, _data(6))
+    with torch.no_grad():
+        assert not torch.equal(q1(x), q2(x))
+    buf = io.BytesIO()
+    torch.save(q1.state_dict(), buf)
+    buf.seek(0)
+    q2.load_state_dict(torch.load(buf, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(q1(x), q2(x))
+    assert [b.chain_out.item() for b in q2.blocks] == [b.chain_out.item() for b in q1.blocks]
+
+
+def test_torch_compile():
+    m = _untrained()
+    q = quantize(m, _data(7))
+    x = _data(8, n=4)
+    with torch.no_grad():
+        eager = q(x)
+        compiled = torch.compile(q, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(eager, compiled)
+
+
+def test_efficientnet_b0_blocks_all_quantized():
+    from effops.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("efficientnet_b0", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    q = quantize(m, x)
+    kinds = [r[1] for r in q.quantization_report]
+    assert kinds.count("quantized") == 16 and "kept" not in kinds
+    with torch.no_grad():
+        out = q(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_bad_calibration_data():
+    m = _untrained()
+    with pytest.raises(ValueError, match=r"calibration_data batch 0 must have shape \[N, 1, H, W\]"):
+        quantize(m, torch.randn(4, 3, 16, 16))
+    with pytest.raises(ValueError, match="calibration_data batch 0 must have shape"):
+        quantize(m, torch.randn(1, 16, 16))
+    with pytest.raises(TypeError, match="must be floating point"):
+        quantize(m, torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="calibration_data is empty"):
+        quantize(m, [])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize(m, torch.full((2, 1, 16, 16), float("nan")))
+    with pytest.raises(TypeError, match="calibration_data must be a tensor"):
+        quantize(m, 3)
+    fixed = nn.Sequential(MBConv(1, 8, 3, 1, se_ratio=0), nn.Flatten(), nn.Linear(8 * 16 * 16, 2)).eval()
+    with pytest.raises(ValueError, match="the model failed on calibration_data batch 0"):
+        quantize(fixed, torch.randn(2, 1, 8, 8))  # the linear layer wants 16x16 inputs
+    with pytest.raises(ValueError, match="observer must be one of"):
+        quantize(m, _data(0), observer="mse")
+    with pytest.raises(ValueError, match="percentile must be"):
+        quantize(m, _data(0), observer="percentile", percentile=30)
+    with pytest.raises(ValueError, match="activation must be 'per_tensor'"):
+        quantize(m, _data(0), activation="per_channel")
+    with pytest.raises(ValueError, match="no block the int8 kernels implement"):
+        quantize(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), _data(0))
+
+
+def test_unquantizable_kept_with_reason():
+    m = nn.Sequential(DWSeparableConv2d(1, 8, 3, preact=True), DWSeparableConv2d(8, 8, 3)).eval()
+    q = quantize(m, _data(0))
+    report = dict((r[0], (r[1], r[2])) for r in q.quantization_report)
+    assert report["0"][0] == "kept" and "preact" in report["0"][1]
+    assert report["1"] == ("quantized", "QDWSeparableConv2d")
+    assert isinstance(q[0], DWSeparableConv2d) and isinstance(q[1], QDWSeparableConv2d)
+
+
+def test_converted_timm_model():
+    timm = pytest.importorskip("timm")
+    from effops.nn import convert
+
+    torch.manual_seed(0)
+    m = convert(timm.create_model("efficientnet_b0", pretrained=False, num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    q = quantize(m, x)
+    kinds = [r[1] for r in q.quantization_report]
+    assert kinds.count("quantized") == 16, q.quantization_report
+    with torch.no_grad():
+        out = q(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
