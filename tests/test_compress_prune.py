@@ -187,10 +187,12 @@ def test_counts_efficientdet_equal_fresh_bifpn_and_heads():
 
 # ----------------------------------------------------------------------------- criteria, options
 def test_criteria_rank_differently_and_taylor_needs_a_loss():
+    from effops.compress.study import mini_net
+
     torch.manual_seed(2)
-    model = create_model("efficientnet_b0", num_classes=4).eval()
+    model = mini_net(1.0, in_chans=3, num_classes=4).eval()
     _randomize_bn(model, torch.Generator().manual_seed(2))
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     with pytest.raises(ValueError, match="taylor.*loss_fn"):
         prune(model, amount=0.5, criterion="taylor", example_input=x)
     kept = {}
@@ -198,29 +200,33 @@ def test_criteria_rank_differently_and_taylor_needs_a_loss():
                      ("taylor", dict(loss_fn=lambda out: nn.functional.cross_entropy(out, y)))):
         p, rep = prune(model, amount=0.5, criterion=crit, example_input=x, **kw)
         assert all(g.criterion == ("l1" if crit == "bn_scale" and "se." in g.name else crit) for g in rep.groups)
-        kept.setdefault(crit, []).append(p.bn1.weight.detach().clone())
+        kept.setdefault(crit, []).append(p[3].bn2.weight.detach().clone())  # the first MBConv's depthwise BN
     # same widths for every criterion, different channels chosen (taylor with targets == taylor with loss_fn)
     assert torch.equal(kept["taylor"][0], kept["taylor"][1])
     assert not torch.equal(kept["bn_scale"][0], kept["l1"][0]) and not torch.equal(kept["bn_scale"][0], kept["taylor"][0])
-    # bn_scale keeps exactly the largest |gamma| of the stem's group (its BN is the group's only BN
-    # besides the first block's depthwise BN)
-    assert p.bn1.num_features == 16
+    # bn_scale keeps the channels with the largest summed |gamma| of the group's BNs (bn1, bn2)
+    g1, g2 = model[3].bn1.weight.detach().abs(), model[3].bn2.weight.detach().abs()
+    expect = torch.sort(torch.argsort(-(g1 + g2), stable=True)[:32]).values
+    assert torch.equal(kept["bn_scale"][0], model[3].bn2.weight.detach()[expect])
     for g in model.parameters():
         assert g.grad is None  # taylor used autograd.grad: the model's .grad stay untouched
 
 
 def test_target_macs_and_ignore():
+    from effops.compress.study import mini_net
+
     torch.manual_seed(3)
     model = create_model("efficientnet_b0", num_classes=5).eval()
     x = torch.randn(1, 3, 64, 64)
-    macs = count_macs(model, x)
-    p, rep = prune(model, target_macs=0.5, example_input=x)
+    small, xs = mini_net(1.0, in_chans=3).eval(), torch.randn(1, 3, 16, 16)
+    macs = count_macs(small, xs)
+    _, rep = prune(small, target_macs=0.5, example_input=xs)
     assert 0.45 * macs < rep.macs_after <= 0.5 * macs and 0 < rep.amount < 0.6
-    p2, rep2 = prune(model, target_macs=int(0.6 * macs), example_input=x)
+    _, rep2 = prune(small, target_macs=int(0.6 * macs), example_input=xs)
     assert 0.55 * macs < rep2.macs_after <= 0.6 * macs
     p3, rep3 = prune(model, amount=0.5, example_input=x, ignore=["blocks.2", model.conv_head])
     assert p3.blocks[2][1].conv_dw.in_channels == 240 and p3.blocks[2][0].conv_pwl.out_channels == 40
-    assert p3.blocks[3][0].conv_pwl.out_channels == 40  # stage 3 shares nothing with stage 2's output group
+    assert p3.blocks[3][0].conv_pwl.out_channels == 40  # 80 -> 40: stage 3's output group is its own
     assert p3.conv_head.out_channels == 1280 and p3.blocks[1][0].conv_dw.in_channels == 48
     assert any("ignored" in why for _, why in rep3.kept)
     assert model.blocks[1][0].conv_dw.in_channels == 96  # the input model is not changed
