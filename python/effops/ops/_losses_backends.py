@@ -26,7 +26,11 @@ def _threads() -> int:
 
 
 def _rows(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    """[..., C] as [N, C] (N = the product of the leading sizes, also when C is 0)."""
+    n = 1
+    for s in x.shape[:-1]:
+        n *= s
+    return x.reshape(n, x.shape[-1])
 
 
 def _stream(t: Tensor):
