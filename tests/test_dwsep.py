@@ -432,3 +432,30 @@ def test_kernel_entry_points_check_geometry():
     with pytest.raises(ValueError, match="kernel must be at least 1x1"):
         _backend._C.dw_forward(xn, torch.randn(0, 3, 4), None, None, [1, 1], [1, 1, 0, 0], [1, 1], 0, 0,
                                torch.empty(1, 6, 3, 4), None, 1)
+
+
+@pytest.mark.parametrize("C,Co", [(2, 1), (7, 24), (64, 33), (96, 576), (1152, 192)])
+@pytest.mark.parametrize("se", [False, True])
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_pw_conv_bf16_gemm_paths(C, Co, se, isa):
+    """bf16 pw_conv: on CPUs with AVX512_BF16 the vdpbf16ps GEMM (bf16 rows read as pairs when K is
+    even and there is no SE scale, packed otherwise; odd K zero-padded; Co past whole 32-channel
+    panels), else the float GEMM; both within the 2x-eager rule of the float64 truth."""
+    g = gen(C * 7 + Co)
+    y = rnd(2, C, 5, 11, g=g)
+    w = rnd(Co, C, 1, 1, g=g, scale=C ** -0.5)
+    cs = torch.rand(2, C, generator=g, dtype=torch.float64) if se else None
+    s, b, r = rnd(Co, g=g).abs() + 0.5, rnd(Co, g=g, scale=0.1), rnd(2, Co, 5, 11, g=g)
+    bf = torch.bfloat16
+    level = effops.detected_isa() if isa == "native" else isa
+    if level not in effops._backend.ISA_LEVELS[: effops._backend.ISA_LEVELS.index(effops.detected_isa()) + 1]:
+        pytest.skip(f"the CPU does not run {level}")
+    with effops.use_isa(level):
+        got = pw_conv(y.to(bf).contiguous(memory_format=torch.channels_last), w.float(),
+                      channel_scale=None if cs is None else cs.to(bf), scale=s.float(), bias=b.float(), act="silu",
+                      residual=r.to(bf).contiguous(memory_format=torch.channels_last))
+    truth = R.pw_conv_reference(y, w, cs, s, b, "silu", r)
+    eager = R.pw_conv_reference(y.to(bf), w.to(bf), None if cs is None else cs.to(bf), s.to(bf), b.to(bf), "silu",
+                                r.to(bf))
+    assert got.dtype == bf
+    assert_close_to_truth(got, truth, eager, bf)

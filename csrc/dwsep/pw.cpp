@@ -14,6 +14,7 @@
 #include "common/parallel.h"
 #include "dwsep/conv.h"
 #include "dwsep/dw_core.h"
+#include "dwsep/gemm_bf16.h"
 #include "dwsep/gemm_core.h"
 
 #include "common/isa.h"
@@ -124,6 +125,44 @@ EFFOPS_INLINE void gemm_rows(const S* a, int64_t lda, int64_t m_begin, int64_t m
   }
 }
 
+#if EFFOPS_HAS_BF16DOT
+// gemm_rows for bf16 outputs with vdpbf16ps (gemm_bf16.h): A from bf16 rows (pw_conv) or from
+// the fused kernel's float depthwise buffer, rounded to bf16 while a tile is packed.
+template <class S, class T>
+EFFOPS_TARGET_BF16 void gemm_rows_bf16dot(const S* a, int64_t lda, int64_t m_begin, int64_t m_end, int64_t K,
+                                          const float* cs, int64_t hw, const uint16_t* bp, int64_t Co,
+                                          const float* scale, const float* bias, int act, const T* res, T* out,
+                                          int64_t ldo, std::vector<uint16_t>& ap) {
+  using G = typename TileFor<float, kV4>::type;
+  static_assert(G::NR == kBfNR && G::MR == kBfMR, "the bf16 tile is the float AVX-512 tile");
+  const int64_t K2 = (K + 1) / 2;
+  ap.resize(static_cast<size_t>(K2 * 2 * kBfMR));
+  alignas(64) float tile[kBfMR * kBfNR];
+  const int64_t panels = (Co + kBfNR - 1) / kBfNR;
+  // bf16 rows with an even K (and even row stride) and no SE scale are already bf16 pairs.
+  const bool direct = std::is_same<S, simd::bf16>::value && !cs && K % 2 == 0 && lda % 2 == 0;
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kBfMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(kBfMR, m_end - m0));
+    const uint16_t* a_tile;  // rows of bf16 pairs, ars pairs apart
+    int64_t ars;
+    if constexpr (std::is_same<S, simd::bf16>::value) {
+      if (direct) a_tile = &(a + m0 * lda)->bits, ars = lda / 2;
+    }
+    if (!direct) {
+      pack_rows_bf16(a, lda, m0, mr, K, cs, hw, ap.data(), 2 * K2);
+      a_tile = ap.data(), ars = K2;
+    }
+    for (int64_t p = 0; p < panels; ++p) {
+      bf16dot_micro(mr, a_tile, ars, bp + p * K2 * 2 * kBfNR, K2, tile);
+      with_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
+        epilogue_fast<G, A()>(tile, mr, p * kBfNR, Co, scale, bias, res ? res + (m0 - m_begin) * ldo : nullptr,
+                              out + (m0 - m_begin) * ldo, ldo);
+      });
+    }
+  }
+}
+#endif
+
 // ---------------------------------------------------------------- pointwise
 template <class T>
 struct PwArgs {
@@ -136,6 +175,7 @@ struct PwArgs {
   const T* res;
   T* out;
   int64_t HW, C, Co, M, rpt;
+  const uint16_t* bpb = nullptr;  // bf16-pair weight panels: the vdpbf16ps GEMM (gemm_bf16.h)
 };
 
 template <Isa I, class T>
@@ -144,6 +184,15 @@ EFFOPS_INLINE void pw_task_body(const PwArgs<T>& a, int64_t task) {
   thread_local std::vector<F> ap;
   const int64_t m0 = task * a.rpt, m1 = std::min(a.M, m0 + a.rpt);
   if (m0 >= m1) return;
+#if EFFOPS_HAS_BF16DOT
+  if constexpr (I == kV4 && std::is_same<T, simd::bf16>::value) {
+    if (a.bpb) {
+      thread_local std::vector<uint16_t> apb;
+      return gemm_rows_bf16dot(a.y, a.C, m0, m1, a.C, a.cs, a.HW, a.bpb, a.Co, a.scale, a.bias, a.act,
+                               a.res ? a.res + m0 * a.Co : nullptr, a.out + m0 * a.Co, a.Co, apb);
+    }
+  }
+#endif
   gemm_rows<I>(a.y, a.C, m0, m1, a.C, a.cs, a.HW, a.bp, a.Co, a.scale, a.bias, a.act,
                a.res ? a.res + m0 * a.Co : nullptr, a.out + m0 * a.Co, a.Co, ap);
 }
@@ -166,6 +215,7 @@ struct DwsepArgs {
   T* out;
   int64_t P;          // pixels per depthwise tile
   int64_t rpt, blocks;  // output rows per task, tasks per image
+  const uint16_t* bpb = nullptr;  // bf16-pair weight panels: the vdpbf16ps GEMM (gemm_bf16.h)
 };
 
 template <Isa I, class T>
@@ -207,6 +257,16 @@ EFFOPS_INLINE void dwsep_task_body(const DwsepArgs<T>& a, int64_t task) {
       p += ow1 - ow0;
     }
     const int64_t o = (n * g.Ho * g.Wo + p0) * a.Co;
+#if EFFOPS_HAS_BF16DOT
+    if constexpr (I == kV4 && std::is_same<T, simd::bf16>::value) {
+      if (a.bpb) {
+        thread_local std::vector<uint16_t> apb;
+        gemm_rows_bf16dot(dbuf.data(), g.C, 0, p1 - p0, g.C, static_cast<const F*>(nullptr), 1, a.bpb, a.Co,
+                          a.pw_scale, a.pw_bias, a.pw_act, a.res ? a.res + o : nullptr, a.out + o, a.Co, apb);
+        continue;
+      }
+    }
+#endif
     gemm_rows<I>(dbuf.data(), g.C, 0, p1 - p0, g.C, static_cast<const F*>(nullptr), 1, a.bp, a.Co,
                  a.pw_scale, a.pw_bias, a.pw_act, a.res ? a.res + o : nullptr, a.out + o, a.Co, ap);
   }
@@ -235,12 +295,23 @@ EFFOPS_DEFINE_TASKS(double, double)
 EFFOPS_DEFINE_TASKS(simd::bf16, float)
 #undef EFFOPS_DEFINE_TASKS
 
+// bf16 storage at the AVX-512 level on a CPU with AVX512_BF16: the vdpbf16ps GEMM.
+template <Isa I, class T>
+bool use_bf16dot() {
+  if constexpr (I == kV4 && std::is_same<T, simd::bf16>::value) return cpu_has_bf16dot();
+  return false;
+}
+
 template <Isa I, class T>
 void pw_run(PwArgs<T> a, const Acc<T>* w, int threads) {
   using F = Acc<T>;
   using G = typename TileFor<F, I>::type;
   std::vector<F> bp, scale, bias;
-  pack_weights<G>(w, a.Co, a.C, bp);
+  std::vector<uint16_t> bpb;
+  if (use_bf16dot<I, T>())
+    pack_weights_bf16(w, a.Co, a.C, bpb), a.bpb = bpb.data();
+  else
+    pack_weights<G>(w, a.Co, a.C, bp);
   pad_channels<G>(a.scale, a.Co, scale);
   pad_channels<G>(a.bias, a.Co, bias);
   a.bp = bp.data();
@@ -264,7 +335,11 @@ void dwsep_run(DwsepArgs<T> a, const Acc<T>* pw, int threads) {
   using F = Acc<T>;
   using G = typename TileFor<F, I>::type;
   std::vector<F> bp, scale, bias;
-  pack_weights<G>(pw, a.Co, a.g.C, bp);
+  std::vector<uint16_t> bpb;
+  if (use_bf16dot<I, T>())
+    pack_weights_bf16(pw, a.Co, a.g.C, bpb), a.bpb = bpb.data();
+  else
+    pack_weights<G>(pw, a.Co, a.g.C, bp);
   pad_channels<G>(a.pw_scale, a.Co, scale);
   pad_channels<G>(a.pw_bias, a.Co, bias);
   a.bp = bp.data();
