@@ -61,11 +61,13 @@ NB_MODULE(_C, m) {
         "sums"_a.noconvert(), "threads"_a, release);
   m.def("q_pw_forward", &effops::qconv::q_pw_forward_api, "x"_a, "w"_a, "bias"_a.none(), "mult"_a, "lut"_a.none(),
         "gate"_a.none(), "residual"_a.none(), "x_zp"_a, "out_zp"_a, "qmin"_a, "qmax"_a, "res_zp"_a, "res_mult"_a,
-        "out"_a.noconvert(), "threads"_a, release);
+        "out"_a.noconvert(), "packed"_a.none(), "threads"_a, release);
   m.def("q_dwsep_forward", &effops::qconv::q_dwsep_forward_api, "x"_a, "taps"_a, "dw_bias"_a.none(), "dw_mult"_a,
         "dw_lut"_a.none(), "pw"_a, "pw_bias"_a.none(), "pw_mult"_a, "lut"_a.none(), "residual"_a.none(),
         "stride"_a, "pad"_a, "x_zp"_a, "dw_zp"_a, "mid_qmin"_a, "mid_qmax"_a, "mid_zp"_a, "out_zp"_a, "qmin"_a, "qmax"_a,
-        "res_zp"_a, "res_mult"_a, "out"_a.noconvert(), "threads"_a, release);
+        "res_zp"_a, "res_mult"_a, "out"_a.noconvert(), "pw_packed"_a.none(), "threads"_a, release);
+  m.def("q_pw_packed_bytes", &effops::qconv::q_pw_packed_bytes, "Co"_a, "K"_a);
+  m.def("q_pw_pack", &effops::qconv::q_pw_pack_api, "w"_a, "bias"_a.none(), "x_zp"_a, "blob"_a.noconvert(), release);
   m.def("q_fuse_forward", &effops::qconv::q_fuse_forward_api, "inputs"_a, "zps"_a, "mults"_a, "modes"_a, "out_zp"_a,
         "qmin"_a, "qmax"_a, "lut"_a.none(), "out"_a.noconvert(), "threads"_a, release);
   m.def("q_isa", &effops::qconv::q_isa_name, "The level the int8 (qconv) kernels run at now");
@@ -75,6 +77,7 @@ NB_MODULE(_C, m) {
         "label_smoothing"_a, "loss_out"_a.noconvert().none(), "partial"_a.noconvert().none(),
         "grad"_a.noconvert().none(), "threads"_a, release);
   m.def("focal_rows_per_task", &ls::focal_rows_per_task, "C"_a);
+  m.def("focal_scale", &ls::focal_scale_api, "src"_a, "factor"_a, "dst"_a.noconvert(), "threads"_a, release);
   m.def("box_loss", &ls::box_loss_api, "pred"_a, "target"_a, "mask"_a, "kind"_a, "delta"_a,
         "loss_out"_a.noconvert().none(), "partial"_a.noconvert().none(), "grad"_a.noconvert().none(), "threads"_a,
         release);

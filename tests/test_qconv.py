@@ -363,3 +363,31 @@ def test_triton_q_weighted_fuse(case):
     ref = _run("reference", QF.q_weighted_fuse, xs, **kw)
     out = _run("triton", QF.q_weighted_fuse, _to(dev, xs), **_to(dev, kw))
     assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_prepacked_pointwise_weights(level):
+    """pack_pw's blob gives the same integers; a blob made at another ISA level or zero point is
+    not used (the kernel packs per call), never misread."""
+    x, w, b, kw = _pw_case(5, *PW_CASES[5])
+    ref = _run("reference", Q.q_pw_conv, x, w, b, **kw)
+    args = (x, w, b, kw["mult"], kw["lut"], kw["gate"], kw["residual"], kw["x_zp"], kw["out_zp"], 0, 255,
+            kw["res_zp"], kw["res_mult"])
+    with effops.use_isa(level):
+        blob = Q.pack_pw(w, b, kw["x_zp"])
+        assert torch.equal(torch.ops.effops.q_pw_conv(*args, blob), ref)
+    other = Q.pack_pw(w, b, kw["x_zp"])  # the highest level
+    wrong_zp = Q.pack_pw(w, b, (kw["x_zp"] + 1) % 256)
+    with effops.use_isa(level):
+        assert torch.equal(torch.ops.effops.q_pw_conv(*args, other), ref)
+        assert torch.equal(torch.ops.effops.q_pw_conv(*args, wrong_zp), ref)
+    xs, dw, pw, ks = _dwsep_case(2, *DWSEP_CASES[2])
+    ref = _run("reference", Q.q_dwsep_conv, xs, dw, pw, **ks)
+    with effops.use_isa(level):
+        blob = Q.pack_pw(pw, ks["pw_bias"], ks["mid_zp"])
+        g = conv_geometry("t", xs.shape[2:], dw.shape[2:], ks["stride"], ks["padding"], 1)
+        out = torch.ops.effops.q_dwsep_conv(
+            xs, dw, ks["dw_bias"], ks["dw_mult"], ks["dw_lut"], pw, ks["pw_bias"], ks["pw_mult"], None, None,
+            list(g.stride), list(g.pad), ks["x_zp"], ks["dw_zp"], ks["mid_qmin"], ks["mid_qmax"], ks["mid_zp"],
+            ks["out_zp"], 0, 255, 0, 1.0, blob)
+    assert torch.equal(out, ref)

@@ -37,13 +37,16 @@ const char* level_name(int level);
 // y [N, Ho, Wo, C]; sums [N, C] (int32 sums of the output codes) or null.
 void q_dw(const uint8_t* x, const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& e, uint8_t* y,
           int32_t* sums, int threads);
-// out [N * HW, Co] = requant(x [N * HW, C] . w[Co, C]^T); gate [N, C] float or null (SE).
+// out [N * HW, Co] = requant(x [N * HW, C] . w[Co, C]^T); gate [N, C] float or null (SE). blob:
+// the weights packed by q_pw_pack (used when it matches the level, shape and zero point) or null.
 void q_pw(const uint8_t* x, const int8_t* w, int64_t N, int64_t HW, int64_t C, int64_t Co, int32_t x_zp,
-          const float* gate, const Epilogue& e, const Residual& res, uint8_t* out, int threads);
+          const float* gate, const Epilogue& e, const Residual& res, uint8_t* out, int threads,
+          const uint8_t* blob = nullptr, int64_t blob_size = 0);
 // Depthwise (requantised to uint8 with mid) then pointwise, per block of output rows in cache;
 // mid_zp: the zero point of the mid codes the pointwise conv reads (mid.zp is the depthwise
 // epilogue's, the pre-activation's when mid has a lut).
 void q_dwsep(const uint8_t* x, const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& mid,
-             int32_t mid_zp, const int8_t* pw, int64_t Co, const Epilogue& e, const Residual& res, uint8_t* out, int threads);
+             int32_t mid_zp, const int8_t* pw, int64_t Co, const Epilogue& e, const Residual& res, uint8_t* out, int threads,
+             const uint8_t* blob = nullptr, int64_t blob_size = 0);
 
 }  // namespace effops::qconv

@@ -3,9 +3,18 @@
 #include <cmath>
 
 #include "qconv/qconv.h"
+#include "qconv/qcore.h"
 
 namespace effops::qconv {
 namespace {
+
+// A q_pw_pack blob: uint8, one dimension (its header is validated by the kernels).
+std::pair<const uint8_t*, int64_t> blob_of(const Opt& b, const char* op) {
+  if (!b) return {nullptr, 0};
+  check(b->ndim() == 1, op, ": packed must be a 1-d uint8 array");
+  check_dtype(*b, nb::dtype<uint8_t>(), op, "packed");
+  return {data_of<const uint8_t>(*b), static_cast<int64_t>(b->shape(0))};
+}
 
 // |sum of products| <= taps * 255 * 128 < 2^30 (the Python layer bounds it the same way).
 constexpr int64_t kMaxReduction = (int64_t{1} << 30) / (255 * 128);
@@ -54,15 +63,15 @@ DwGeom geometry(const CpuArray& x, const CpuArray& taps, const std::vector<int64
                 const std::vector<int64_t>& pad, const char* op) {
   check(x.ndim() == 4, op, ": x must be NHWC [N, H, W, C]");
   check_dtype(x, nb::dtype<uint8_t>(), op, "x");
-  check(taps.ndim() == 3, op, ": taps must be [KH, KW, C]");
+  check(taps.ndim() == 3, op, ": taps must be [C, KH, KW]");
   check_dtype(taps, nb::dtype<int8_t>(), op, "taps");
   check(stride.size() == 2 && pad.size() == 4, op, ": stride must have 2 values and pad 4");
   for (int64_t s : stride) check(s >= 1 && s <= kMaxSize, op, ": stride must be in [1, ", kMaxSize, "]");
   for (int64_t p : pad) check(p >= 0 && p <= kMaxSize, op, ": padding must be in [0, ", kMaxSize, "]");
   DwGeom g{};
   g.N = x.shape(0), g.H = x.shape(1), g.W = x.shape(2), g.C = x.shape(3);
-  g.KH = taps.shape(0), g.KW = taps.shape(1);
-  check_shape(taps, {g.KH, g.KW, g.C}, op, "taps");
+  g.KH = taps.shape(1), g.KW = taps.shape(2);
+  check_shape(taps, {g.C, g.KH, g.KW}, op, "taps");
   check(g.KH >= 1 && g.KW >= 1 && g.KH * g.KW <= kMaxReduction, op, ": the kernel must have 1..", kMaxReduction,
         " taps");
   g.sh = stride[0], g.sw = stride[1], g.pt = pad[0], g.pl = pad[2];
@@ -93,7 +102,7 @@ void q_dw_forward_api(const CpuArray& x, const CpuArray& taps, Opt bias, const C
 
 void q_pw_forward_api(const CpuArray& x, const CpuArray& w, Opt bias, const CpuArray& mult, Opt lut, Opt gate,
                       Opt residual, int64_t x_zp, int64_t out_zp, int64_t qmin, int64_t qmax, int64_t res_zp,
-                      double res_mult, const CpuArray& out, int threads) {
+                      double res_mult, const CpuArray& out, Opt packed, int threads) {
   const char* op = "q_pw_forward";
   check(x.ndim() == 4, op, ": x must be NHWC [N, H, W, C]");
   check_dtype(x, nb::dtype<uint8_t>(), op, "x");
@@ -114,15 +123,17 @@ void q_pw_forward_api(const CpuArray& x, const CpuArray& w, Opt bias, const CpuA
   check(!(res.r && e.lut), op, ": a residual cannot be combined with a lut");
   check_shape(out, {N, H, W, Co}, op, "out");
   check_dtype(out, nb::dtype<uint8_t>(), op, "out");
+  const auto blob = blob_of(packed, op);
   q_pw(data_of<const uint8_t>(x), data_of<const int8_t>(w), N, H * W, C, Co, static_cast<int32_t>(x_zp), g, e, res,
-       data_of<uint8_t>(out), threads);
+       data_of<uint8_t>(out), threads, blob.first, blob.second);
 }
 
 void q_dwsep_forward_api(const CpuArray& x, const CpuArray& taps, Opt dw_bias, const CpuArray& dw_mult, Opt dw_lut,
                          const CpuArray& pw, Opt pw_bias, const CpuArray& pw_mult, Opt lut, Opt residual,
                          const std::vector<int64_t>& stride, const std::vector<int64_t>& pad, int64_t x_zp,
                          int64_t dw_zp, int64_t mid_qmin, int64_t mid_qmax, int64_t mid_zp, int64_t out_zp, int64_t qmin,
-                         int64_t qmax, int64_t res_zp, double res_mult, const CpuArray& out, int threads) {
+                         int64_t qmax, int64_t res_zp, double res_mult, const CpuArray& out, Opt pw_packed,
+                         int threads) {
   const char* op = "q_dwsep_forward";
   const DwGeom g = geometry(x, taps, stride, pad, op);
   check_code(x_zp, op, "x_zp");
@@ -138,10 +149,35 @@ void q_dwsep_forward_api(const CpuArray& x, const CpuArray& taps, Opt dw_bias, c
   check(!(res.r && e.lut), op, ": a residual cannot be combined with a lut");
   check_shape(out, {g.N, g.Ho, g.Wo, Co}, op, "out");
   check_dtype(out, nb::dtype<uint8_t>(), op, "out");
+  const auto blob = blob_of(pw_packed, op);
   q_dwsep(data_of<const uint8_t>(x), data_of<const int8_t>(taps), g, static_cast<int32_t>(x_zp), mid,
-          static_cast<int32_t>(mid_zp), data_of<const int8_t>(pw), Co, e, res, data_of<uint8_t>(out), threads);
+          static_cast<int32_t>(mid_zp), data_of<const int8_t>(pw), Co, e, res, data_of<uint8_t>(out), threads,
+          blob.first, blob.second);
 }
 
 const char* q_isa_name() { return level_name(level()); }
+
+int64_t q_pw_packed_bytes(int64_t Co, int64_t K) {
+  check(Co >= 1 && K >= 1 && K <= kMaxReduction && Co <= kMaxSize, "q_pw_packed_bytes: bad shape");
+  return detail::blob_bytes(Co, K);
+}
+
+void q_pw_pack_api(const CpuArray& w, Opt bias, int64_t x_zp, const CpuArray& blob) {
+  const char* op = "q_pw_pack";
+  check(w.ndim() == 2, op, ": w must be [Co, C]");
+  check_dtype(w, nb::dtype<int8_t>(), op, "w");
+  const int64_t Co = w.shape(0), K = w.shape(1);
+  check(Co >= 1 && K >= 1 && K <= kMaxReduction, op, ": need 1..", kMaxReduction, " input and >= 1 output channels");
+  check_code(x_zp, op, "x_zp");
+  const int32_t* b = nullptr;
+  if (bias) {
+    check_shape(*bias, {Co}, op, "bias");
+    check_dtype(*bias, nb::dtype<int32_t>(), op, "bias");
+    b = data_of<const int32_t>(*bias);
+  }
+  check_shape(blob, {detail::blob_bytes(Co, K)}, op, "blob");
+  check_dtype(blob, nb::dtype<uint8_t>(), op, "blob");
+  detail::pack_blob(level(), data_of<const int8_t>(w), K, Co, static_cast<int32_t>(x_zp), b, data_of<uint8_t>(blob));
+}
 
 }  // namespace effops::qconv

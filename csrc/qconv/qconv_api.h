@@ -16,18 +16,24 @@ void q_dw_forward_api(const CpuArray& x, const CpuArray& taps, Opt bias, const C
                       int threads);
 void q_pw_forward_api(const CpuArray& x, const CpuArray& w, Opt bias, const CpuArray& mult, Opt lut, Opt gate,
                       Opt residual, int64_t x_zp, int64_t out_zp, int64_t qmin, int64_t qmax, int64_t res_zp,
-                      double res_mult, const CpuArray& out, int threads);
+                      double res_mult, const CpuArray& out, Opt packed, int threads);
 void q_dwsep_forward_api(const CpuArray& x, const CpuArray& taps, Opt dw_bias, const CpuArray& dw_mult, Opt dw_lut,
                          const CpuArray& pw, Opt pw_bias, const CpuArray& pw_mult, Opt lut, Opt residual,
                          const std::vector<int64_t>& stride, const std::vector<int64_t>& pad, int64_t x_zp,
                          int64_t dw_zp, int64_t mid_qmin, int64_t mid_qmax, int64_t mid_zp, int64_t out_zp, int64_t qmin,
-                         int64_t qmax, int64_t res_zp, double res_mult, const CpuArray& out, int threads);
+                         int64_t qmax, int64_t res_zp, double res_mult, const CpuArray& out, Opt pw_packed,
+                         int threads);
 
 // The int8 BiFPN fusion (python/effops/ops/qconv_fuse.py); modes 0 identity, 1 nearest,
 // 2 maxpool (TF same), 3 maxpool_sym.
 void q_fuse_forward_api(const std::vector<CpuArray>& inputs, const std::vector<int64_t>& zps,
                         const std::vector<int64_t>& mults, const std::vector<int>& modes, int64_t out_zp,
                         int64_t qmin, int64_t qmax, Opt lut, const CpuArray& out, int threads);
+
+// The pointwise weights packed once for the current level (the kernels use a blob made for their
+// level, shape, zero point and bias presence, and pack per call otherwise): blob [q_pw_packed_bytes].
+int64_t q_pw_packed_bytes(int64_t Co, int64_t K);
+void q_pw_pack_api(const CpuArray& w, Opt bias, int64_t x_zp, const CpuArray& blob);
 
 // The level the int8 kernels run at now: "avx512-vnni", "avx-vnni" or "scalar".
 const char* q_isa_name();

@@ -82,16 +82,30 @@ DwPrep prep_dw(const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue
 void dw_rows(int lvl, const uint8_t* xi, const int8_t* taps, const DwPrep& p, const DwGeom& g, int64_t oh0,
              int64_t oh1, int32_t x_zp, const Epilogue& e, uint8_t* y, int32_t* sums);
 
-// Pointwise weights packed for the level's tile, with the zero-point correction in the bias.
+// Pointwise weights packed for the level's tile, with the zero-point correction in the bias;
+// packed / bias point into the own_* vectors or into a blob made by q_pw_pack (kept by the caller).
 struct PwPrep {
   int lvl = 0;
   int64_t K = 0, Co = 0, NR = 0, K4 = 0, panels = 0;
-  std::vector<int8_t> packed;    // [panels][K4 / 4][NR][4]
-  std::vector<int32_t> bias;     // [panels * NR] bias - x_zp * sum_k w
-  std::vector<float> mult;       // [panels * NR]
-  std::vector<int32_t> lut32;    // [256] or empty
+  const int8_t* packed = nullptr;  // [panels][K4 / 4][NR][4]
+  const int32_t* bias = nullptr;   // [panels * NR] bias - x_zp * sum_k w
+  std::vector<int8_t> own_packed;
+  std::vector<int32_t> own_bias;
+  std::vector<float> mult;         // [panels * NR]
+  std::vector<int32_t> lut32;      // [256] or empty
 };
-PwPrep prep_pw(int lvl, const int8_t* w, int64_t K, int64_t Co, int32_t x_zp, const Epilogue& e);
+// blob: a q_pw_pack result for this level / shape / zero point / bias presence, or null.
+PwPrep prep_pw(int lvl, const int8_t* w, int64_t K, int64_t Co, int32_t x_zp, const Epilogue& e,
+               const uint8_t* blob, int64_t blob_bytes);
+
+// The blob: int64 header {kBlobMagic, level, Co, K, NR, x_zp, has_bias, 0}, int32 bias [Cop],
+// int8 packed weights [Cop * K4], Cop = Co rounded up to 64 (the widest panel).
+constexpr int64_t kBlobMagic = 0x316b63617071LL;  // "qpack1"
+inline int64_t blob_bytes(int64_t Co, int64_t K) {
+  const int64_t cop = round_up(Co, 64);
+  return 64 + 4 * cop + cop * round_up(K, 4);
+}
+void pack_blob(int lvl, const int8_t* w, int64_t K, int64_t Co, int32_t x_zp, const int32_t* bias, uint8_t* blob);
 
 // rows [0, M) of A (row stride lda) times the packed weights, epilogue, into out (row stride
 // Co); res (row stride Co) when not null. raw: the unpacked weights (scalar level).

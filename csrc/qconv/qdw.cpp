@@ -25,7 +25,7 @@ DwPrep prep_dw(const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue
   for (int64_t c = 0; c < C; ++c) {
     int32_t sum = 0;
     for (int64_t t = 0; t < T; ++t) {
-      const int32_t w = taps[t * C + c];
+      const int32_t w = taps[c * T + t];  // taps [C, KH, KW] (the conv weight's layout)
       p.taps32[t * p.Cp + c] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(w)));
       sum += w;
     }
@@ -54,7 +54,7 @@ void pixel_scalar(const uint8_t* xi, const int8_t* taps, const DwGeom& g, int64_
       for (int64_t kw = 0; kw < g.KW; ++kw) {
         const int64_t iw = ow * g.sw - g.pl + kw;
         if (iw < 0 || iw >= g.W) continue;
-        acc = wadd(acc, (static_cast<int32_t>(xi[(ih * g.W + iw) * C + c]) - x_zp) * taps[(kh * g.KW + kw) * C + c]);
+        acc = wadd(acc, (static_cast<int32_t>(xi[(ih * g.W + iw) * C + c]) - x_zp) * taps[c * g.KH * g.KW + kh * g.KW + kw]);
       }
     }
     yp[c] = finish(acc, e.mult[c], 0, e);
@@ -70,45 +70,75 @@ void rows_scalar(const uint8_t* xi, const int8_t* taps, const DwGeom& g, int64_t
 }
 
 #if EFFOPS_X86
+// AVX-512: the input rows a task reads are widened once each into a ring of KH rows of int32
+// lanes holding x - x_zp (the padding and the channels past C as zeros), so every tap is one
+// vpdpwssd with a memory operand - no bounds checks, no per-tap byte widening. For each block
+// of 16 channels the taps' weights stay in registers across the row's output pixels.
+QT512 void widen_row_512(const uint8_t* xi, const DwGeom& g, int64_t Cp, int64_t ih, int64_t Wp, int32_t x_zp,
+                         int32_t* row) {
+  std::memset(row, 0, static_cast<size_t>(Wp * Cp) * 4);
+  if (ih < 0 || ih >= g.H) return;
+  const __m512i zp = _mm512_set1_epi32(x_zp);
+  const int64_t C = g.C;
+  const int64_t iw1 = std::min(g.W, Wp - g.pl);  // columns no tap reads (past the last window) are skipped
+  for (int64_t iw = 0; iw < iw1; ++iw) {
+    const uint8_t* src = xi + (ih * g.W + iw) * C;
+    int32_t* dst = row + (iw + g.pl) * Cp;
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      const __mmask16 m = C - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c0)) - 1);
+      const __m512i v = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, src + c0)), zp);
+      _mm512_storeu_si512(dst + c0, _mm512_maskz_mov_epi32(m, v));
+    }
+  }
+}
+
 QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t oh0, int64_t oh1, int32_t x_zp,
                     const Epilogue& e, uint8_t* y, int32_t* sums) {
-  const int64_t C = g.C, Cp = p.Cp;
-  const __m512i zp = _mm512_set1_epi32(x_zp), ozp = _mm512_set1_epi32(e.zp);
+  const int64_t C = g.C, Cp = p.Cp, KH = g.KH, KW = g.KW;
+  const int64_t Wp = (g.Wo - 1) * g.sw + KW;  // widened row: from the left padding to the last tap
+  thread_local std::vector<int32_t> ring;
+  ring.resize(static_cast<size_t>(KH * Wp * Cp));
+  const __m512i ozp = _mm512_set1_epi32(e.zp);
   const __m512i qmin = _mm512_set1_epi32(e.qmin), qmax = _mm512_set1_epi32(e.qmax);
   const __m512 lo = _mm512_set1_ps(-kClamp), hi = _mm512_set1_ps(kClamp);
   const bool lut = e.lut != nullptr;
   const Lut512 L = lut ? lut512_load(e.lut) : Lut512{};
+  int64_t filled = oh0 * g.sh - g.pt - 1;  // the last input row in the ring
+  thread_local std::vector<const int32_t*> rows;
+  rows.resize(static_cast<size_t>(KH));
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     const int64_t ih0 = oh * g.sh - g.pt;
-    const int64_t kh0 = std::max<int64_t>(0, -ih0), kh1 = std::min<int64_t>(g.KH, g.H - ih0);
-    for (int64_t ow = 0; ow < g.Wo; ++ow) {
-      const int64_t iw0 = ow * g.sw - g.pl;
-      const int64_t kw0 = std::max<int64_t>(0, -iw0), kw1 = std::min<int64_t>(g.KW, g.W - iw0);
-      const bool interior = kh0 == 0 && kh1 == g.KH && kw0 == 0 && kw1 == g.KW;
-      uint8_t* yp = y + ((oh - oh0) * g.Wo + ow) * C;
-      for (int64_t c0 = 0; c0 < C; c0 += 16) {
-        const __mmask16 m = C - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c0)) - 1);
-        __m512i acc = _mm512_loadu_si512(interior ? &p.bias_int[c0] : &p.bias[c0]);
-        for (int64_t kh = kh0; kh < kh1; ++kh) {
-          const uint8_t* xr = xi + ((ih0 + kh) * g.W + iw0) * C + c0;
-          const int32_t* wr = &p.taps32[(kh * g.KW) * Cp + c0];
-          for (int64_t kw = kw0; kw < kw1; ++kw) {
-            __m512i xv = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, xr + kw * C));
-            if (!interior) xv = _mm512_sub_epi32(xv, zp);
-            acc = _mm512_dpwssd_epi32(acc, xv, _mm512_loadu_si512(wr + kw * Cp));
-          }
+    for (int64_t ih = std::max(filled + 1, ih0); ih < ih0 + KH; ++ih)
+      widen_row_512(xi, g, Cp, ih, Wp, x_zp, &ring[static_cast<size_t>(((ih % KH + KH) % KH) * Wp * Cp)]);
+    filled = ih0 + KH - 1;
+    for (int64_t kh = 0; kh < KH; ++kh) rows[kh] = &ring[static_cast<size_t>((((ih0 + kh) % KH + KH) % KH) * Wp * Cp)];
+    uint8_t* yrow = y + (oh - oh0) * g.Wo * C;
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      const __mmask16 m = C - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c0)) - 1);
+      const __m512i bias = _mm512_loadu_si512(&p.bias[c0]);
+      const __m512 mult = _mm512_loadu_ps(&p.mult[c0]);
+      __m512i rsum = _mm512_setzero_si512();
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        __m512i acc = bias;
+        const int64_t col = ow * g.sw * Cp + c0;
+        for (int64_t kh = 0; kh < KH; ++kh) {
+          const int32_t* r = rows[kh] + col;
+          const int32_t* w = &p.taps32[kh * KW * Cp + c0];
+          for (int64_t kw = 0; kw < KW; ++kw)
+            acc = _mm512_dpwssd_epi32(acc, _mm512_loadu_si512(r + kw * Cp), _mm512_loadu_si512(w + kw * Cp));
         }
-        __m512 v = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(acc, kRne), _mm512_loadu_ps(&p.mult[c0]));
+        __m512 v = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(acc, kRne), mult);
         v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
         __m512i q = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, kRne), ozp);
         q = _mm512_min_epi32(_mm512_max_epi32(q, qmin), qmax);
         __m128i b = _mm512_cvtepi32_epi8(q);
         if (lut) b = lut512_apply(L, b);
-        _mm_mask_storeu_epi8(yp + c0, m, b);
-        if (sums) {
-          __m512i s = _mm512_maskz_loadu_epi32(m, sums + c0);
-          _mm512_mask_storeu_epi32(sums + c0, m, _mm512_add_epi32(s, _mm512_cvtepu8_epi32(b)));
-        }
+        _mm_mask_storeu_epi8(yrow + ow * C + c0, m, b);
+        rsum = _mm512_add_epi32(rsum, _mm512_cvtepu8_epi32(b));
+      }
+      if (sums) {
+        const __m512i s = _mm512_maskz_loadu_epi32(m, sums + c0);
+        _mm512_mask_storeu_epi32(sums + c0, m, _mm512_add_epi32(s, rsum));
       }
     }
   }
@@ -163,7 +193,9 @@ QT256 void rows_256(const uint8_t* xi, const int8_t* taps, const DwPrep& p, cons
 void dw_rows(int lvl, const uint8_t* xi, const int8_t* taps, const DwPrep& p, const DwGeom& g, int64_t oh0,
              int64_t oh1, int32_t x_zp, const Epilogue& e, uint8_t* y, int32_t* sums) {
 #if EFFOPS_X86
-  if (lvl == 2) return rows_512(xi, p, g, oh0, oh1, x_zp, e, y, sums);
+  // the ring of widened rows: KH rows of (Wo - 1) * sw + KW pixels of Cp int32 (at most 64 MiB)
+  const int64_t ring = g.KH * ((g.Wo - 1) * g.sw + g.KW) * p.Cp * 4;
+  if (lvl == 2 && ring <= (int64_t{64} << 20)) return rows_512(xi, p, g, oh0, oh1, x_zp, e, y, sums);
   if (lvl == 1) return rows_256(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums);
 #endif
   rows_scalar(xi, taps, g, oh0, oh1, x_zp, e, y, sums);

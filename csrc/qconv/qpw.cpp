@@ -17,31 +17,59 @@
 namespace effops::qconv {
 namespace detail {
 
-PwPrep prep_pw(int lvl, const int8_t* w, int64_t K, int64_t Co, int32_t x_zp, const Epilogue& e) {
+namespace {
+
+// bias - x_zp * sum_k w per output channel, and the weights in the level's panels.
+void pack_into(int lvl, const int8_t* w, int64_t K, int64_t Co, int32_t x_zp, const int32_t* bias, int32_t* bias_out,
+               int8_t* packed) {
+  for (int64_t co = 0; co < Co; ++co) {
+    int32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) s += w[co * K + k];
+    bias_out[co] = wadd(bias ? bias[co] : 0, -x_zp * s);  // |x_zp * s| < 2^30 (K is bounded)
+  }
+  if (lvl == 0) return;
+  const int64_t NR = lvl == 2 ? 64 : 16, K4 = round_up(K, 4), kfull = K / 4;
+  for (int64_t co = 0; co < Co; ++co) {  // 4 bytes (one lane's k-quad) at a time
+    int8_t* dst = packed + (co / NR) * K4 * NR + (co % NR) * 4;
+    const int8_t* src = w + co * K;
+    for (int64_t kq = 0; kq < kfull; ++kq) std::memcpy(dst + kq * NR * 4, src + kq * 4, 4);
+    if (K & 3) std::memcpy(dst + kfull * NR * 4, src + kfull * 4, static_cast<size_t>(K & 3));
+  }
+}
+
+}  // namespace
+
+void pack_blob(int lvl, const int8_t* w, int64_t K, int64_t Co, int32_t x_zp, const int32_t* bias, uint8_t* blob) {
+  const int64_t cop = round_up(Co, 64);
+  std::memset(blob, 0, static_cast<size_t>(blob_bytes(Co, K)));
+  const int64_t head[8] = {kBlobMagic, lvl, Co, K, lvl == 2 ? 64 : 16, x_zp, bias != nullptr, 0};
+  std::memcpy(blob, head, sizeof(head));
+  pack_into(lvl, w, K, Co, x_zp, bias, reinterpret_cast<int32_t*>(blob + 64),
+            reinterpret_cast<int8_t*>(blob + 64 + 4 * cop));
+}
+
+PwPrep prep_pw(int lvl, const int8_t* w, int64_t K, int64_t Co, int32_t x_zp, const Epilogue& e,
+               const uint8_t* blob, int64_t nbytes) {
   PwPrep p;
   p.lvl = lvl, p.K = K, p.Co = Co;
   p.NR = lvl == 2 ? 64 : 16;
   p.K4 = round_up(K, 4);
   p.panels = (Co + p.NR - 1) / p.NR;
   const int64_t Cop = p.panels * p.NR;
-  p.bias.assign(static_cast<size_t>(Cop), 0);
   p.mult.assign(static_cast<size_t>(Cop), 0.0f);
-  for (int64_t co = 0; co < Co; ++co) {
-    int32_t s = 0;
-    for (int64_t k = 0; k < K; ++k) s += w[co * K + k];
-    p.bias[co] = wadd(e.bias ? e.bias[co] : 0, -x_zp * s);  // |x_zp * s| < 2^30 (K is bounded)
-    p.mult[co] = e.mult[co];
-  }
-  if (lvl > 0) {
-    p.packed.assign(static_cast<size_t>(p.panels * p.K4 * p.NR), 0);
-    const int64_t kfull = K / 4;
-    for (int64_t co = 0; co < Co; ++co) {  // 4 bytes (one lane's k-quad) at a time
-      const int64_t panel = co / p.NR, j = co % p.NR;
-      int8_t* dst = p.packed.data() + panel * p.K4 * p.NR + j * 4;
-      const int8_t* src = w + co * K;
-      for (int64_t kq = 0; kq < kfull; ++kq) std::memcpy(dst + kq * p.NR * 4, src + kq * 4, 4);
-      if (K & 3) std::memcpy(dst + kfull * p.NR * 4, src + kfull * 4, static_cast<size_t>(K & 3));
-    }
+  for (int64_t co = 0; co < Co; ++co) p.mult[co] = e.mult[co];
+  int64_t head[8] = {0};
+  if (blob && nbytes >= blob_bytes(Co, K)) std::memcpy(head, blob, sizeof(head));
+  if (head[0] == kBlobMagic && head[1] == lvl && head[2] == Co && head[3] == K && head[4] == p.NR &&
+      head[5] == x_zp && head[6] == (e.bias != nullptr)) {
+    p.bias = reinterpret_cast<const int32_t*>(blob + 64);
+    p.packed = reinterpret_cast<const int8_t*>(blob + 64 + 4 * round_up(Co, 64));
+  } else {  // no blob, or one made for another level / zero point: pack now
+    p.own_bias.assign(static_cast<size_t>(Cop), 0);
+    if (lvl > 0) p.own_packed.assign(static_cast<size_t>(p.panels * p.K4 * p.NR), 0);
+    pack_into(lvl, w, K, Co, x_zp, e.bias, p.own_bias.data(), p.own_packed.data());
+    p.bias = p.own_bias.data();
+    p.packed = p.own_packed.data();
   }
   if (e.lut) {
     p.lut32.resize(256);
@@ -83,7 +111,7 @@ template <int MR, int NJ>
 QT512 void tile_512(const PwPrep& p, int64_t panel, const uint8_t* a, int64_t lda, const Epilogue& e,
                     const Residual& res, const uint8_t* rr, uint8_t* out) {
   const int64_t K = p.K, Co = p.Co, kfull = K / 4;
-  const int8_t* bp = p.packed.data() + panel * p.K4 * 64;
+  const int8_t* bp = p.packed + panel * p.K4 * 64;
   const int64_t c0 = panel * 64;
   __m512i acc[MR][NJ];
   for (int j = 0; j < NJ; ++j) {
@@ -138,7 +166,7 @@ template <int MR, int NJ>
 QT256 void tile_256(const PwPrep& p, int64_t panel, const uint8_t* a, int64_t lda, const Epilogue& e,
                     const Residual& res, const uint8_t* rr, uint8_t* out) {
   const int64_t K = p.K, Co = p.Co, kfull = K / 4;
-  const int8_t* bp = p.packed.data() + panel * p.K4 * 16;
+  const int8_t* bp = p.packed + panel * p.K4 * 16;
   const int64_t c0 = panel * 16;
   __m256i acc[MR][NJ];
   for (int j = 0; j < NJ; ++j) {
@@ -268,10 +296,11 @@ void gate_rows(int lvl, const uint8_t* x, int64_t m0, int64_t rows, int64_t HW, 
 }  // namespace detail
 
 void q_pw(const uint8_t* x, const int8_t* w, int64_t N, int64_t HW, int64_t C, int64_t Co, int32_t x_zp,
-          const float* gate, const Epilogue& e, const Residual& res, uint8_t* out, int threads) {
+          const float* gate, const Epilogue& e, const Residual& res, uint8_t* out, int threads, const uint8_t* blob,
+          int64_t blob_size) {
   using namespace detail;
   const int lvl = level();
-  const PwPrep p = prep_pw(lvl, w, C, Co, x_zp, e);
+  const PwPrep p = prep_pw(lvl, w, C, Co, x_zp, e, blob, blob_size);
   const int64_t M = N * HW;
   const int64_t rb = round_up(std::clamp<int64_t>((M + 4 * threads - 1) / (4 * threads), 6, 192), 6);
   const int64_t tasks = (M + rb - 1) / rb;
@@ -290,11 +319,12 @@ void q_pw(const uint8_t* x, const int8_t* w, int64_t N, int64_t HW, int64_t C, i
 }
 
 void q_dwsep(const uint8_t* x, const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& mid,
-             int32_t mid_zp, const int8_t* pw, int64_t Co, const Epilogue& e, const Residual& res, uint8_t* out, int threads) {
+             int32_t mid_zp, const int8_t* pw, int64_t Co, const Epilogue& e, const Residual& res, uint8_t* out, int threads,
+             const uint8_t* blob, int64_t blob_size) {
   using namespace detail;
   const int lvl = level();
   const DwPrep dp = prep_dw(taps, g, x_zp, mid);
-  const PwPrep pp = prep_pw(lvl, pw, g.C, Co, mid_zp, e);
+  const PwPrep pp = prep_pw(lvl, pw, g.C, Co, mid_zp, e, blob, blob_size);
   // Blocks of output rows whose depthwise result (uint8) stays in L2: <= 64 KiB, >= 4 tasks per thread.
   const int64_t row_bytes = std::max<int64_t>(1, g.Wo * g.C);
   int64_t rb = std::clamp<int64_t>(65536 / row_bytes, 1, g.Ho);

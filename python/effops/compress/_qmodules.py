@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..nn._parts import se_gate_of
 from ..ops.dwsep import conv_geometry
+from ..ops.qconv import pack_pw
 
 
 def quantize_tensor(x: Tensor, scale: float, zp: int) -> Tensor:
@@ -76,6 +77,15 @@ class _QBlock(nn.Module):
         self._chain = bool(self.chain_out)
         self._cfg = {n: tuple(int(v) for v in getattr(self, f"{n}_cfg").tolist()) + (float(getattr(self, f"{n}_scale")),)
                      for n in self._stages}
+        # the pointwise weights packed once for the CPU kernels (not state: rebuilt from the buffers)
+        x_zp = {"expand": self._in[1], "project": self._cfg["dw"][3]}
+        self._packed = {n: pack_pw(getattr(self, f"{n}_weight"), getattr(self, f"{n}_bias"), x_zp[n])
+                        for n in ("expand", "project") if n in self._cfg}
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): repack for the new device
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh()
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -119,7 +129,7 @@ class _QBlock(nn.Module):
         return torch.ops.effops.q_dwsep_conv(
             h, self.dw_weight, self.dw_bias, self.dw_mult, self.dw_lut, self.project_weight, self.project_bias,
             self.project_mult, self.project_lut, residual, stride, pad, h_zp, d[0], d[1], d[2], d[3], p[0], p[1],
-            p[2], self._in[1], res_mult)
+            p[2], self._in[1], res_mult, self._packed["project"])
 
     def extra_repr(self) -> str:
         w = self.dw_weight
@@ -147,7 +157,7 @@ class QMBConv(_QBlock):
         if "expand" in self._cfg:
             e = self._cfg["expand"]
             h = torch.ops.effops.q_pw_conv(h, self.expand_weight, self.expand_bias, self.expand_mult, self.expand_lut,
-                                           None, None, h_zp, e[0], e[1], e[2], 0, 1.0)
+                                           None, None, h_zp, e[0], e[1], e[2], 0, 1.0, self._packed["expand"])
             h_zp = e[3]
         residual = xq if self.skip else None
         if self.se is None:
@@ -159,7 +169,8 @@ class QMBConv(_QBlock):
         means = (sums.to(torch.float32) / float(y.shape[2] * y.shape[3]) - d[3]) * d[4]
         gates = se_gate_of(self.se)(means[:, :, None, None])[:, :, 0, 0].to(torch.float32).contiguous()
         out = torch.ops.effops.q_pw_conv(y, self.project_weight, self.project_bias, self.project_mult, self.project_lut, gates,
-                                         residual, d[3], p[0], p[1], p[2], self._in[1], self._in[0] / p[4])
+                                         residual, d[3], p[0], p[1], p[2], self._in[1], self._in[0] / p[4],
+                                         self._packed["project"])
         return self._out(out)
 
 

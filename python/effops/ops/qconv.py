@@ -208,7 +208,8 @@ def _dw_impl(backend, x, weight, bias, mult, lut, stride, pad, x_zp, out_zp, qmi
     Ho, Wo = _out_hw(x, weight.shape[2:], stride, pad)
     y = _empty_cl(N, C, Ho, Wo, torch.uint8, x.device)
     sums = torch.empty(N, C, dtype=torch.int32, device=x.device)
-    args = (_nhwc(x), _taps(weight), _c(bias), mult.contiguous(), _c(lut), list(stride), list(pad),
+    taps = weight[:, 0].contiguous() if backend == "cpu" else _taps(weight)  # CPU: [C, KH, KW]; else [KH, KW, C]
+    args = (_nhwc(x), taps, _c(bias), mult.contiguous(), _c(lut), list(stride), list(pad),
             x_zp, out_zp, qmin, qmax, y.permute(0, 2, 3, 1), sums)
     if backend == "cpu":
         _backend._C.q_dw_forward(*args, _threads())
@@ -219,7 +220,8 @@ def _dw_impl(backend, x, weight, bias, mult, lut, stride, pad, x_zp, out_zp, qmi
     return y, sums
 
 
-def _pw_impl(backend, x, weight, bias, mult, lut, gate, residual, x_zp, out_zp, qmin, qmax, res_zp, res_mult):
+def _pw_impl(backend, x, weight, bias, mult, lut, gate, residual, x_zp, out_zp, qmin, qmax, res_zp, res_mult,
+             packed=None):
     N, C, H, W = x.shape
     Co = weight.shape[0]
     out = _empty_cl(N, Co, H, W, torch.uint8, x.device)
@@ -227,7 +229,7 @@ def _pw_impl(backend, x, weight, bias, mult, lut, gate, residual, x_zp, out_zp, 
             None if residual is None else _nhwc(residual), x_zp, out_zp, qmin, qmax, res_zp, float(res_mult),
             out.permute(0, 2, 3, 1))
     if backend == "cpu":
-        _backend._C.q_pw_forward(*args, _threads())
+        _backend._C.q_pw_forward(*args, packed, _threads())
     elif backend == "cuda":
         _backend._cuda.q_pw_forward(*args, torch.cuda.current_stream(x.device).cuda_stream, x.device.index)
     else:
@@ -236,7 +238,7 @@ def _pw_impl(backend, x, weight, bias, mult, lut, gate, residual, x_zp, out_zp, 
 
 
 def _dwsep_impl(backend, x, dw_weight, dw_bias, dw_mult, dw_lut, pw_weight, pw_bias, pw_mult, lut, residual,
-                stride, pad, x_zp, dw_zp, mid_qmin, mid_qmax, mid_zp, out_zp, qmin, qmax, res_zp, res_mult):
+                stride, pad, x_zp, dw_zp, mid_qmin, mid_qmax, mid_zp, out_zp, qmin, qmax, res_zp, res_mult, pw_packed=None):
     if backend != "cpu":  # CUDA / Triton: the two kernels back to back (same integers)
         mid, _ = _dw_impl(backend, x, dw_weight, dw_bias, dw_mult, dw_lut, stride, pad, x_zp, dw_zp, mid_qmin,
                           mid_qmax)
@@ -247,11 +249,23 @@ def _dwsep_impl(backend, x, dw_weight, dw_bias, dw_mult, dw_lut, pw_weight, pw_b
     Ho, Wo = _out_hw(x, dw_weight.shape[2:], stride, pad)
     out = _empty_cl(N, Co, Ho, Wo, torch.uint8, x.device)
     _backend._C.q_dwsep_forward(
-        _nhwc(x), _taps(dw_weight), _c(dw_bias), dw_mult.contiguous(), _c(dw_lut), pw_weight.reshape(Co, C).contiguous(),
+        _nhwc(x), dw_weight[:, 0].contiguous(), _c(dw_bias), dw_mult.contiguous(), _c(dw_lut), pw_weight.reshape(Co, C).contiguous(),
         _c(pw_bias), pw_mult.contiguous(), _c(lut), None if residual is None else _nhwc(residual), list(stride),
         list(pad), x_zp, dw_zp, mid_qmin, mid_qmax, mid_zp, out_zp, qmin, qmax, res_zp, float(res_mult),
-        out.permute(0, 2, 3, 1), _threads())
+        out.permute(0, 2, 3, 1), pw_packed, _threads())
     return out
+
+
+def pack_pw(weight: Tensor, bias: Optional[Tensor], x_zp: int) -> Optional[Tensor]:
+    """The pointwise weights packed once for the CPU kernels' current ISA level (the ``packed`` /
+    ``pw_packed`` argument: the kernels use it when it matches their level, the shapes, x_zp and
+    whether there is a bias, and pack per call otherwise), or None off the CPU / without _C."""
+    if weight.device.type != "cpu" or _backend._C is None or not hasattr(_backend._C_module, "q_pw_pack"):
+        return None
+    Co, C = weight.shape[:2]
+    blob = torch.empty(_backend._C_module.q_pw_packed_bytes(Co, C), dtype=torch.uint8)
+    _backend._C.q_pw_pack(weight.reshape(Co, C).contiguous(), _c(bias), int(x_zp), blob)
+    return blob
 
 
 # =============================================================================== custom ops
@@ -274,21 +288,22 @@ def _(x, weight, bias, mult, lut, stride, pad, x_zp, out_zp, qmin, qmax):
 
 
 @custom_op("effops::q_pw_conv", "(Tensor x, Tensor weight, Tensor? bias, Tensor mult, Tensor? lut, Tensor? gate, "
-           "Tensor? residual, SymInt x_zp, SymInt out_zp, SymInt qmin, SymInt qmax, SymInt res_zp, float res_mult) "
-           "-> Tensor")
+           "Tensor? residual, SymInt x_zp, SymInt out_zp, SymInt qmin, SymInt qmax, SymInt res_zp, float res_mult, "
+           "Tensor? packed=None) -> Tensor")
 def _q_pw_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], mult: Tensor, lut: Optional[Tensor],
              gate: Optional[Tensor], residual: Optional[Tensor], x_zp: int, out_zp: int, qmin: int, qmax: int,
-             res_zp: int, res_mult: float) -> Tensor:
+             res_zp: int, res_mult: float, packed: Optional[Tensor] = None) -> Tensor:
     backend = _backend.select("q_pw_conv", x.device)
     if backend == "reference":
         out = q_pw_conv_reference(x, weight, bias, mult, lut, gate, residual, x_zp, out_zp, qmin, qmax, res_zp,
                                   res_mult)
         return out.contiguous(memory_format=torch.channels_last)
-    return _pw_impl(backend, x, weight, bias, mult, lut, gate, residual, x_zp, out_zp, qmin, qmax, res_zp, res_mult)
+    return _pw_impl(backend, x, weight, bias, mult, lut, gate, residual, x_zp, out_zp, qmin, qmax, res_zp, res_mult,
+                    packed)
 
 
 @_q_pw_op.register_fake
-def _(x, weight, bias, mult, lut, gate, residual, x_zp, out_zp, qmin, qmax, res_zp, res_mult):
+def _(x, weight, bias, mult, lut, gate, residual, x_zp, out_zp, qmin, qmax, res_zp, res_mult, packed=None):
     N, _, H, W = x.shape
     return _empty_cl(N, weight.shape[0], H, W, torch.uint8, x.device)
 
@@ -296,22 +311,23 @@ def _(x, weight, bias, mult, lut, gate, residual, x_zp, out_zp, qmin, qmax, res_
 @custom_op("effops::q_dwsep_conv", "(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor dw_mult, Tensor? dw_lut, "
            "Tensor pw_weight, Tensor? pw_bias, Tensor pw_mult, Tensor? lut, Tensor? residual, SymInt[] stride, "
            "SymInt[] pad, SymInt x_zp, SymInt dw_zp, SymInt mid_qmin, SymInt mid_qmax, SymInt mid_zp, SymInt out_zp, "
-           "SymInt qmin, SymInt qmax, SymInt res_zp, float res_mult) -> Tensor")
+           "SymInt qmin, SymInt qmax, SymInt res_zp, float res_mult, Tensor? pw_packed=None) -> Tensor")
 def _q_dwsep_op(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], dw_mult: Tensor, dw_lut: Optional[Tensor],
                 pw_weight: Tensor, pw_bias: Optional[Tensor], pw_mult: Tensor, lut: Optional[Tensor],
                 residual: Optional[Tensor], stride: List[int], pad: List[int], x_zp: int, dw_zp: int,
                 mid_qmin: int, mid_qmax: int, mid_zp: int, out_zp: int, qmin: int, qmax: int, res_zp: int,
-                res_mult: float) -> Tensor:
+                res_mult: float, pw_packed: Optional[Tensor] = None) -> Tensor:
     args = (x, dw_weight, dw_bias, dw_mult, dw_lut, pw_weight, pw_bias, pw_mult, lut, residual, stride, pad, x_zp,
             dw_zp, mid_qmin, mid_qmax, mid_zp, out_zp, qmin, qmax, res_zp, res_mult)
     backend = _backend.select("q_dwsep_conv", x.device)
     if backend == "reference":
         return q_dwsep_conv_reference(*args).contiguous(memory_format=torch.channels_last)
-    return _dwsep_impl(backend, *args)
+    return _dwsep_impl(backend, *args, pw_packed)
 
 
 @_q_dwsep_op.register_fake
-def _(x, dw_weight, dw_bias, dw_mult, dw_lut, pw_weight, pw_bias, pw_mult, lut, residual, stride, pad, *rest):
+def _(x, dw_weight, dw_bias, dw_mult, dw_lut, pw_weight, pw_bias, pw_mult, lut, residual, stride, pad, *rest,
+      pw_packed=None):
     Ho, Wo = _out_hw(x, dw_weight.shape[2:], stride, pad)
     return _empty_cl(x.shape[0], pw_weight.shape[0], Ho, Wo, torch.uint8, x.device)
 
@@ -443,5 +459,5 @@ def q_dwsep_conv(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, *, dw_bias: Op
                                          mid_zp, out_zp, qmin, qmax, res_zp, res_mult)
 
 
-__all__ = ["q_dw_conv_act", "q_pw_conv", "q_dwsep_conv", "activation_lut", "clamp_range", "requantize",
+__all__ = ["q_dw_conv_act", "q_pw_conv", "q_dwsep_conv", "pack_pw", "activation_lut", "clamp_range", "requantize",
            "q_dw_conv_act_reference", "q_pw_conv_reference", "q_dwsep_conv_reference", "ACTIVATIONS"]
