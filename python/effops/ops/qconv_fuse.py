@@ -64,15 +64,17 @@ def _nhwc(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
 
 
-@custom_op("effops::q_weighted_fuse", "(Tensor[] inputs, SymInt[] zps, SymInt[] mults, str[] modes, "
+@custom_op("effops::q_weighted_fuse", "(Tensor[] inputs, SymInt[] zps, SymInt[] mults, SymInt[] modes, "
            "SymInt[] out_hw, SymInt out_zp, SymInt qmin, SymInt qmax, Tensor? lut) -> Tensor")
-def _q_fuse_op(inputs: List[Tensor], zps: List[int], mults: List[int], modes: List[str], out_hw: List[int],
+def _q_fuse_op(inputs: List[Tensor], zps: List[int], mults: List[int], modes: List[int], out_hw: List[int],
                out_zp: int, qmin: int, qmax: int, lut: Optional[Tensor]) -> Tensor:
+    """modes: resample mode codes (MODE_CODES: the index in ops.bifpn.MODES)."""
     backend = _backend.select("q_weighted_fuse", inputs[0].device)
     if backend == "reference" or (backend == "cpu" and not hasattr(_backend._C_module, "q_fuse_forward")):
-        return q_weighted_fuse_reference(inputs, zps, mults, modes, out_hw, out_zp, qmin, qmax, lut)
+        return q_weighted_fuse_reference(inputs, zps, mults, [MODES[m] for m in modes], out_hw, out_zp, qmin, qmax,
+                                         lut)
     out = _empty_out(inputs[0], out_hw)
-    args = ([_nhwc(x) for x in inputs], list(zps), list(mults), [MODE_CODES[m] for m in modes], out_zp, qmin, qmax,
+    args = ([_nhwc(x) for x in inputs], list(zps), list(mults), list(modes), out_zp, qmin, qmax,
             None if lut is None else lut.contiguous(), out.permute(0, 2, 3, 1))
     if backend == "cpu":
         _backend._C.q_fuse_forward(*args, max(1, torch.get_num_threads()))
@@ -130,7 +132,8 @@ def q_weighted_fuse(inputs: Sequence[Tensor], *, zps: Sequence[int], mults: Sequ
         lut = check_tensor(op, "lut", lut)
         if lut.dtype != torch.uint8 or tuple(lut.shape) != (256,):
             raise EffopsInputError(f"{op}: lut must be uint8 of shape [256]")
-    return torch.ops.effops.q_weighted_fuse(xs, zps, mults, list(resample), list(out_size), out_zp, qmin, qmax, lut)
+    return torch.ops.effops.q_weighted_fuse(xs, zps, mults, [MODE_CODES[m] for m in resample], list(out_size), out_zp,
+                                            qmin, qmax, lut)
 
 
 __all__ = ["q_weighted_fuse", "q_weighted_fuse_reference", "fuse_multipliers", "FRAC_BITS"]
