@@ -332,3 +332,26 @@ def test_metrics_log_drops_the_tail_of_a_killed_run(tmp_path):
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
     MetricsLog(path, keep_until_step=2).append(dict(kind="train", step=3, loss=9.0))
     assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 1.0), (2, 2.0), (3, 9.0)]
+
+
+def test_initial_weights_keep_all_but_a_resized_class_head(tmp_path):
+    from effops.train.loop import _load_initial_weights
+
+    cfg = TrainConfig(out="unused", image_size=128, model_overrides=dict(TINY_MODEL))
+    torch.manual_seed(1)
+    src = build_model(cfg, 5)
+    torch.save(src.state_dict(), tmp_path / "five.pt")
+    torch.manual_seed(2)
+    same = build_model(cfg, 5)
+    assert "class head" not in _load_initial_weights(same, str(tmp_path / "five.pt"))
+    for k, v in src.state_dict().items():
+        assert torch.equal(same.state_dict()[k], v), k
+    torch.manual_seed(3)
+    other = build_model(cfg, 3)
+    head_before = other.class_net.predict.conv_pw.weight.clone()
+    assert "class head re-initialised" in _load_initial_weights(other, str(tmp_path / "five.pt"))
+    assert torch.equal(other.class_net.predict.conv_pw.weight, head_before)
+    assert torch.equal(other.backbone.conv_stem.weight, src.backbone.conv_stem.weight)
+    wider = build_model(TrainConfig(out="unused", image_size=128, model_overrides=dict(TINY_MODEL, fpn_channels=24)), 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        _load_initial_weights(wider, str(tmp_path / "five.pt"))

@@ -8,4 +8,5 @@ FAMILIES = {
     "losses": "effops.bench.bench_losses",
     "prune": "effops.bench.bench_prune",
     "qconv": "effops.bench.bench_qconv",
+    "train": "effops.bench.bench_train",  # a whole D0 training step vs effdet's DetBenchTrain (minutes at 512)
 }
