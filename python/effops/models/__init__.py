@@ -17,4 +17,5 @@ from .detection import Detections  # noqa: E402
 from .loss import DetectionLoss  # noqa: E402
 
 __all__ = ["create_model", "list_models", "register_model", "load_weights", "read_checkpoint", "EfficientNet",
-           "EfficientNetFeatures", "efficientnet_features", "EfficientDet", "EfficientDetConfig", "Detections", "DetectionLoss"]
+           "EfficientNetFeatures", "efficientnet_features", "EfficientDet", "EfficientDetConfig", "Detections",
+           "DetectionLoss"]

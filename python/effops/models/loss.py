@@ -151,12 +151,11 @@ class DetectionLoss(nn.Module):
         shapes = [self._level_shape(l, c, b) for l, (c, b) in enumerate(zip(cls_outputs, box_outputs))]
         B = shapes[0][0]
         total = sum(H * W * A for _, H, W, A in shapes)
-        if not isinstance(cls_targets, Tensor) or tuple(cls_targets.shape) != (B, total):
-            raise ValueError(f"DetectionLoss: cls_targets must be [B, A_total] = {[B, total]} (the outputs' anchors), "
-                             f"got {list(cls_targets.shape) if isinstance(cls_targets, Tensor) else type(cls_targets).__name__}")
-        if not isinstance(box_targets, Tensor) or tuple(box_targets.shape) != (B, total, 4):
-            raise ValueError(f"DetectionLoss: box_targets must be [B, A_total, 4] = {[B, total, 4]}, got "
-                             f"{list(box_targets.shape) if isinstance(box_targets, Tensor) else type(box_targets).__name__}")
+        for name, t, want in (("cls_targets", cls_targets, (B, total)), ("box_targets", box_targets, (B, total, 4))):
+            if not isinstance(t, Tensor) or tuple(t.shape) != want:
+                got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"DetectionLoss: {name} must be {list(want)} (batch, the outputs' anchors"
+                                 f"{', 4' if len(want) == 3 else ''}), got {got}")
         if anchors is not None and (anchors.dim() != 2 or anchors.shape[0] != total):
             raise ValueError(f"DetectionLoss: the outputs have {total} anchors over their levels, anchors has "
                              f"{list(anchors.shape)} (another image size or anchor configuration?)")
@@ -196,7 +195,8 @@ class DetectionLoss(nn.Module):
         dev = cls_outputs[0].device
         if normalizer is None:
             if not isinstance(num_positives, Tensor):
-                raise TypeError(f"DetectionLoss: num_positives must be a tensor [B], got {type(num_positives).__name__}")
+                raise TypeError(f"DetectionLoss: num_positives must be a tensor [B], got "
+                                f"{type(num_positives).__name__}")
             normalizer = num_positives.to(device=dev, dtype=torch.float32).sum() + 1.0
         else:
             normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=dev)

@@ -78,7 +78,8 @@ def load_model_state(model: torch.nn.Module, sd: Dict[str, torch.Tensor], where:
               if k in target and tuple(sd[k].shape) != tuple(target[k].shape)]
     if missing or unexpected or shapes:
         parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shapes differ (file vs model)", shapes)):
+        for label, items in (("missing", missing), ("unexpected", unexpected),
+                             ("shapes differ (file vs model)", shapes)):
             if items:
                 parts.append(f"{len(items)} {label}: {', '.join(items[:6])}{', ...' if len(items) > 6 else ''}")
         raise CheckpointError(f"{where}: does not fit the model ({'; '.join(parts)}); was it written for another "

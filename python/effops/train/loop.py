@@ -428,7 +428,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             last_eval = {k: float(v) for k, v in res.items()}
             log.append(dict(kind="eval", epoch=ep + 1, step=step, weights="ema" if ema is not None else "model",
                             **last_eval, time=time.time()))
-            print(f"effops train: epoch {ep + 1}: COCO AP {100 * last_eval['AP']:.2f}, AP50 {100 * last_eval['AP50']:.2f}"
+            print(f"effops train: epoch {ep + 1}: COCO AP {100 * last_eval['AP']:.2f}, "
+                  f"AP50 {100 * last_eval['AP50']:.2f}"
                   f" ({last_eval['num_images']:.0f} val images, {'EMA' if ema is not None else 'model'} weights)")
         _barrier()
         save(ep + 1, 0)

@@ -30,11 +30,11 @@ def add_parser(sub) -> None:
     sp.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     sp.add_argument("--weights", default=None, help="initial weights (a state_dict or checkpoint; a class head of "
                     "another size is re-initialised)")
-    sp.add_argument("--seed", type=int, default=42, help="data order, augmentation and initialisation seed (default 42)")
+    sp.add_argument("--seed", type=int, default=42, help="data order, augmentation, init seed (default 42)")
     sp.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
     sp.add_argument("--drop-path-rate", type=float, default=None, help="backbone stochastic depth (default: variant's)")
     sp.add_argument("--label-smoothing", type=float, default=0.0, help="focal loss label smoothing (default 0)")
-    sp.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: per epoch)")
+    sp.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: 0)")
     sp.add_argument("--log-every", type=int, default=10, help="steps per metrics.jsonl record (default 10)")
     sp.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after N steps in all")
     sp.add_argument("--no-eval", action="store_true", help="skip the COCO evaluation after each epoch")
@@ -61,7 +61,8 @@ def run(args) -> int:
                 return 2
             data_options[key] = v
     try:
-        cfg = TrainConfig(out=args.out, model=args.model, data=args.data, image_size=args.image_size, epochs=args.epochs,
+        cfg = TrainConfig(out=args.out, model=args.model, data=args.data, image_size=args.image_size,
+                          epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                           weight_decay=args.weight_decay, momentum=args.momentum, warmup_epochs=args.warmup_epochs,
                           min_lr_ratio=args.min_lr_ratio, clip_grad=args.clip_grad, amp=args.amp, ema=args.ema,
