@@ -446,6 +446,9 @@ def test_opcheck():
     for args in ((x, cls, None, 0.25, 1.5, 0.1, 1, False, True), (x, torch.rand(7, 5), ig, 0.25, 2.0, 0.0, 0, False, True),
                  (x.detach(), cls, None, -1.0, 0.0, 0.0, 2, True, False)):
         torch.library.opcheck(torch.ops.effops.sigmoid_focal_loss.default, args)
+    xt = torch.randn(5, 7).t().requires_grad_()  # strided (transposed) logits
+    torch.library.opcheck(torch.ops.effops.sigmoid_focal_loss.default,
+                          (xt, torch.randint(-2, 5, (7,)), None, 0.25, 2.0, 0.0, 1, False, True))
     p = _boxes(9, 1).float().requires_grad_()
     t = _boxes(9, 2).float()
     for kind in (0, 2):

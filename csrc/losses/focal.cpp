@@ -183,6 +183,46 @@ void run(const FocalArgs& a, int threads) {
   });
 }
 
+// dst[i] = src[i] * f (float32 math, rounded once to the storage type), elements [i0, i1).
+template <int W, class T>
+EFFOPS_VM_INLINE void scale_span(const T* src, int64_t i0, int64_t i1, float f, T* dst) {
+  constexpr int L = Vec<W>::L;
+  int64_t j = i0;
+  for (; j + L <= i1; j += L) vstore<W>(dst + j, vload<W>(src + j) * f);
+  for (; j < i1; ++j) vstore<4>(dst + j, vload<4>(src + j) * f);
+}
+#if EFFOPS_X86
+template <class T>
+EFFOPS_TARGET_V4 void scale_v4(const T* s, int64_t i0, int64_t i1, float f, T* d) {
+  scale_span<64, T>(s, i0, i1, f, d);
+}
+template <class T>
+EFFOPS_TARGET_V3 void scale_v3(const T* s, int64_t i0, int64_t i1, float f, T* d) {
+  scale_span<32, T>(s, i0, i1, f, d);
+}
+#endif
+template <class T>
+void scale_base(const T* s, int64_t i0, int64_t i1, float f, T* d) {
+  scale_span<16, T>(s, i0, i1, f, d);
+}
+
+template <class T>
+void scale_run(const void* src, int64_t n, float f, void* dst, int threads) {
+  const T* s = static_cast<const T*>(src);
+  T* d = static_cast<T*>(dst);
+  const int64_t tasks = (n + kTaskElems - 1) / kTaskElems;
+  const Isa level = isa();
+  parallel_for(tasks, threads, [&](int64_t task, int) {
+    const int64_t i0 = task * kTaskElems, i1 = std::min(n, i0 + kTaskElems);
+#if EFFOPS_X86
+    if (level == kV4) return scale_v4<T>(s, i0, i1, f, d);
+    if (level == kV3) return scale_v3<T>(s, i0, i1, f, d);
+#endif
+    (void)level;
+    scale_base<T>(s, i0, i1, f, d);
+  });
+}
+
 template <class T>
 void run_t(const FocalArgs& a, int threads) {
   if (a.dense) run<T, true>(a, threads);
@@ -207,6 +247,16 @@ void advise_huge(void* p, int64_t bytes) {
 }
 
 int64_t focal_rows_per_task(int64_t C) { return std::max<int64_t>(1, kTaskElems / std::max<int64_t>(C, 1)); }
+
+void scale_grad(const void* src, int storage, int64_t n, float factor, void* dst, int threads) {
+  if (n == 0) return;
+  advise_huge(dst, n * (storage == kStoreF32 ? 4 : 2));
+  switch (storage) {
+    case kStoreBF16: return scale_run<uint16_t>(src, n, factor, dst, threads);
+    case kStoreF16: return scale_run<_Float16>(src, n, factor, dst, threads);
+    default: return scale_run<float>(src, n, factor, dst, threads);
+  }
+}
 
 void focal_forward(const FocalArgs& a, int storage, int threads) {
   if (a.N == 0 || a.C == 0) return;

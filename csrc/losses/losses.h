@@ -34,6 +34,9 @@ int64_t focal_rows_per_task(int64_t C);
 // madvise(MADV_HUGEPAGE) on the 2 MiB pages inside a large fresh output buffer.
 void advise_huge(void* p, int64_t bytes);
 void focal_forward(const FocalArgs& a, int storage, int threads);
+// dst = src * factor over n elements of one storage type (the focal backward for a reduced loss:
+// the saved gradient times the incoming scalar, into a fresh - huge-page advised - buffer).
+void scale_grad(const void* src, int storage, int64_t n, float factor, void* dst, int threads);
 
 // Box losses over N boxes (float32 [N, 4]); mask float32 [N] (per box) or [N, 4] (mask4).
 // kind 0 huber, 1 l1, 2 giou. Writes loss ([N, 4] or [N] for giou) or per-task partials,

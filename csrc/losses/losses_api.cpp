@@ -80,6 +80,14 @@ int64_t focal_loss_api(const CpuArray& logits, const CpuArray& targets, std::opt
   return bad.load();
 }
 
+void focal_scale_api(const CpuArray& src, double factor, const CpuArray& dst, int threads) {
+  const char* op = "focal_scale";
+  check(dst.dtype() == src.dtype(), op, ": dst must have src's dtype");
+  check(dst.size() == src.size(), op, ": dst must have src's size");
+  scale_grad(src.data(), storage_of(src, op, "src"), static_cast<int64_t>(src.size()), static_cast<float>(factor),
+             dst.data(), threads);
+}
+
 void box_loss_api(const CpuArray& pred, const CpuArray& target, const CpuArray& mask, int kind, double delta,
                   std::optional<CpuArray> loss_out, std::optional<CpuArray> partial, std::optional<CpuArray> grad,
                   int threads) {

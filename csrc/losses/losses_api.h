@@ -11,6 +11,7 @@ namespace effops::losses {
 int64_t focal_loss_api(const CpuArray& logits, const CpuArray& targets, std::optional<CpuArray> ignore,
                        double alpha, double gamma, double label_smoothing, std::optional<CpuArray> loss_out,
                        std::optional<CpuArray> partial, std::optional<CpuArray> grad, int threads);
+void focal_scale_api(const CpuArray& src, double factor, const CpuArray& dst, int threads);
 void box_loss_api(const CpuArray& pred, const CpuArray& target, const CpuArray& mask, int kind, double delta,
                   std::optional<CpuArray> loss_out, std::optional<CpuArray> partial, std::optional<CpuArray> grad,
                   int threads);

@@ -47,14 +47,14 @@ def focal(backend: str, logits: Tensor, targets: Tensor, ignore, alpha: float, g
           out_dtype: torch.dtype, need_grad: bool):
     """(loss in out_dtype, per-element gradient in the logits' dtype or an empty tensor)."""
     C = logits.shape[-1]
-    x = _rows(logits)
+    x = _rows(logits).contiguous()
     N = x.shape[0]
     dense = targets.dtype.is_floating_point
-    t = targets.reshape(N, C).float() if dense else targets.reshape(N)
+    t = (targets.reshape(N, C).float() if dense else targets.reshape(N)).contiguous()
     ig = None
     if ignore is not None:
         ig = ignore.reshape(N) if ignore.dim() == logits.dim() - 1 else ignore.reshape(N, C)
-        ig = ig.view(torch.uint8) if ig.dtype == torch.bool else ig.to(torch.uint8)
+        ig = (ig.view(torch.uint8) if ig.dtype == torch.bool else ig.to(torch.uint8)).contiguous()
     grad = torch.empty_like(x) if need_grad else None
     if backend == "cpu":
         loss_el, total = _focal_cpu(x, t, ig, alpha, gamma, ls, red, grad)
@@ -98,6 +98,19 @@ def _focal_cuda(x, t, ig, alpha, gamma, ls, red, grad):
     return loss_el, (None if part is None else part.double().sum().float())
 
 
+def scale_on_cpu(saved: Tensor) -> bool:
+    """The focal backward of a reduced loss runs the CPU scaling kernel (a fresh output of D0's
+    size takes ~250 ms of page faults without the huge-page advice it gives the buffer)."""
+    return (saved.device.type == "cpu" and saved.dtype != torch.float64 and saved.is_contiguous()
+            and _has(_backend._C, "focal_scale") and _backend.select("sigmoid_focal_loss", saved.device) == "cpu")
+
+
+def scale(saved: Tensor, factor: float) -> Tensor:
+    out = torch.empty_like(saved)
+    _backend._C.focal_scale(saved, factor, out, _threads())
+    return out
+
+
 # =============================================================================== box loss
 def box(backend: str, pred: Tensor, target: Tensor, mask: Tensor, kind: str, delta: float, red: str, need_grad: bool):
     """(loss float32: sum, or per coordinate / per box for 'none'; d/dpred float32 or empty)."""
@@ -138,6 +151,7 @@ def match(backend: str, anchors: Tensor, gt_boxes: Tensor, labels: Tensor, valid
     B, G = labels.shape
     A = anchors.shape[0]
     dev = anchors.device
+    anchors, gt_boxes, labels, valid = (t.contiguous() for t in (anchors, gt_boxes, labels, valid))
     cls = torch.empty(B, A, dtype=torch.int64, device=dev)
     box_t = torch.empty(B, A, 4, dtype=torch.float32, device=dev)
     npos = torch.empty(B, dtype=torch.float32, device=dev)

@@ -80,6 +80,8 @@ def _focal_bwd_op(grad_loss: Tensor, saved: Tensor, reduction: int) -> Tensor:
         g = g / max(saved.numel(), 1)
     if REDUCTIONS[reduction] == "none":
         return (saved.to(g.dtype) * g).to(saved.dtype)
+    if _kb.scale_on_cpu(saved):
+        return _kb.scale(saved, float(g))  # the kernel's fresh output is huge-page advised
     return torch.mul(saved, g)  # a 0-dim factor: computed in float32, rounded once to saved's dtype
 
 
