@@ -428,6 +428,34 @@ def test_split_levels_layout_and_errors():
         split_levels(c, b, [(16, 16)])
 
 
+def test_ops_reproduce_effdets_detection_loss():
+    """effdet's loss_fn fed match_anchors' split targets equals it fed its own labeler's, and the
+    fused ops (focal sum, Huber sum) reproduce its value with its normalisation."""
+    an, lab = _labeler((128, 128))
+    gt, cls = _random_gt(2, 6, 128, seed=13)
+    cls[1, 4:] = -1
+    feats = [an.feat_sizes[lv] for lv in range(3, 8)]
+    g = gen(14)
+    cls_out = [torch.randn(2, 9 * 6, h, w, generator=g) for h, w in feats]
+    box_out = [torch.randn(2, 36, h, w, generator=g) * 0.1 for h, w in feats]
+    ct, bt, npos = lab.batch_label_anchors(gt, cls)
+    c, b, n = match_anchors(an.boxes, gt, cls)
+    cs, bs = split_levels(c, b, feats)
+    kw = dict(num_classes=6, alpha=0.25, gamma=1.5, delta=0.1, box_loss_weight=50.0)
+    cs6 = [torch.where(t >= 6, torch.full_like(t, -1), t) for t in cs]  # 6 classes: fold the rest into background
+    ct6 = [torch.where(t >= 6, torch.full_like(t, -1), t) for t in ct]
+    ref = effdet_loss.loss_fn(cls_out, box_out, ct6, bt, npos, **kw)
+    via = effdet_loss.loss_fn(cls_out, box_out, cs6, bs, n, **kw)
+    torch.testing.assert_close(torch.stack(via), torch.stack(ref), rtol=1e-6, atol=1e-6)
+    norm = n.sum() + 1.0
+    flat_cls = torch.cat([o.permute(0, 2, 3, 1).reshape(2, -1, 6) for o in cls_out], 1)
+    flat_box = torch.cat([o.permute(0, 2, 3, 1).reshape(2, -1, 4) for o in box_out], 1)
+    c6 = torch.where(c >= 6, torch.full_like(c, -1), c)
+    lc = sigmoid_focal_loss(flat_cls, c6, alpha=0.25, gamma=1.5, reduction="sum") / norm
+    lb = box_loss(flat_box, b, None, kind="huber", delta=0.1) / (4 * norm)
+    torch.testing.assert_close(torch.stack([lc + 50 * lb, lc, lb]), torch.stack(ref), rtol=1e-5, atol=1e-6)
+
+
 # =============================================================================== registration
 def test_gradcheck_focal_float64():
     x = logits_like((6, 5), seed=40, dtype=F64).requires_grad_()
