@@ -92,40 +92,57 @@ QT512 void widen_row_512(const uint8_t* xi, const DwGeom& g, int64_t Cp, int64_t
   }
 }
 
+// KH_ x KW_ > 0: the kernel size known at compile time, the taps' weights held in registers across
+// the row (0: any size, the weights read from L1 per tap).
+template <int KH_, int KW_>
 QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t oh0, int64_t oh1, int32_t x_zp,
                     const Epilogue& e, uint8_t* y, int32_t* sums) {
-  const int64_t C = g.C, Cp = p.Cp, KH = g.KH, KW = g.KW;
+  const int64_t C = g.C, Cp = p.Cp, KH = KH_ ? KH_ : g.KH, KW = KW_ ? KW_ : g.KW;
   const int64_t Wp = (g.Wo - 1) * g.sw + KW;  // widened row: from the left padding to the last tap
-  thread_local std::vector<int32_t> ring;
-  ring.resize(static_cast<size_t>(KH * Wp * Cp));
+  // Per-thread storage, used through local pointers: a thread_local in a shared library is reached
+  // through __tls_get_addr, which in the tap loop made this kernel 4x slower.
+  thread_local std::vector<int32_t> ring_store;
+  thread_local std::vector<const int32_t*> rows_store;
+  ring_store.resize(static_cast<size_t>(KH * Wp * Cp));
+  rows_store.resize(static_cast<size_t>(KH));
+  int32_t* const ring = ring_store.data();
+  const int32_t** const rows = rows_store.data();
   const __m512i ozp = _mm512_set1_epi32(e.zp);
   const __m512i qmin = _mm512_set1_epi32(e.qmin), qmax = _mm512_set1_epi32(e.qmax);
   const __m512 lo = _mm512_set1_ps(-kClamp), hi = _mm512_set1_ps(kClamp);
   const bool lut = e.lut != nullptr;
   const Lut512 L = lut ? lut512_load(e.lut) : Lut512{};
   int64_t filled = oh0 * g.sh - g.pt - 1;  // the last input row in the ring
-  thread_local std::vector<const int32_t*> rows;
-  rows.resize(static_cast<size_t>(KH));
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     const int64_t ih0 = oh * g.sh - g.pt;
     for (int64_t ih = std::max(filled + 1, ih0); ih < ih0 + KH; ++ih)
-      widen_row_512(xi, g, Cp, ih, Wp, x_zp, &ring[static_cast<size_t>(((ih % KH + KH) % KH) * Wp * Cp)]);
+      widen_row_512(xi, g, Cp, ih, Wp, x_zp, ring + ((ih % KH + KH) % KH) * Wp * Cp);
     filled = ih0 + KH - 1;
-    for (int64_t kh = 0; kh < KH; ++kh) rows[kh] = &ring[static_cast<size_t>((((ih0 + kh) % KH + KH) % KH) * Wp * Cp)];
+    for (int64_t kh = 0; kh < KH; ++kh) rows[kh] = ring + (((ih0 + kh) % KH + KH) % KH) * Wp * Cp;
     uint8_t* yrow = y + (oh - oh0) * g.Wo * C;
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
       const __mmask16 m = C - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c0)) - 1);
       const __m512i bias = _mm512_loadu_si512(&p.bias[c0]);
       const __m512 mult = _mm512_loadu_ps(&p.mult[c0]);
       __m512i rsum = _mm512_setzero_si512();
+      constexpr int kT = KH_ * KW_ > 0 ? KH_ * KW_ : 1;
+      __m512i wv[kT];
+      if constexpr (KH_ * KW_ > 0)
+        for (int t = 0; t < kT; ++t) wv[t] = _mm512_loadu_si512(&p.taps32[t * Cp + c0]);
       for (int64_t ow = 0; ow < g.Wo; ++ow) {
         __m512i acc = bias;
         const int64_t col = ow * g.sw * Cp + c0;
-        for (int64_t kh = 0; kh < KH; ++kh) {
-          const int32_t* r = rows[kh] + col;
-          const int32_t* w = &p.taps32[kh * KW * Cp + c0];
-          for (int64_t kw = 0; kw < KW; ++kw)
-            acc = _mm512_dpwssd_epi32(acc, _mm512_loadu_si512(r + kw * Cp), _mm512_loadu_si512(w + kw * Cp));
+        if constexpr (KH_ * KW_ > 0) {
+          for (int kh = 0; kh < KH_; ++kh)
+            for (int kw = 0; kw < KW_; ++kw)
+              acc = _mm512_dpwssd_epi32(acc, _mm512_loadu_si512(rows[kh] + col + kw * Cp), wv[kh * KW_ + kw]);
+        } else {
+          for (int64_t kh = 0; kh < KH; ++kh) {
+            const int32_t* r = rows[kh] + col;
+            const int32_t* w = &p.taps32[kh * KW * Cp + c0];
+            for (int64_t kw = 0; kw < KW; ++kw)
+              acc = _mm512_dpwssd_epi32(acc, _mm512_loadu_si512(r + kw * Cp), _mm512_loadu_si512(w + kw * Cp));
+          }
         }
         __m512 v = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(acc, kRne), mult);
         v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
@@ -195,7 +212,11 @@ void dw_rows(int lvl, const uint8_t* xi, const int8_t* taps, const DwPrep& p, co
 #if EFFOPS_X86
   // the ring of widened rows: KH rows of (Wo - 1) * sw + KW pixels of Cp int32 (at most 64 MiB)
   const int64_t ring = g.KH * ((g.Wo - 1) * g.sw + g.KW) * p.Cp * 4;
-  if (lvl == 2 && ring <= (int64_t{64} << 20)) return rows_512(xi, p, g, oh0, oh1, x_zp, e, y, sums);
+  if (lvl == 2 && ring <= (int64_t{64} << 20)) {
+    if (g.KH == 3 && g.KW == 3) return rows_512<3, 3>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
+    if (g.KH == 5 && g.KW == 5) return rows_512<5, 5>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
+    return rows_512<0, 0>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
+  }
   if (lvl == 1) return rows_256(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums);
 #endif
   rows_scalar(xi, taps, g, oh0, oh1, x_zp, e, y, sums);

@@ -23,13 +23,14 @@ from ..ops.qconv import pack_pw
 
 
 def quantize_tensor(x: Tensor, scale: float, zp: int) -> Tensor:
-    """uint8 codes clamp(round_half_even(x / scale) + zp, 0, 255) (the memory format is kept)."""
-    return torch.clamp(torch.round(x / scale) + zp, 0, 255).to(torch.uint8)
+    """uint8 codes clamp(round_half_even(x / scale) + zp, 0, 255) (the memory format is kept;
+    in place on one temporary: these run at every float/int8 boundary)."""
+    return torch.div(x, scale).round_().add_(zp).clamp_(0, 255).to(torch.uint8)
 
 
 def dequantize_tensor(q: Tensor, scale: float, zp: int) -> Tensor:
     """float32 scale * (q - zp)."""
-    return (q.to(torch.float32) - zp) * scale
+    return q.to(torch.float32).sub_(zp).mul_(scale)
 
 
 @dataclass
