@@ -29,7 +29,7 @@ import pytest
 import torch
 
 CHILD = os.environ.get("EFFOPS_FUZZ_CHILD") == "1"
-FAMILIES = ("nms", "multiclass", "soft_matrix", "dwsep", "bifpn", "modules", "bifpn_module", "convert")
+FAMILIES = ("nms", "multiclass", "soft_matrix", "dwsep", "bifpn", "modules", "bifpn_module", "convert", "losses")
 
 
 def test_fuzz_suite_in_a_child_process():
@@ -486,3 +486,78 @@ if CHILD:
             got = conv(x)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    # -------------------------------------------------------------------------- losses
+    def _ref_backend(call):
+        import effops
+
+        with effops.use_backend("reference"):
+            return call()
+
+    @fuzz
+    @given(st.data())
+    def test_fuzz_losses(data):
+        """sigmoid_focal_loss / box_loss / match_anchors with hostile shapes, dtypes, targets and
+        arguments: a named error, or the CPU kernel's result equals the reference backend's."""
+        draw = data.draw
+        E = sys.modules["effops.ops"]
+
+        def arg(good, bad):  # a bad value about one argument in ten
+            return draw(st.sampled_from(bad)) if sometimes(draw) else draw(st.sampled_from(good))
+        which = draw(st.sampled_from(["focal", "box", "match"]))
+        if which == "focal":
+            shape = draw(st.lists(st.integers(0, 5), min_size=1, max_size=3))
+            dt = dtype(draw)
+            logits = torch.randn(shape, dtype=torch.float64).mul_(draw(st.sampled_from([1.0, 30.0, 100.0])))
+            if sometimes(draw, 4) and logits.numel():
+                logits.view(-1)[0] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+            logits = draw(layout(logits.to(dt) if dt not in (torch.complex64,) else logits.to(dt)))
+            C = shape[-1]
+            kind = arg(["dense", "index"], ["bad"])
+            if kind == "dense":
+                targets = torch.randint(0, 2, shape).to(draw(st.sampled_from([torch.float32, torch.float64])))
+            elif kind == "index":
+                targets = torch.randint(-2, max(C, 1), shape[:-1])
+            else:
+                targets = draw(st.sampled_from([torch.zeros(2, 2, 2, 2), torch.zeros(shape, dtype=torch.bool),
+                                                torch.full(shape[:-1], C + 3)]))
+            kw = dict(alpha=arg([0.25, -1.0], [math.nan, True]), gamma=arg([2.0, 0.0, 1.5], [-1.0, math.inf]),
+                      reduction=arg(["none", "sum", "mean"], ["x"]), label_smoothing=arg([0.0, 0.1], [1.5]))
+            call = lambda: E.sigmoid_focal_loss(logits, targets, **kw)  # noqa: E731
+            op = "sigmoid_focal_loss"
+        elif which == "box":
+            n = draw(st.integers(0, 6))
+            dt = dtype(draw)
+            pred = draw(layout(torch.randn(2, n, 4, dtype=torch.float64).to(dt)))
+            target = torch.randn(arg([(2, n, 4)], [(2, n + 1, 4)]), dtype=torch.float64).to(
+                pred.dtype if pred.dtype.is_floating_point else torch.float32)
+            mask = arg([None, "ok"], ["bad"])
+            mask = None if mask is None else (torch.rand(2, n) > 0.5 if mask == "ok" else torch.ones(3))
+            kw = dict(kind=arg(["huber", "l1", "giou"], ["x"]), delta=arg([0.1, 0.5], [0.0, -1.0, math.nan]))
+            call = lambda: E.box_loss(pred, target, mask, **kw)  # noqa: E731
+            op = "box_loss"
+        else:
+            A, B, G = draw(st.integers(0, 12)), draw(st.integers(0, 3)), draw(st.integers(0, 4))
+            yx = torch.rand(A, 2) * 50
+            anchors = torch.cat([yx, yx + torch.rand(A, 2) * 20 + draw(st.sampled_from([0.0, 0.0, -30.0]))], 1)
+            gyx = torch.rand(B, G, 2) * 50
+            gt = torch.cat([gyx, gyx + torch.rand(B, G, 2) * 20], 2)
+            cls = torch.randint(-1, 5, (B, G))
+            if sometimes(draw):
+                gt = draw(st.sampled_from([gt[..., :3], gt.to(torch.int64), gt.double()]))
+            if sometimes(draw):
+                cls = draw(st.sampled_from([cls[:, :-1] if G else cls[:, :0], cls.float(), cls.bool()]))
+            anchors = draw(layout(anchors))
+            kw = dict(match_threshold=arg([0.5, 0.3, 1.0], [math.nan, 2.0]), unmatched_threshold=arg([None], [0.4, 0.6]))
+            call = lambda: E.match_anchors(anchors, gt, cls, **kw)  # noqa: E731
+            op = "match_anchors"
+        ok, got = named_error(op, call)
+        if not ok:
+            return
+        want = _ref_backend(call)
+        got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+        for g, w in zip(got, want):
+            if g.dtype.is_floating_point:
+                _close(g, w, g.dtype)
+            else:
+                assert torch.equal(g, w), (op, g, w)

@@ -225,6 +225,9 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, *, alpha: float = 0.25, 
         if targets.dtype.is_complex or targets.dtype == torch.bool:
             raise EffopsTypeError(f"{op}: targets must be float (dense) or integer class indices, got {targets.dtype}")
         check_shape(op, "targets", targets, list(logits.shape[:-1]), " (class indices: logits' shape without C)")
+        if logits.shape[-1] == 0 and targets.numel() > 0:  # rows without classes: no index can be valid
+            raise EffopsInputError(f"{op}: class-index targets need logits with at least one class, got "
+                                   f"logits of shape {list(logits.shape)}")
         targets = targets.to(torch.int64)
     if ignore is not None:
         ignore = check_tensor(op, "ignore", ignore)
