@@ -34,11 +34,11 @@ def _default_results() -> str:
 
 
 def _bench_epilog() -> str:
-    from .bench import FAMILIES
+    from .bench import DEFAULT, ON_REQUEST
 
     return (
-        f"families: {', '.join(FAMILIES)} (op benchmarks; all of them by default), models (whole networks;\n"
-        "  only when named)\n"
+        f"families: {', '.join(DEFAULT)} (op benchmarks; all of them by default); {', '.join(ON_REQUEST)} and\n"
+        "  models (whole networks) take minutes and run only when named\n"
         "results: rows are appended to bench/results/<device>.csv of the source checkout effops runs from\n"
         "  (or that is the current directory), else to $XDG_CACHE_HOME/effops/bench/results (~/.cache/...);\n"
         "  --results DIR chooses\n"
@@ -58,7 +58,7 @@ def _bench(args) -> int:
     if args.results is None:
         args.results = _default_results()
 
-    from .bench import FAMILIES
+    from .bench import DEFAULT, FAMILIES
     from .bench.harness import markdown_table, run_cases
 
     if args.table:
@@ -69,7 +69,7 @@ def _bench(args) -> int:
         else:
             print(markdown_table(args.results))
         return 0
-    families = args.families or list(FAMILIES)
+    families = args.families or list(DEFAULT)
     unknown = [f for f in families if f not in FAMILIES and f != "models"]
     if unknown:
         print(f"effops bench: unknown family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}, models",
@@ -115,7 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sp.set_defaults(func=_info)
     sp = sub.add_parser("bench", help="benchmark effops against eager PyTorch, torch.compile and other libraries",
                         epilog=_bench_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    sp.add_argument("families", nargs="*", help="op families to run (default: all), or 'models': whole networks "
+    sp.add_argument("families", nargs="*", help="op families to run (default: all but prune and train), or 'models': whole networks "
                     "(run only when named; options --models --batch --dtype --train --cold --profile)")
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sp.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the benchmarks)")
