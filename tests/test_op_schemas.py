@@ -8,17 +8,21 @@ tests run under, inference works, so the two must agree."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
-import re
+import pkgutil
 
 import pytest
 import torch
 
-import effops  # noqa: F401  (registers the ops)
+import effops  # registers the ops
+import effops.ops
 from effops.ops._common import OP_SCHEMAS
 
 
 def _effops_ops():
+    for m in pkgutil.iter_modules(effops.ops.__path__):  # ops modules effops loads lazily too (qconv)
+        importlib.import_module(f"effops.ops.{m.name}")
     return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("effops::"))
 
 
@@ -29,6 +33,9 @@ def test_every_op_is_registered_through_custom_op_with_a_schema():
     assert not missing, (
         f"{missing}: register with effops.ops._common.custom_op(name, schema) (an explicit schema), "
         "not torch.library.custom_op: torch 2.4/2.5 cannot infer schemas from string annotations")
+
+
+_effops_ops()
 
 
 @pytest.mark.parametrize("name", sorted(OP_SCHEMAS))
@@ -49,5 +56,6 @@ def test_registered_schema_is_the_explicit_one(name):
     registered = str(getattr(torch.ops.effops, name.split("::")[1]).default._schema)
     assert registered == name + schema
     # The schema's argument names are the function's parameters, in order.
-    names = re.findall(r"(\w+)(?:,|\))", schema.split("->")[0])
+    args = schema[1:schema.index(") ->")].split(", ")
+    names = [a.split("=")[0].split()[-1] for a in args]  # "Tensor? packed=None" -> packed
     assert names == list(inspect.signature(fn).parameters)
