@@ -78,7 +78,6 @@ NB_MODULE(_C, m) {
         "grad"_a.noconvert().none(), "threads"_a, release);
   m.def("focal_rows_per_task", &ls::focal_rows_per_task, "C"_a);
   m.def("focal_scale", &ls::focal_scale_api, "src"_a, "factor"_a, "dst"_a.noconvert(), "threads"_a, release);
-  m.def("focal_scale", &ls::focal_scale_api, "src"_a, "factor"_a, "dst"_a.noconvert(), "threads"_a, release);
   m.def("box_loss", &ls::box_loss_api, "pred"_a, "target"_a, "mask"_a, "kind"_a, "delta"_a,
         "loss_out"_a.noconvert().none(), "partial"_a.noconvert().none(), "grad"_a.noconvert().none(), "threads"_a,
         release);
