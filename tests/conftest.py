@@ -156,3 +156,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+def randomize_bn(model, seed: int = 0):
+    """Non-trivial BatchNorm statistics and affines (fresh ones would hide folding errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.uniform_(-0.5, 0.5, generator=g)
+    return model
+
+
+def flat_tensors(out):
+    """The tensors of a (nested) model output, in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in flat_tensors(o)]

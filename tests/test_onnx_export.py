@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import flat_tensors, randomize_bn
+
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
@@ -23,28 +25,11 @@ from effops.ops import EffopsInputError, EffopsTypeError, batched_nms, multiclas
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(-0.5, 0.5, generator=g)
-    return model
-
-
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for o in out for t in _flat(o)]
-
 
 def assert_parity(path, model, inputs, *, exact=False):
     got = eo.run(path, inputs)
     with torch.no_grad():
-        want = _flat(model(*inputs))
+        want = flat_tensors(model(*inputs))
     assert len(got) == len(want)
     for g, w in zip(got, want):
         g = torch.from_numpy(np.asarray(g))

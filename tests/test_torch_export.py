@@ -10,28 +10,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import flat_tensors, randomize_bn
+
 timm = pytest.importorskip("timm")
 
 from effops.models import create_model  # noqa: E402
 from effops.nn import convert  # noqa: E402
 
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(-0.5, 0.5, generator=g)
-    return model
-
-
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for o in out for t in _flat(o)]
 
 
 def _effops_ops(ep) -> set:
@@ -41,15 +26,15 @@ def _effops_ops(ep) -> set:
 
 def _check(model, x, others=(), dynamic=True):
     with torch.no_grad():
-        want = _flat(model(x))
+        want = flat_tensors(model(x))
         ds = ({0: torch.export.Dim("batch")},) if dynamic else None
         ep = torch.export.export(model, (x,), dynamic_shapes=ds)
-        got = _flat(ep.module()(x))
+        got = flat_tensors(ep.module()(x))
         assert len(got) == len(want)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=0)  # the same kernels: bitwise equal
         for y in others:  # other batch sizes through the same program
-            for g, w in zip(_flat(ep.module()(y)), _flat(model(y))):
+            for g, w in zip(flat_tensors(ep.module()(y)), flat_tensors(model(y))):
                 torch.testing.assert_close(g, w, rtol=0, atol=0)
     return ep
 
