@@ -15,7 +15,10 @@ family), so the default run takes ~20 s; EFFOPS_FUZZ_EXAMPLES=N for a longer loc
 
 Found and fixed by it: a segfault in soft_nms / matrix_nms when no box is proper, a SIGFPE in the
 depthwise / fused / BiFPN kernels for batch size 0, unnamed errors for meta tensors and for bad
-module constructor arguments.
+module constructor arguments; in the int8 family (qconv): the integer reference let a NaN
+multiplier become int64's minimum, which a residual term wrapped to the top code (the kernels
+clamp NaN to -2**23), q_weighted_fuse read a table on another device and let inputs without
+channels reach torch's pooling, and q_dwsep_conv's errors named dw_mult / dw_lut / pw_mult wrongly.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import pytest
 import torch
 
 CHILD = os.environ.get("EFFOPS_FUZZ_CHILD") == "1"
-FAMILIES = ("nms", "multiclass", "soft_matrix", "dwsep", "bifpn", "modules", "bifpn_module", "convert", "losses")
+FAMILIES = ("nms", "multiclass", "soft_matrix", "dwsep", "bifpn", "modules", "bifpn_module", "convert", "losses",
+            "qconv")
 
 
 def test_fuzz_suite_in_a_child_process():
@@ -561,3 +565,187 @@ if CHILD:
                 _close(g, w, g.dtype)
             else:
                 assert torch.equal(g, w), (op, g, w)
+
+    # -------------------------------------------------------------------------- qconv (int8)
+    Q_DTYPES = [torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32, torch.bool]
+    Q_BAD_INTS = [-1, 256, 2**31, -(2**63), 2**64 + 1, True, 1.5, None, "3"]
+    Q_LEVELS = [lvl for lvl in ("baseline", "avx2", "avx512")
+                if lvl in sys.modules["effops._backend"].ISA_LEVELS[:sys.modules["effops._backend"].ISA_LEVELS.index(
+                    sys.modules["effops._backend"].detected_isa()) + 1]]
+
+    Q_STATE = {"hostile": True}
+
+    def qs(draw, n):
+        """sometimes(), in a hostile example only: half the examples are valid calls throughout (a
+        call has ~20 arguments; each broken now and then would leave few valid ones)."""
+        return Q_STATE["hostile"] and sometimes(draw, max(2, n // 2))
+
+    def q_int(draw, lo=0, hi=255):
+        """A code / zero point: the edges mostly (0, 128, 255), now and then one out of range."""
+        if qs(draw, 20):
+            return draw(st.sampled_from(Q_BAD_INTS))
+        return draw(st.one_of(st.sampled_from([lo, hi, 128 if lo <= 128 <= hi else lo]), st.integers(lo, hi)))
+
+    def q_tensor(draw, shape, good, make):
+        """make(generator, shape) -> int64/float64 values; the dtype is `good` but for one call
+        in twenty, the shape right but for one in sixteen, any layout (meta now and then)."""
+        dt = draw(st.sampled_from([d for d in Q_DTYPES if d != good])) if qs(draw, 20) else good
+        if qs(draw, 2):
+            shape = maybe_wrong_shape(draw, shape)
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        t = draw(layout(make(g, tuple(shape)).to(dt)))
+        return t if Q_STATE["hostile"] or t.device.type != "meta" else make(g, tuple(shape)).to(dt)
+
+    def q_codes(draw, shape):
+        kind = draw(st.sampled_from(["uniform", "uniform", "extreme", "const"]))
+        c = draw(st.integers(0, 255))
+        return q_tensor(draw, shape, torch.uint8, lambda g, s: {
+            "uniform": lambda: torch.randint(0, 256, s, generator=g),
+            "extreme": lambda: torch.randint(0, 2, s, generator=g) * 255,  # saturating sums
+            "const": lambda: torch.full(s, c)}[kind]())
+
+    def q_weight(draw, shape):
+        lo = draw(st.sampled_from([-128, -128, 127]))  # 127: all weights +127 (the largest sums)
+        return q_tensor(draw, shape, torch.int8, lambda g, s: torch.randint(-128, 128, s, generator=g) if lo < 0
+                        else torch.full(s, 127))
+
+    def q_bias(draw, n):
+        kind = draw(st.sampled_from(["none", "none", "small", "wrap"]))
+        if kind == "none":
+            return None
+        lo, hi = (-2**16, 2**16) if kind == "small" else (2**31 - 2**20, 2**31 - 1)  # near the limit: wraps
+        return q_tensor(draw, (n,), torch.int32, lambda g, s: torch.randint(lo, hi, s, generator=g))
+
+    def q_float(draw, shape, lo=-4.5, hi=-1.5):
+        """float32 multipliers / gates: log-uniform, ties (0.5), saturating, or special values."""
+        kind = draw(st.sampled_from(["log", "log", "tie", "saturate", "special"]))
+        sp = draw(st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.02, 1e38, 1e-45]))
+
+        def make(g, s):
+            if kind == "log":
+                return 10 ** (torch.rand(s, generator=g, dtype=torch.float64) * (hi - lo) + lo)
+            if kind == "tie":
+                return torch.full(s, 0.5, dtype=torch.float64)
+            if kind == "saturate":
+                return torch.full(s, 3.0, dtype=torch.float64)
+            t = 10 ** (torch.rand(s, generator=g, dtype=torch.float64) * (hi - lo) + lo)
+            if t.numel():
+                t.view(-1)[0] = sp
+            return t
+        return q_tensor(draw, shape, torch.float32, make)
+
+    def q_lut(draw):
+        if draw(st.booleans()):
+            return None
+        return q_tensor(draw, (256,), torch.uint8, lambda g, s: torch.randint(0, 256, s, generator=g))
+
+    def q_geometry(draw):
+        stride = draw(st.sampled_from([0, -1, 2**40, True, "2", (1,), 1.0])) if qs(draw, 15) else draw(
+            st.sampled_from([1, 1, 2, (1, 2), (2, 1)]))
+        padding = draw(st.sampled_from(["full", -1, (1, 2, 3), 2**40])) if qs(draw, 15) else draw(
+            st.sampled_from(["same", "same", "valid", 0, 1, 2, (1, 0)]))
+        return stride, padding
+
+    def q_epilogue(draw):
+        zp = q_int(draw)
+        if draw(st.booleans()):  # a ReLU-like clamp (qmin > qmax in hostile examples)
+            lo, hi = q_int(draw), q_int(draw)
+            if not Q_STATE["hostile"]:
+                lo, hi = min(lo, hi), max(lo, hi)
+            return zp, lo, hi
+        return zp, 0, 255
+
+    def q_out_hw(H, W, k, stride, padding):
+        try:
+            return DW.conv_geometry("t", (H, W), (k, k), stride, padding, 1).out_hw
+        except (ValueError, TypeError):
+            return (H, W)
+
+    @settings(fuzz, max_examples=4 * fuzz.max_examples)  # four ops, ~10 ms an example
+    @given(st.data())
+    def test_fuzz_qconv(data):
+        """The int8 ops (q_dw_conv_act, q_pw_conv, q_dwsep_conv, q_weighted_fuse) with hostile
+        codes, weights, biases near the int32 limit, zero points and clamps at the edges or out of
+        range, NaN / inf / huge / denormal multipliers and gates, odd channel counts, empty
+        batches, every layout and each CPU ISA level: a named error, or the CPU kernel's integers
+        equal the integer reference's bit for bit."""
+        import effops
+
+        draw = data.draw
+        Q_STATE["hostile"] = draw(st.booleans())
+        which = draw(st.sampled_from(["pw", "dwsep", "dw", "fuse"]))
+        N = 0 if sometimes(draw, 12) else draw(st.sampled_from([1, 2]))  # an empty batch is valid
+        C = 0 if qs(draw, 20) else draw(st.sampled_from([1, 3, 8, 17, 33, 64]))
+        H, W = (draw(st.sampled_from([1, 2, 5, 8])) for _ in range(2))
+        level = draw(st.sampled_from(Q_LEVELS))
+        if which == "fuse":
+            k = draw(st.sampled_from([1, 5])) if qs(draw, 20) else draw(st.integers(2, 4))
+            modes = ["identity"] + [draw(st.sampled_from(["identity", "nearest", "maxpool", "maxpool_sym"]))
+                                    for _ in range(k - 1)]
+            if qs(draw, 20):
+                modes[-1] = draw(st.sampled_from(["bilinear", None]))
+            hw = {"identity": (H, W), "nearest": (max(1, H // 2), max(1, W // 2)), "maxpool": (2 * H, 2 * W),
+                  "maxpool_sym": (2 * H, 2 * W)}
+            xs = [q_codes(draw, (N, C, *hw.get(m, (H, W)))) for m in modes]
+            zps = [q_int(draw) for _ in range(k)]
+            mults = [draw(st.sampled_from([2**31, -(2**31), 1.5])) if qs(draw, 20) else
+                     draw(st.integers(-(2**31) + 1, 2**31 - 1) | st.integers(-70000, 70000)) for _ in range(k)]
+            out_zp, qmin, qmax = q_epilogue(draw)
+            out_size = draw(st.sampled_from([None, (H, W), (H + 1, W), (0, W), (True, 1)])) if qs(draw, 10) \
+                else None
+            kw = dict(zps=zps, mults=mults, resample=modes, out_zp=out_zp, qmin=qmin, qmax=qmax, lut=q_lut(draw),
+                      out_size=out_size)
+            op, call = "q_weighted_fuse", lambda: E.q_weighted_fuse(xs, **kw)  # noqa: E731
+            tensors = xs + [kw["lut"]]
+        else:
+            x = q_codes(draw, (N, C, H, W))
+            Co = 0 if qs(draw, 20) else draw(st.sampled_from([1, 5, 16, 33]))
+            kk = draw(st.sampled_from([0, 2, 200])) if qs(draw, 20) else draw(st.sampled_from([1, 3, 5]))
+            stride, padding = q_geometry(draw)
+            Ho, Wo = q_out_hw(H, W, kk, stride, padding)
+            x_zp = q_int(draw)
+            out_zp, qmin, qmax = q_epilogue(draw)
+            res = None
+            if which != "dw" and draw(st.booleans()):
+                res = q_codes(draw, (N, Co, *((Ho, Wo) if which == "dwsep" else (H, W))))
+            lut = q_lut(draw)
+            if res is not None and not qs(draw, 10):
+                lut = None  # a residual with a lut is refused: mostly test the valid combination
+            rkw = {} if res is None else dict(residual=res, res_zp=q_int(draw),
+                                              res_mult=draw(st.sampled_from([math.nan, math.inf, "1", True]))
+                                              if qs(draw, 15) else draw(st.floats(1e-3, 4.0)))
+            if which == "dw":
+                w = q_weight(draw, (C, 1, kk, kk))
+                kw = dict(mult=q_float(draw, (C,)), x_zp=x_zp, out_zp=out_zp, qmin=qmin, qmax=qmax, lut=lut,
+                          stride=stride, padding=padding)
+                b = q_bias(draw, C)
+                op, call = "q_dw_conv_act", lambda: E.q_dw_conv_act(x, w, b, **kw)  # noqa: E731
+                tensors = [x, w, b]
+            elif which == "pw":
+                w = q_weight(draw, (Co, C, 1, 1) if not qs(draw, 20) else (Co, C))
+                gate = q_float(draw, (N, C), -2.0, 0.0) if draw(st.booleans()) else None
+                kw = dict(mult=q_float(draw, (Co,)), x_zp=x_zp, out_zp=out_zp, qmin=qmin, qmax=qmax, lut=lut,
+                          gate=gate, **rkw)
+                b = q_bias(draw, Co)
+                op, call = "q_pw_conv", lambda: E.q_pw_conv(x, w, b, **kw)  # noqa: E731
+                tensors = [x, w, b, gate]
+            else:
+                dw, pw = q_weight(draw, (C, 1, kk, kk)), q_weight(draw, (Co, C, 1, 1))
+                mid_zp, mid_qmin, mid_qmax = q_epilogue(draw)
+                kw = dict(dw_bias=q_bias(draw, C), dw_mult=q_float(draw, (C,)), dw_lut=q_lut(draw), x_zp=x_zp,
+                          mid_zp=mid_zp, dw_zp=None if draw(st.booleans()) else q_int(draw), mid_qmin=mid_qmin,
+                          mid_qmax=mid_qmax, pw_bias=q_bias(draw, Co), pw_mult=q_float(draw, (Co,)), lut=lut,
+                          out_zp=out_zp, qmin=qmin, qmax=qmax, stride=stride, padding=padding, **rkw)
+                op, call = "q_dwsep_conv", lambda: E.q_dwsep_conv(x, dw, pw, **kw)  # noqa: E731
+                tensors = [x, dw, pw]
+            tensors = tensors + [v for v in kw.values() if isinstance(v, torch.Tensor)]
+        with effops.use_isa(level):
+            ok, got = named_error(op, call)
+        if not ok or is_meta(*tensors):
+            return
+        want = _ref_backend(call)
+        got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape, (op, level, g.shape, w.shape)
+            assert torch.equal(g, w), (op, level, (g.to(torch.int64) - w.to(torch.int64)).abs().max())

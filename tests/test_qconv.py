@@ -307,6 +307,32 @@ def test_q_weighted_fuse_bad_input():
         QF.q_weighted_fuse([a, a[..., :5, :5]], zps=[0, 0], mults=[1, 1], resample=["identity"] * 2, out_zp=0)
     with pytest.raises(ValueError, match="one entry per input"):
         QF.q_weighted_fuse([a, a], zps=[0], mults=[1, 1], resample=["identity"] * 2, out_zp=0)
+    # found by tests/test_fuzz.py's qconv family: no channels (the reference's resampling failed
+    # inside torch) and a table on another device (the CPU kernel read a meta tensor's table)
+    e = a[:, :0]
+    with pytest.raises(ValueError, match="inputs must have at least one channel"):
+        QF.q_weighted_fuse([e, e], zps=[0, 0], mults=[1, 1], resample=["identity"] * 2, out_zp=0)
+    with pytest.raises(ValueError, match="lut is on meta"):
+        QF.q_weighted_fuse([a, a], zps=[0, 0], mults=[1, 1], resample=["identity"] * 2, out_zp=0,
+                           lut=torch.zeros(256, dtype=torch.uint8, device="meta"))
+
+
+def test_q_dwsep_conv_errors_name_the_argument():
+    # q_dwsep_conv's two epilogues named dw_mult / dw_lut "mid_mult" / "mid_lut" and pw_mult
+    # "mult" (found by the fuzz suite): each message names the argument the caller passed.
+    x = torch.zeros(1, 4, 5, 5, dtype=torch.uint8)
+    dw, pw = torch.zeros(4, 1, 3, 3, dtype=torch.int8), torch.zeros(6, 4, 1, 1, dtype=torch.int8)
+    kw = dict(dw_mult=torch.ones(4), pw_mult=torch.ones(6), x_zp=0, mid_zp=0, out_zp=0)
+    for bad, match in ((dict(dw_mult=torch.ones(3)), "dw_mult must have shape"),
+                       (dict(pw_mult=torch.ones(3)), "pw_mult must have shape"),
+                       (dict(dw_lut=torch.zeros(9, dtype=torch.uint8)), "dw_lut must have shape"),
+                       (dict(lut=torch.zeros(9, dtype=torch.uint8)), ": lut must have shape"),
+                       (dict(dw_zp=300), "dw_zp must be <= 255"),
+                       (dict(mid_zp=-1), "mid_zp must be >= 0"),
+                       (dict(mid_qmin=9, mid_qmax=3), r"mid_qmin \(9\) must be <= mid_qmax \(3\)"),
+                       (dict(qmin=9, qmax=3), r": qmin \(9\) must be <= qmax \(3\)")):
+        with pytest.raises(ValueError, match=match):
+            Q.q_dwsep_conv(x, dw, pw, **{**kw, **bad})
 
 
 def _triton_device():

@@ -26,7 +26,8 @@ DYNAMIC_SHAPES_BY_ITSELF = (2, 10)
 
 # Public ops with a case below; a new public op must get one (test_every_public_op_is_covered).
 COVERED = {"nms", "batched_nms", "multiclass_nms", "soft_nms", "matrix_nms", "dwsep_conv", "dw_conv_act",
-           "pw_conv", "weighted_fuse", "sigmoid_focal_loss", "box_loss", "match_anchors", "split_levels"}
+           "pw_conv", "weighted_fuse", "sigmoid_focal_loss", "box_loss", "match_anchors", "split_levels",
+           "q_dw_conv_act", "q_pw_conv", "q_dwsep_conv", "q_weighted_fuse"}
 NOT_OPS = {"MultiClassNMSResult", "EffopsInputError", "EffopsTypeError"}
 
 
@@ -127,6 +128,42 @@ def test_weighted_fuse_vs_reference():
     y = ops.weighted_fuse(xs, w, **kw)
     assert y.shape == (2, 8, 10, 10)
     torch.testing.assert_close(y, _reference(ops.weighted_fuse, xs, w, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_family_bit_identical_to_reference():
+    # The int8 ops (loaded lazily by effops.ops) on the CPU give the reference's integers exactly.
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(0, 256, (2, 12, 9, 7), generator=g, dtype=torch.uint8)
+    dw = torch.randint(-128, 128, (12, 1, 3, 3), generator=g, dtype=torch.int8)
+    pw = torch.randint(-128, 128, (20, 12, 1, 1), generator=g, dtype=torch.int8)
+    b12 = torch.randint(-2 ** 14, 2 ** 14, (12,), generator=g, dtype=torch.int32)
+    b20 = torch.randint(-2 ** 14, 2 ** 14, (20,), generator=g, dtype=torch.int32)
+    m12 = torch.rand(12, generator=g) * 0.01 + 0.002
+    m20 = torch.rand(20, generator=g) * 0.003 + 0.0005
+    lut = torch.randint(0, 256, (256,), generator=g, dtype=torch.uint8)
+    gate = torch.rand(2, 12, generator=g)
+
+    def both(fn, *args, **kw):
+        got, want = fn(*args, **kw), _reference(fn, *args, **kw)
+        got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert got[0].float().std() > 0  # not a saturated, constant output
+        return got[0]
+
+    y, sums = ops.q_dw_conv_act(x, dw, b12, mult=m12, x_zp=128, out_zp=10, qmin=10, lut=lut, stride=2)
+    assert y.shape == (2, 12, 5, 4) and y.dtype == torch.uint8 and sums.dtype == torch.int32
+    assert torch.equal(sums, y.to(torch.int64).sum((2, 3)).to(torch.int32))
+    both(ops.q_dw_conv_act, x, dw, b12, mult=m12, x_zp=128, out_zp=10, qmin=10, lut=lut, stride=2)
+    res = torch.randint(0, 256, (2, 20, 9, 7), generator=g, dtype=torch.uint8)
+    both(ops.q_pw_conv, x, pw, b20, mult=m20, x_zp=3, out_zp=128, gate=gate, residual=res, res_zp=120, res_mult=0.7)
+    both(ops.q_dwsep_conv, x, dw, pw, dw_bias=b12, dw_mult=m12, dw_lut=lut, x_zp=5, mid_zp=0, dw_zp=100,
+         pw_bias=b20, pw_mult=m20, out_zp=128, residual=res, res_zp=7, res_mult=1.3)
+    xs = [x, torch.randint(0, 256, (2, 12, 5, 4), generator=g, dtype=torch.uint8),
+          torch.randint(0, 256, (2, 12, 18, 14), generator=g, dtype=torch.uint8)]
+    y = both(ops.q_weighted_fuse, xs, zps=[128, 3, 250], mults=[30000, -20000, 41000],
+             resample=["identity", "nearest", "maxpool"], out_zp=128, lut=lut)
+    assert y.shape == (2, 12, 9, 7)
 
 
 def test_losses_vs_formulas():

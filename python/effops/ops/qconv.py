@@ -21,7 +21,8 @@ Requantisation (the epilogue), with ``mult[c]`` a float32 per-channel multiplier
     v   = float32(acc) * mult[c]               # int32 -> float32 rounds to nearest even; one
                                                # IEEE float32 product (never fused with an add)
     v   = clamp(v, -2**23, 2**23)              # keeps every backend's float->int conversion in
-                                               # range; cannot change the clamped result below
+                                               # range; cannot change the clamped result below;
+                                               # NaN (a NaN mult or gate) becomes -2**23
     q   = round_half_even(v) + extra + out_zp  # integers from here on
     q   = clamp(q, qmin, qmax)
     out = lut[q] if lut is given else q        # uint8
@@ -78,7 +79,8 @@ def wrap32(t: Tensor) -> Tensor:
 def round_scaled(v: Tensor, mult: Tensor) -> Tensor:
     """round_half_even(clamp(float32(v) * float32(mult), +-2**23)) as int64 (v integer-valued)."""
     p = v.to(torch.float32) * mult.to(torch.float32)
-    return torch.round(p.clamp(-CLAMP, CLAMP)).to(torch.int64)
+    # NaN (a NaN multiplier or gate) clamps to -2**23, as the kernels' max(p, -2**23) does
+    return torch.round(p.nan_to_num(nan=-CLAMP).clamp(-CLAMP, CLAMP)).to(torch.int64)
 
 
 def requantize(acc: Tensor, mult: Tensor, out_zp: int, qmin: int, qmax: int, lut: Optional[Tensor] = None,
@@ -349,16 +351,21 @@ def _check_code(op: str, name: str, v) -> int:
     return check_int(op, name, v, minimum=0, maximum=255)
 
 
-def _check_epilogue(op: str, prefix: str, C: int, mult, lut, zp, qmin, qmax, dev):
-    _check_q(op, f"{prefix}mult", mult, torch.float32, [C], dev)
+def _check_epilogue(op: str, names: Sequence[str], C: int, mult, lut, zp, qmin, qmax, dev):
+    """names: the caller's argument names of (mult, lut, zp, qmin, qmax), for the messages."""
+    n_mult, n_lut, n_zp, n_qmin, n_qmax = names
+    _check_q(op, n_mult, mult, torch.float32, [C], dev)
     if lut is not None:
-        _check_q(op, f"{prefix}lut", lut, torch.uint8, [256], dev)
-    zp = _check_code(op, f"{prefix}zp" if prefix else "out_zp", zp)
-    qmin = _check_code(op, f"{prefix}qmin", qmin)
-    qmax = _check_code(op, f"{prefix}qmax", qmax)
+        _check_q(op, n_lut, lut, torch.uint8, [256], dev)
+    zp = _check_code(op, n_zp, zp)
+    qmin = _check_code(op, n_qmin, qmin)
+    qmax = _check_code(op, n_qmax, qmax)
     if qmin > qmax:
-        raise EffopsInputError(f"{op}: {prefix}qmin ({qmin}) must be <= {prefix}qmax ({qmax})")
+        raise EffopsInputError(f"{op}: {n_qmin} ({qmin}) must be <= {n_qmax} ({qmax})")
     return zp, qmin, qmax
+
+
+_OUT_NAMES = ("mult", "lut", "out_zp", "qmin", "qmax")
 
 
 def _check_x(op: str, x) -> Tensor:
@@ -408,7 +415,7 @@ def q_dw_conv_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, m
     x = _check_x(op, x)
     g = _check_dw(op, x, weight, bias, stride, padding)
     x_zp = _check_code(op, "x_zp", x_zp)
-    out_zp, qmin, qmax = _check_epilogue(op, "", x.shape[1], mult, lut, out_zp, qmin, qmax, x.device)
+    out_zp, qmin, qmax = _check_epilogue(op, _OUT_NAMES, x.shape[1], mult, lut, out_zp, qmin, qmax, x.device)
     return torch.ops.effops.q_dw_conv_act(x, weight, bias, mult, lut, list(g.stride), list(g.pad), x_zp, out_zp,
                                           qmin, qmax)
 
@@ -422,7 +429,7 @@ def q_pw_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, mult:
     N, C, H, W = x.shape
     Co = _check_pw(op, C, weight, bias, x.device)
     x_zp = _check_code(op, "x_zp", x_zp)
-    out_zp, qmin, qmax = _check_epilogue(op, "", Co, mult, lut, out_zp, qmin, qmax, x.device)
+    out_zp, qmin, qmax = _check_epilogue(op, _OUT_NAMES, Co, mult, lut, out_zp, qmin, qmax, x.device)
     if gate is not None:
         _check_q(op, "gate", gate, torch.float32, [N, C], x.device)
     res_zp, res_mult = _check_residual(op, residual, (N, Co, H, W), res_zp, res_mult, x.device)
@@ -448,9 +455,11 @@ def q_dwsep_conv(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, *, dw_bias: Op
     Co = _check_pw(op, C, pw_weight, pw_bias, x.device, "pw_")
     x_zp = _check_code(op, "x_zp", x_zp)
     mid_zp = _check_code(op, "mid_zp", mid_zp)
+    dw_names = ("dw_mult", "dw_lut", "mid_zp" if dw_zp is None else "dw_zp", "mid_qmin", "mid_qmax")
     dw_zp = mid_zp if dw_zp is None else dw_zp
-    dw_zp, mid_qmin, mid_qmax = _check_epilogue(op, "mid_", C, dw_mult, dw_lut, dw_zp, mid_qmin, mid_qmax, x.device)
-    out_zp, qmin, qmax = _check_epilogue(op, "", Co, pw_mult, lut, out_zp, qmin, qmax, x.device)
+    dw_zp, mid_qmin, mid_qmax = _check_epilogue(op, dw_names, C, dw_mult, dw_lut, dw_zp, mid_qmin, mid_qmax, x.device)
+    out_zp, qmin, qmax = _check_epilogue(op, ("pw_mult",) + _OUT_NAMES[1:], Co, pw_mult, lut, out_zp, qmin, qmax,
+                                         x.device)
     res_zp, res_mult = _check_residual(op, residual, (N, Co, *g.out_hw), res_zp, res_mult, x.device)
     if residual is not None and lut is not None:
         raise EffopsInputError(f"{op}: a residual is added after the epilogue's clamp only; lut must be None")

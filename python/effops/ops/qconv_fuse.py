@@ -107,6 +107,8 @@ def q_weighted_fuse(inputs: Sequence[Tensor], *, zps: Sequence[int], mults: Sequ
             raise EffopsTypeError(f"{op}: inputs[{i}] must be uint8 codes, got {x.dtype}")
         if x.dim() != 4 or x.shape[:2] != (N, C) or x.device != xs[0].device:
             raise EffopsInputError(f"{op}: inputs[{i}] must be [N, C, H, W] with the N, C and device of inputs[0]")
+    if C == 0:
+        raise EffopsInputError(f"{op}: inputs must have at least one channel")
     zps = [check_int(op, f"zps[{i}]", z, minimum=0, maximum=255) for i, z in enumerate(zps)]
     mults = [check_int(op, f"mults[{i}]", m, minimum=-MAX_MULT, maximum=MAX_MULT) for i, m in enumerate(mults)]
     for i, m in enumerate(resample):
@@ -132,6 +134,8 @@ def q_weighted_fuse(inputs: Sequence[Tensor], *, zps: Sequence[int], mults: Sequ
         lut = check_tensor(op, "lut", lut)
         if lut.dtype != torch.uint8 or tuple(lut.shape) != (256,):
             raise EffopsInputError(f"{op}: lut must be uint8 of shape [256]")
+        if lut.device != xs[0].device:
+            raise EffopsInputError(f"{op}: lut is on {lut.device} but inputs[0] is on {xs[0].device}")
     return torch.ops.effops.q_weighted_fuse(xs, zps, mults, [MODE_CODES[m] for m in resample], list(out_size), out_zp,
                                             qmin, qmax, lut)
 
