@@ -180,3 +180,22 @@ def getattr_path(m, path):
     for part in path.split("."):
         m = getattr(m, part)
     return m
+
+
+def test_pooled_conv_equals_the_conv_and_keeps_hooks():
+    """SE convs on pooled means run as one F.linear (nn._parts.pooled_conv): same values as the
+    Conv2d, and a conv with hooks (or not a plain 1x1 Conv2d) still runs as a module call."""
+    from effops.nn._parts import pooled_conv
+
+    torch.manual_seed(0)
+    m = torch.randn(3, 24, 1, 1)
+    for conv in (torch.nn.Conv2d(24, 6, 1), torch.nn.Conv2d(24, 6, 1, bias=False), torch.nn.Conv2d(24, 6, 1, stride=2)):
+        torch.testing.assert_close(pooled_conv(conv, m), conv(m), rtol=1e-5, atol=1e-6)
+    conv = torch.nn.Conv2d(24, 6, 1)
+    seen = []
+    h = conv.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    pooled_conv(conv, m)
+    h.remove()
+    assert seen == [torch.Size([3, 6, 1, 1])]
+    padded = torch.nn.Conv2d(24, 6, 1, padding=1)  # a padded 1x1 conv on a 1x1 map gives 3x3
+    assert pooled_conv(padded, m).shape == (3, 6, 3, 3)

@@ -46,17 +46,33 @@ inline bool cpu_has_bf16dot() {
 inline constexpr int kBfMR = 12;  // rows of A per tile
 inline constexpr int kBfNR = 32;  // output channels per panel (two zmm of float accumulators)
 
-// Weights [Co][K] float -> panels [P][K2][32][2] of bf16 bits, zero past Co and K.
+// Weights [Co][K] float -> panels [P][K2][32][2] of bf16 bits, zero past Co and K (each k
+// scaled by cs[k] when given, see pack_panels).
 template <class F>
-void pack_weights_bf16(const F* w, int64_t Co, int64_t K, std::vector<uint16_t>& bp) {
-  const int64_t panels = (Co + kBfNR - 1) / kBfNR, K2 = (K + 1) / 2;
-  bp.assign(static_cast<size_t>(panels * K2 * kBfNR * 2), uint16_t(0));
-  for (int64_t co = 0; co < Co; ++co) {
-    const int64_t p = co / kBfNR, j = co % kBfNR;
-    for (int64_t k = 0; k < K; ++k)
-      bp[((p * K2 + k / 2) * kBfNR + j) * 2 + (k & 1)] = simd::f_to_bf16_bits(static_cast<float>(w[co * K + k]));
+void pack_panels_bf16(const F* w, int64_t Co, int64_t K, int64_t p0, int64_t p1, uint16_t* bp,
+                      const F* cs = nullptr) {
+  const int64_t K2 = (K + 1) / 2;
+  constexpr int64_t kKB = 16;  // k's per block (8 pairs): blocked as pack_panels (gemm_core.h)
+  for (int64_t p = p0; p < p1; ++p) {
+    uint16_t* dst = bp + p * K2 * kBfNR * 2;
+    const int64_t jn = std::min<int64_t>(kBfNR, Co - p * kBfNR);
+    for (int64_t k0 = 0; k0 < 2 * K2; k0 += kKB) {
+      const int64_t kn = std::min<int64_t>(kKB, 2 * K2 - k0);
+      uint16_t* d = dst + k0 * kBfNR;  // pair k / 2 starts at (k / 2) * kBfNR * 2 = k * kBfNR
+      for (int64_t j = 0; j < jn; ++j) {
+        const F* src = w + (p * kBfNR + j) * K;
+        for (int64_t kk = 0; kk < kn; ++kk) {
+          const int64_t k = k0 + kk;
+          d[(kk / 2) * kBfNR * 2 + j * 2 + (k & 1)] =
+              k < K ? simd::f_to_bf16_bits(static_cast<float>(cs ? src[k] * cs[k] : src[k])) : uint16_t(0);
+        }
+      }
+      for (int64_t kk = 0; kk < kn; ++kk)
+        for (int64_t j = jn; j < kBfNR; ++j) d[(kk / 2) * kBfNR * 2 + j * 2 + ((k0 + kk) & 1)] = 0;
+    }
   }
 }
+
 
 EFFOPS_INLINE uint16_t bf16_bits_of(float v) { return simd::f_to_bf16_bits(v); }
 EFFOPS_INLINE uint16_t bf16_bits_of(simd::bf16 v) { return v.bits; }

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..ops._common import EffopsInputError, EffopsTypeError, check_int, check_real
 from ..ops.dwsep import ACTIVATIONS, _pair, act_name, apply_act
-from ._parts import ConvStage, mbconv_forward, sepconv_forward
+from ._parts import ConvStage, mbconv_forward, pooled_conv, sepconv_forward
 
 _ACT_MODULES = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU,
                 "hardswish": nn.Hardswish, "sigmoid": nn.Sigmoid}
@@ -126,7 +126,11 @@ class SqueezeExcite(nn.Module):
         self.gate = nn.Sigmoid()
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.gate(self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True)))))
+        return x * self.gates(x.mean((2, 3), keepdim=True))
+
+    def gates(self, m: Tensor) -> Tensor:
+        """The gates [N, C, 1, 1] of the pooled means m [N, C, 1, 1]."""
+        return self.gate(pooled_conv(self.conv_expand, self.act1(pooled_conv(self.conv_reduce, m))))
 
 
 class MBConv(nn.Module):
@@ -178,8 +182,7 @@ class MBConv(nn.Module):
         proj = ConvStage(self.conv_pwl, self.bn3, None)
         se = None
         if self.se is not None:
-            s = self.se
-            se = lambda m: s.gate(s.conv_expand(s.act1(s.conv_reduce(m))))  # noqa: E731
+            se = self.se.gates
         drop = _DropPath(self.drop_path_rate) if self.training and self.drop_path_rate else None
         return mbconv_forward(x, expand, dw, se, proj, skip=self.skip, drop_path=drop, cache=self._cache)
 
