@@ -133,6 +133,16 @@ def _flat_anchors(t: Tensor, per_anchor: int) -> Tensor:
 def detection_kd_loss(student_outputs, teacher_outputs, *, temperature: float = 1.0, box_weight: float = 1.0,
                       huber_delta: float = 0.1) -> Tensor:
     """The detection distillation term ``L_kd`` (module docstring) of EfficientDet outputs."""
+    num, den = detection_kd_parts(student_outputs, teacher_outputs, temperature=temperature, box_weight=box_weight,
+                                  huber_delta=huber_delta)
+    return num / den.clamp_min(1.0)
+
+
+def detection_kd_parts(student_outputs, teacher_outputs, *, temperature: float = 1.0, box_weight: float = 1.0,
+                       huber_delta: float = 0.1) -> Tuple[Tensor, Tensor]:
+    """``L_kd``'s numerator and its normaliser ``sum_a w_a`` (no gradient) separately: a
+    data-parallel loop sums the normaliser over the processes, so that N processes compute what
+    one process with the whole batch computes (``effops train --teacher``)."""
     T, _ = _check_T_alpha("detection_kd_loss", temperature, 0.0)
     s_cls, s_box = _levels(student_outputs, "student_outputs")
     t_cls, t_box = _levels(teacher_outputs, "teacher_outputs")
@@ -159,7 +169,7 @@ def detection_kd_loss(student_outputs, teacher_outputs, *, temperature: float = 
         term = (w * (kl * (T * T) + box_weight * hub)).sum()
         num = term if num is None else num + term
         den = w.sum() if den is None else den + w.sum()
-    return num / den.clamp_min(1.0)
+    return num, den.detach()
 
 
 class DetectionDistillationLoss(nn.Module):
@@ -201,4 +211,34 @@ class DetectionDistillationLoss(nn.Module):
                 f"hard_loss={'yes' if self.hard_loss is not None else 'no'}")
 
 
-__all__ = ["kd_loss", "DistillationLoss", "detection_kd_loss", "DetectionDistillationLoss"]
+# ----------------------------------------------------------------------------- teachers from files
+def load_teacher(name: str, weights: str, *, num_classes: int, in_chans: int = 3, where: str = "--teacher") -> nn.Module:
+    """The ``effops.models`` classifier ``name`` for ``num_classes`` / ``in_chans`` with the weights
+    in ``weights`` (``torch.load(weights_only=True)``: tensors and plain containers only; a pruned
+    model's state_dict shrinks the fresh model to its widths first), in eval mode, frozen."""
+    from ..models import create_model
+    from ..models.weights import read_checkpoint
+    from .prune import shrink_to
+
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{where}: the teacher must be a model name (effops.models.list_models()), got {name!r}")
+    if not isinstance(weights, str) or not weights:
+        raise ValueError(f"{where}: a teacher needs its weights (--teacher-weights CKPT): an untrained teacher "
+                         f"teaches nothing")
+    try:
+        teacher = create_model(name, num_classes=num_classes, in_chans=in_chans)
+    except TypeError as e:
+        raise ValueError(f"{where}: {name!r} is not a classifier (effops.models): {e}") from None
+    sd = read_checkpoint(weights)
+    try:
+        shrink_to(teacher, sd)
+        teacher.load_state_dict(sd, strict=True)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"{where}: {weights} does not fit {name} with {num_classes} classes and {in_chans} input "
+                         f"channels: {str(e)[:400]}") from None
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+__all__ = ["kd_loss", "DistillationLoss", "detection_kd_loss", "detection_kd_parts", "DetectionDistillationLoss",
+           "load_teacher"]

@@ -21,6 +21,8 @@ _SEARCH_FIELDS = {
     "epochs": ("proxy", "epochs"), "batch_size": ("proxy", "batch_size"), "lr": ("proxy", "lr"),
     "threads": ("proxy", "threads"), "device": ("proxy", "device"),
     "latency_threads": ("proxy", "latency_threads"),
+    "teacher": ("proxy", "teacher"), "teacher_weights": ("proxy", "teacher_weights"),
+    "kd_temperature": ("proxy", "kd_temperature"), "kd_alpha": ("proxy", "kd_alpha"),
 }
 
 
@@ -89,6 +91,12 @@ def add_parsers(sub) -> None:
     sp.add_argument("--threads", type=_positive_int, help="torch threads per trial (default: cores / workers)")
     sp.add_argument("--device", help="device for training and latency (default cpu)")
     sp.add_argument("--latency-threads", type=_positive_int, help="torch threads when timing latency (default 1)")
+    sp.add_argument("--teacher", metavar="MODEL", help="distil every candidate from this effops.models classifier "
+                    "(e.g. efficientnet_b0; needs --teacher-weights)")
+    sp.add_argument("--teacher-weights", metavar="CKPT", help="the teacher's weights for --data (a state_dict or "
+                    "checkpoint, e.g. effops prune's base.pt; read weights-only)")
+    sp.add_argument("--kd-temperature", type=_positive_float, help="distillation temperature T (default 4)")
+    sp.add_argument("--kd-alpha", type=float, help="weight of the soft term, in [0, 1] (default 0.9)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=_search)
 
@@ -156,6 +164,12 @@ def _search(args) -> int:
             target[name] = value
         base["progress"] = not args.no_progress
         config = SearchConfig.from_dict(base)
+        if config.proxy.teacher is not None:  # a teacher that does not load fails here, not in every trial
+            from ..compress.distill import load_teacher
+
+            ds = config.proxy.dataset()
+            load_teacher(config.proxy.teacher, config.proxy.teacher_weights, num_classes=ds.num_classes,
+                         in_chans=ds.in_channels, where="--teacher")
         records = run_search(config, args.out, resume=args.resume)
     except (ValueError, SearchError, DataError, GenotypeError) as e:
         return _fail("search", e)

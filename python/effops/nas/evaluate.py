@@ -60,6 +60,12 @@ class ProxyConfig:
     threads: int = 1  # torch threads per trial
     device: str = "cpu"
     latency_threads: int = 1  # torch threads when timing ops (1: MnasNet's single-core latency)
+    # distillation: candidates learn from this effops.models classifier's soft targets as well
+    # (compress.distill.kd_loss: kd_alpha * T^2 KL + (1 - kd_alpha) * CE)
+    teacher: Optional[str] = None
+    teacher_weights: Optional[str] = None
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.9
 
     def __post_init__(self):
         self.validate()
@@ -85,6 +91,13 @@ class ProxyConfig:
         check_float(self.lr, "lr", where, E, lo=0.0, hi=1e6, lo_open=True)
         check_float(self.momentum, "momentum", where, E, lo=0.0, hi=1.0)
         check_float(self.weight_decay, "weight_decay", where, E, lo=0.0, hi=1e6)
+        check_str(self.teacher, "teacher", where, E, max_len=256, optional=True)
+        check_str(self.teacher_weights, "teacher_weights", where, E, optional=True)
+        if (self.teacher is None) != (self.teacher_weights is None) or self.teacher == "" or self.teacher_weights == "":
+            raise E(f"{where}: distillation needs both teacher (--teacher MODEL) and teacher_weights "
+                    f"(--teacher-weights CKPT), got {_short(self.teacher)} and {_short(self.teacher_weights)}")
+        check_float(self.kd_temperature, "kd_temperature", where, E, lo=0.0, hi=1e3, lo_open=True)
+        check_float(self.kd_alpha, "kd_alpha", where, E, lo=0.0, hi=1.0)
         check_str(self.device, "device", where, E, max_len=64)
         try:
             torch.device(self.device)
@@ -139,7 +152,8 @@ def count_flops(model: nn.Module, input_shape: Tuple[int, ...]) -> int:
 def proxy_train(genotype: Genotype, config: ProxyConfig, seed: int = 0) -> Dict[str, Any]:
     """Train the candidate for ``config.epochs`` epochs (SGD with Nesterov momentum, cosine
     learning rate, label smoothing 0.1), re-estimate its BatchNorm statistics, and evaluate it
-    on the held-out split.
+    on the held-out split. With ``config.teacher``, the loss is ``compress.distill.kd_loss`` of the
+    teacher's logits on the same images (computed once: the proxy does not augment).
 
     Returns accuracy (held-out, in [0, 1]), val_loss, train_loss (last epoch), params, flops
     and train_seconds. Deterministic for a given seed, thread count and machine."""
@@ -156,6 +170,9 @@ def proxy_train(genotype: Genotype, config: ProxyConfig, seed: int = 0) -> Dict[
     steps_per_epoch = math.ceil(n / config.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * steps_per_epoch)
     tx, ty = ds.train_x.to(device), ds.train_y.to(device)
+    soft = _teacher_logits(config, ds, tx)
+    if soft is not None:
+        from ..compress.distill import kd_loss
     t0 = time.perf_counter()
     train_loss = float("nan")
     model.train()
@@ -166,7 +183,11 @@ def proxy_train(genotype: Genotype, config: ProxyConfig, seed: int = 0) -> Dict[
             idx = perm[i:i + config.batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
-            loss = F.cross_entropy(model(tx[idx]), ty[idx], label_smoothing=0.1)
+            if soft is None:
+                loss = F.cross_entropy(model(tx[idx]), ty[idx], label_smoothing=0.1)
+            else:
+                loss = kd_loss(model(tx[idx]), soft[idx], ty[idx], temperature=config.kd_temperature,
+                               alpha=config.kd_alpha, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -194,6 +215,19 @@ def proxy_train(genotype: Genotype, config: ProxyConfig, seed: int = 0) -> Dict[
         "flops": flops,
         "train_seconds": round(train_seconds, 3),
     }
+
+
+def _teacher_logits(config: ProxyConfig, ds: Dataset, tx: torch.Tensor) -> Optional[torch.Tensor]:
+    """The teacher's logits on every training image (eval mode, batches of 256), or None."""
+    if config.teacher is None:
+        return None
+    from ..compress.distill import load_teacher
+
+    with torch.random.fork_rng(devices=[]):  # building it draws init values: the trial's seed stays in charge
+        teacher = load_teacher(config.teacher, config.teacher_weights, num_classes=ds.num_classes,
+                               in_chans=ds.in_channels, where="proxy teacher").to(tx.device)
+    with torch.no_grad():
+        return torch.cat([teacher(tx[i:i + 256]).float() for i in range(0, len(tx), 256)])
 
 
 def _recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, max_samples: int = 1024) -> None:

@@ -85,6 +85,11 @@ class TrainConfig:
     drop_path_rate: Optional[float] = None  # default: the variant's
     label_smoothing: float = 0.0
     box_loss_weight: float = 50.0
+    teacher: Optional[str] = None  # distil from this EfficientDet variant (teacher.py) ...
+    teacher_weights: Optional[str] = None  # ... with these weights
+    kd_alpha: float = 0.5  # loss = alpha * L_kd + (1 - alpha) * detection loss
+    kd_temperature: float = 1.0
+    kd_box_weight: float = 1.0
     checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
     log_every: int = 10
     max_steps: Optional[int] = None  # stop (with a checkpoint) after this many steps in all
@@ -128,8 +133,17 @@ class TrainConfig:
         real("weight_decay", 0.0, 1.0, optional=True)
         for n, lo, hi in (("momentum", 0, 1), ("warmup_epochs", 0, 1e6), ("warmup_factor", 0, 1),
                           ("min_lr_ratio", 0, 1), ("clip_grad", 0, 1e9), ("ema", 0, 0.999999999),
-                          ("label_smoothing", 0, 1), ("box_loss_weight", 0, 1e9)):
+                          ("label_smoothing", 0, 1), ("box_loss_weight", 0, 1e9), ("kd_alpha", 0, 1),
+                          ("kd_box_weight", 0, 1e9)):
             real(n, lo, hi)
+        real("kd_temperature", 0.0, 1e3, lo_open=True)
+        for n in ("teacher", "teacher_weights"):
+            v = getattr(self, n)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"train: {n} must be a non-empty string, got {v!r}")
+        if (self.teacher is None) != (self.teacher_weights is None):
+            raise ValueError("train: distillation needs both teacher (--teacher MODEL) and teacher_weights "
+                             "(--teacher-weights CKPT): an untrained teacher teaches nothing")
         real("drop_path_rate", 0.0, 0.99, optional=True)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
@@ -232,6 +246,9 @@ def _seed_all(seed: int) -> None:
 
 def _check_resume(saved: Dict[str, Any], cfg: TrainConfig, world_size: int, ckpt: Dict[str, Any], where: str) -> None:
     mine = cfg.to_dict()
+    # a setting added after the checkpoint was written counts as its default there
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    saved = {k: saved.get(k, defaults.get(k)) for k in mine}
     diff = [f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in mine
             if k not in _MAY_DIFFER and _norm(saved.get(k)) != _norm(mine[k])]
     if diff:
@@ -335,6 +352,13 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     loss_fn = DetectionLoss(num_classes, box_loss_weight=cfg.box_loss_weight, label_smoothing=cfg.label_smoothing)
+    teacher = None
+    if cfg.teacher is not None:
+        from .teacher import load_detection_teacher
+
+        with torch.random.fork_rng(devices=[]):  # building it draws init values: leave the run's RNG alone
+            teacher = load_detection_teacher(cfg.teacher, cfg.teacher_weights, num_classes=num_classes,
+                                             image_size=cfg.image_size, device=device)
     log = MetricsLog(out / "metrics.jsonl", keep_until_step=step) if main else None  # drops a killed run's tail
     if main and note:
         print(f"effops train: {note}")
@@ -367,7 +391,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         if resuming and start > 0:  # saved inside the epoch: the loader was running
             set_rng_state(rng, "checkpoint")
         bar = _progress(main and cfg.progress, steps_per_epoch, start, f"epoch {ep + 1}/{cfg.epochs}")
-        acc = torch.zeros(3, dtype=torch.float64, device=device)
+        acc = torch.zeros(4, dtype=torch.float64, device=device)
         n_acc, t_acc = 0, time.perf_counter()
         for i in range(start, steps_per_epoch):
             batch = next(it)
@@ -376,9 +400,16 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             labels = batch["labels"].to(device, non_blocking=True)
             with _autocast(device, cfg.amp):
                 cls_out, box_out = net(images)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(images)
             cls_t, box_t, npos = loss_fn.label(anchors, boxes, labels)
             norm = all_reduce_sum(npos.sum().float()) + 1.0 if world_size > 1 else None
             total, cls_l, box_l = loss_fn.flat(cls_out, box_out, cls_t, box_t, npos, normalizer=norm)
+            kd = torch.zeros((), device=device)
+            if teacher is not None:
+                kd = _kd_term(cfg, (cls_out, box_out), t_out, world_size)
+                total = cfg.kd_alpha * kd + (1.0 - cfg.kd_alpha) * total
             scaler.scale(total * world_size if world_size > 1 else total).backward()
             if cfg.clip_grad > 0:
                 scaler.unscale_(opt)
@@ -390,7 +421,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             if ema is not None:
                 ema.update(model)
             step, position = step + 1, i + 1
-            acc += torch.stack([total.detach(), cls_l.detach(), box_l.detach()]).double()
+            acc += torch.stack([total.detach(), cls_l.detach(), box_l.detach(), kd.detach().float()]).double()
             n_acc += 1
             if n_acc == cfg.log_every or position == steps_per_epoch:
                 acc = all_reduce_sum(acc)  # each process holds its share of the global batch's loss
@@ -401,8 +432,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 dt = time.perf_counter() - t_acc
                 ips = n_acc * cfg.batch_size / max(dt, 1e-9)
                 if main:
-                    log.append(dict(kind="train", epoch=ep + 1, step=step, loss=mean[0], class_loss=mean[1],
-                                    box_loss=mean[2], lr=sched.lr, img_per_s=ips, time=time.time()))
+                    rec = dict(kind="train", epoch=ep + 1, step=step, loss=mean[0], class_loss=mean[1],
+                               box_loss=mean[2], lr=sched.lr, img_per_s=ips, time=time.time())
+                    if teacher is not None:
+                        rec["kd_loss"] = mean[3]  # loss = kd_alpha * kd_loss + (1 - kd_alpha) * the detection loss
+                    log.append(rec)
                     bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{sched.lr:.2e}", img_s=f"{ips:.1f}")
                 acc.zero_()
                 n_acc, t_acc = 0, time.perf_counter()
@@ -441,6 +475,19 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     _barrier()
     return dict(step=step, epochs_done=min(cfg.epochs, step // steps_per_epoch), steps_per_epoch=steps_per_epoch,
                 metrics=last_eval, checkpoint=str(ckpt_path), world_size=world_size)
+
+
+def _kd_term(cfg: TrainConfig, student_out, teacher_out, world_size: int) -> torch.Tensor:
+    """The detection distillation term; under DDP normalised by the teacher confidence summed
+    over all processes (and scaled by N as the detection loss is), so that N processes compute
+    what one process with the whole batch computes."""
+    from ..compress.distill import detection_kd_parts
+
+    num, den = detection_kd_parts(student_out, teacher_out, temperature=cfg.kd_temperature,
+                                  box_weight=cfg.kd_box_weight)
+    if world_size > 1:
+        den = all_reduce_sum(den.float())
+    return num.float() / den.float().clamp_min(1.0)
 
 
 def _barrier() -> None:

@@ -1,5 +1,6 @@
 """``effops train --model tf_efficientdet_d0 --data shapes|DIR --image-size S --epochs E --batch-size B
---out DIR [--resume] ...`` (see ``loop.py``); ``torchrun --nproc-per-node N -m effops train ...``
+--out DIR [--resume] [--teacher MODEL --teacher-weights CKPT] ...`` (see ``loop.py``; the teacher:
+``teacher.py``); ``torchrun --nproc-per-node N -m effops train ...``
 runs it data-parallel (gloo on the CPU, nccl on CUDA; ``--batch-size`` is the global batch)."""
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ def add_parser(sub) -> None:
     sp.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
     sp.add_argument("--drop-path-rate", type=float, default=None, help="backbone stochastic depth (default: variant's)")
     sp.add_argument("--label-smoothing", type=float, default=0.0, help="focal loss label smoothing (default 0)")
+    sp.add_argument("--teacher", default=None, metavar="MODEL", help="distil from this EfficientDet variant "
+                    "(needs --teacher-weights): loss = kd-alpha * KD + (1 - kd-alpha) * detection loss")
+    sp.add_argument("--teacher-weights", default=None, metavar="CKPT", help="the teacher's weights: an effops train "
+                    "checkpoint (its EMA weights and reduced-model settings) or a state_dict; read weights-only")
+    sp.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the distillation term (default 0.5)")
+    sp.add_argument("--kd-temperature", type=float, default=1.0, help="temperature of the class-logit KD (default 1)")
+    sp.add_argument("--kd-box-weight", type=float, default=1.0,
+                    help="weight of the box regression toward the teacher's within the KD term (default 1)")
     sp.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: 0)")
     sp.add_argument("--log-every", type=int, default=10, help="steps per metrics.jsonl record (default 10)")
     sp.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after N steps in all")
@@ -68,6 +77,8 @@ def run(args) -> int:
                           min_lr_ratio=args.min_lr_ratio, clip_grad=args.clip_grad, amp=args.amp, ema=args.ema,
                           workers=args.workers, seed=args.seed, device=device, resume=args.resume, weights=args.weights,
                           drop_path_rate=args.drop_path_rate, label_smoothing=args.label_smoothing,
+                          teacher=args.teacher, teacher_weights=args.teacher_weights, kd_alpha=args.kd_alpha,
+                          kd_temperature=args.kd_temperature, kd_box_weight=args.kd_box_weight,
                           checkpoint_every=args.checkpoint_every, log_every=args.log_every, max_steps=args.max_steps,
                           evaluate=not args.no_eval, eval_max_images=args.eval_max_images,
                           progress=not args.no_progress, data_options=data_options)
