@@ -98,11 +98,11 @@ template <Isa I, class S, class F, class T>
 EFFOPS_INLINE void gemm_rows(const S* a, int64_t lda, int64_t m_begin, int64_t m_end, int64_t K,
                              const F* cs, int64_t hw, const F* bp, int64_t Co, const F* scale,
                              const F* bias, int act, const T* res, T* out, int64_t ldo,
-                             std::vector<F>& ap) {
+                             std::vector<F>& ap, int64_t p_begin = 0, int64_t p_end = -1) {
   using G = typename TileFor<F, I>::type;
   ap.resize(static_cast<size_t>(K * G::MR));
   alignas(64) F tile[G::MR * G::NR];
-  const int64_t panels = (Co + G::NR - 1) / G::NR;
+  const int64_t panels = p_end < 0 ? (Co + G::NR - 1) / G::NR : p_end;
   // A needs packing only to convert its storage type or to apply the SE channel scale.
   constexpr bool direct_ok = std::is_same<S, F>::value;
   const bool direct = direct_ok && !cs;
@@ -114,7 +114,7 @@ EFFOPS_INLINE void gemm_rows(const S* a, int64_t lda, int64_t m_begin, int64_t m
       if (direct) a_tile = reinterpret_cast<const F*>(a) + m0 * lda, ars = lda, aks = 1;
     }
     if (!direct) pack_rows<G>(a, lda, m0, mr, K, cs, hw, ap.data());
-    for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t p = p_begin; p < panels; ++p) {
       micro<I>(mr, a_tile, ars, aks, bp + p * K * G::NR, K, tile);
       with_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
         epilogue_fast<G, A()>(tile, mr, p * G::NR, Co, scale, bias,
@@ -132,13 +132,14 @@ template <class S, class T>
 EFFOPS_TARGET_BF16 void gemm_rows_bf16dot(const S* a, int64_t lda, int64_t m_begin, int64_t m_end, int64_t K,
                                           const float* cs, int64_t hw, const uint16_t* bp, int64_t Co,
                                           const float* scale, const float* bias, int act, const T* res, T* out,
-                                          int64_t ldo, std::vector<uint16_t>& ap) {
+                                          int64_t ldo, std::vector<uint16_t>& ap, int64_t p_begin = 0,
+                                          int64_t p_end = -1) {
   using G = typename TileFor<float, kV4>::type;
   static_assert(G::NR == kBfNR && G::MR == kBfMR, "the bf16 tile is the float AVX-512 tile");
   const int64_t K2 = (K + 1) / 2;
   ap.resize(static_cast<size_t>(K2 * 2 * kBfMR));
   alignas(64) float tile[kBfMR * kBfNR];
-  const int64_t panels = (Co + kBfNR - 1) / kBfNR;
+  const int64_t panels = p_end < 0 ? (Co + kBfNR - 1) / kBfNR : p_end;
   // bf16 rows with an even K (and even row stride) and no SE scale are already bf16 pairs.
   const bool direct = std::is_same<S, simd::bf16>::value && !cs && K % 2 == 0 && lda % 2 == 0;
   for (int64_t m0 = m_begin; m0 < m_end; m0 += kBfMR) {
@@ -152,7 +153,7 @@ EFFOPS_TARGET_BF16 void gemm_rows_bf16dot(const S* a, int64_t lda, int64_t m_beg
       pack_rows_bf16(a, lda, m0, mr, K, cs, hw, ap.data(), 2 * K2);
       a_tile = ap.data(), ars = K2;
     }
-    for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t p = p_begin; p < panels; ++p) {
       bf16dot_micro(mr, a_tile, ars, bp + p * K2 * 2 * kBfNR, K2, tile);
       with_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
         epilogue_fast<G, A()>(tile, mr, p * kBfNR, Co, scale, bias, res ? res + (m0 - m_begin) * ldo : nullptr,
@@ -176,25 +177,30 @@ struct PwArgs {
   T* out;
   int64_t HW, C, Co, M, rpt;
   const uint16_t* bpb = nullptr;  // bf16-pair weight panels: the vdpbf16ps GEMM (gemm_bf16.h)
+  int64_t groups = 1, ppt = 0;    // a task: rows [rpt * (t / groups), ...) x panels ppt * (t % groups) + [0, ppt)
 };
 
 template <Isa I, class T>
 EFFOPS_INLINE void pw_task_body(const PwArgs<T>& a, int64_t task) {
   using F = Acc<T>;
   thread_local std::vector<F> ap;
-  const int64_t m0 = task * a.rpt, m1 = std::min(a.M, m0 + a.rpt);
+  const int64_t m0 = (task / a.groups) * a.rpt, m1 = std::min(a.M, m0 + a.rpt);
   if (m0 >= m1) return;
+  const int64_t p0 = (task % a.groups) * a.ppt, p1 = a.groups > 1 ? p0 + a.ppt : -1;  // clipped below
+  const int64_t nr = a.bpb ? int64_t(kBfNR) : int64_t(TileFor<F, I>::type::NR);
+  const int64_t pe = p1 < 0 ? -1 : std::min(p1, (a.Co + nr - 1) / nr);
+  if (pe >= 0 && p0 >= pe) return;
 #if EFFOPS_HAS_BF16DOT
   if constexpr (I == kV4 && std::is_same<T, simd::bf16>::value) {
     if (a.bpb) {
       thread_local std::vector<uint16_t> apb;
       return gemm_rows_bf16dot(a.y, a.C, m0, m1, a.C, a.cs, a.HW, a.bpb, a.Co, a.scale, a.bias, a.act,
-                               a.res ? a.res + m0 * a.Co : nullptr, a.out + m0 * a.Co, a.Co, apb);
+                               a.res ? a.res + m0 * a.Co : nullptr, a.out + m0 * a.Co, a.Co, apb, p0, pe);
     }
   }
 #endif
   gemm_rows<I>(a.y, a.C, m0, m1, a.C, a.cs, a.HW, a.bp, a.Co, a.scale, a.bias, a.act,
-               a.res ? a.res + m0 * a.Co : nullptr, a.out + m0 * a.Co, a.Co, ap);
+               a.res ? a.res + m0 * a.Co : nullptr, a.out + m0 * a.Co, a.Co, ap, p0, pe);
 }
 
 // ---------------------------------------------------------------- fused depthwise-separable
@@ -349,7 +355,16 @@ void pw_run(PwArgs<T> a, const Acc<T>* w, int threads) {
   a.bias = a.bias ? bias.data() : nullptr;
   // ~8 microkernel tiles of rows per task
   a.rpt = std::max<int64_t>(G::MR, std::min<int64_t>(8 * G::MR, (a.M + 4 * threads - 1) / (4 * threads)));
-  const int64_t tasks = (a.M + a.rpt - 1) / a.rpt;
+  const int64_t row_tasks = (a.M + a.rpt - 1) / a.rpt;
+  // Few rows (batch 1, 7x7 or 14x14 maps: 5-17 row tiles): the output channels are split too, so
+  // the threads get enough tasks to balance (5 tasks on 2 threads left one idle a fifth of the time).
+  const int64_t nr = a.bpb ? int64_t(kBfNR) : int64_t(G::NR), panels = (a.Co + nr - 1) / nr;
+  if (threads > 1 && row_tasks < 4 * threads && panels > 1) {
+    const int64_t want = std::min(panels, (4 * threads + row_tasks - 1) / row_tasks);
+    a.ppt = (panels + want - 1) / want;
+    a.groups = (panels + a.ppt - 1) / a.ppt;
+  }
+  const int64_t tasks = row_tasks * a.groups;
   parallel_for(tasks, threads, [&](int64_t t, int) {
     if constexpr (I == kV4)
       pw_task_v4(a, t);
