@@ -24,17 +24,16 @@ Criteria (per channel of a group, summed over the group's layers):
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._prune_graph import Group, Site, build_groups
+from ._prune_rank import _call, _importance, _keep_count, _plans, _taylor_grads  # noqa: F401 (_keep_count: tests)
 
 CRITERIA = ("bn_scale", "l1", "taylor")
 
@@ -42,10 +41,6 @@ CRITERIA = ("bn_scale", "l1", "taylor")
 # ----------------------------------------------------------------------------- counting
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _call(model: nn.Module, example_input):
-    return model(*example_input) if isinstance(example_input, tuple) else model(example_input)
 
 
 def _clone(model: nn.Module) -> nn.Module:
@@ -124,6 +119,7 @@ class PruneReport:
     kept: List[Tuple[str, str]] = field(default_factory=list)  # (group, why it was not pruned)
     layers: List[Tuple[str, str, Tuple[int, int], Tuple[int, int]]] = field(default_factory=list)
     opaque: List[Tuple[str, str]] = field(default_factory=list)  # layers prune does not understand
+    global_ranking: bool = False  # amount: of all prunable channels, ranked together
 
     @property
     def params_ratio(self) -> float:
@@ -139,10 +135,11 @@ class PruneReport:
                 "macs_before": self.macs_before, "macs_after": self.macs_after,
                 "groups": [vars(g) for g in self.groups], "kept": [list(k) for k in self.kept],
                 "layers": [[n, t, list(a), list(b)] for n, t, a, b in self.layers],
-                "opaque": [list(o) for o in self.opaque]}
+                "opaque": [list(o) for o in self.opaque], "global_ranking": self.global_ranking}
 
     def __str__(self) -> str:
-        lines = [f"effops.compress.prune ({self.family}, {self.criterion}, amount {self.amount:.3f}): "
+        how = "of all channels, ranked globally" if self.global_ranking else "of each group"
+        lines = [f"effops.compress.prune ({self.family}, {self.criterion}, amount {self.amount:.3f} {how}): "
                  f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.1%}), "
                  f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.1%})"]
         lines.append(f"  {len(self.groups)} channel groups pruned:")
@@ -169,55 +166,6 @@ def _layer_shapes(model: nn.Module) -> Dict[str, Tuple[str, Tuple[int, int]]]:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             out[n] = ("BatchNorm", (m.num_features, m.num_features))
     return out
-
-
-# ----------------------------------------------------------------------------- importance
-def _rows(w: Tensor) -> Tensor:
-    return w.detach().abs().reshape(w.shape[0], -1).sum(1).double()
-
-
-def _importance(model: nn.Module, g: Group, criterion: str, grads: Optional[Dict[int, Tensor]]) -> Tuple[Tensor, str]:
-    imp = torch.zeros(g.size, dtype=torch.float64)
-    if criterion == "bn_scale" and g.has_bn:
-        for s in g.sites:
-            if s.kind == "bn":
-                imp += model.get_submodule(s.name).weight.detach().abs().double().cpu()
-        return imp, "bn_scale"
-    if criterion in ("bn_scale", "l1"):
-        producers = [s for s in g.sites if s.kind in ("out", "dw")] or [s for s in g.sites if s.kind == "in"]
-        for s in producers:
-            w = model.get_submodule(s.name).weight
-            imp += (_rows(w) if s.kind != "in" else _rows(w.transpose(0, 1))).cpu()
-        return imp, "l1"
-    for s in g.sites:  # taylor
-        m = model.get_submodule(s.name)
-        names = ("weight", "bias") if s.kind != "in" else ("weight",)
-        for pn in names:
-            p = getattr(m, pn, None)
-            if p is None or grads.get(id(p)) is None:
-                continue
-            t = (p.detach() * grads[id(p)]).double()
-            if s.kind == "in":
-                t = t.transpose(0, 1)
-            imp += t.reshape(t.shape[0], -1).sum(1).cpu()
-    return imp.abs(), "taylor"
-
-
-def _taylor_grads(model: nn.Module, example_input, loss_fn, targets) -> Dict[int, Tensor]:
-    was = model.training
-    model.eval()  # running statistics stay as they are; BN folds, gradients flow through the fused ops
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        with torch.enable_grad():
-            out = _call(model, example_input)
-            loss = loss_fn(out) if loss_fn is not None else F.cross_entropy(out, targets)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError(f"prune: loss_fn must return a scalar tensor, got "
-                                 f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else list(loss.shape)}")
-            gs = torch.autograd.grad(loss, params, allow_unused=True)
-    finally:
-        model.train(was)
-    return {id(p): g for p, g in zip(params, gs)}
 
 
 # ----------------------------------------------------------------------------- slicing
@@ -406,13 +354,6 @@ def _ignored(groups: List[Group], ignore, model: nn.Module) -> Dict[str, str]:
     return out
 
 
-def _keep_count(n: int, amount: float, round_to: int, min_channels: int) -> int:
-    k = n - int(math.floor(n * amount + 0.5))
-    if round_to > 1:
-        k = int(math.floor(k / round_to + 0.5)) * round_to
-    return max(1, min(n, max(k, min(min_channels, n))))
-
-
 # ----------------------------------------------------------------------------- prune
 def _apply(model: nn.Module, plans: List[Tuple[Group, Tensor]]) -> None:
     for g, keep in plans:
@@ -421,23 +362,14 @@ def _apply(model: nn.Module, plans: List[Tuple[Group, Tensor]]) -> None:
     _finalize(model)
 
 
-def _plans(groups, importances, amount, round_to, min_channels) -> List[Tuple[Group, Tensor]]:
-    plans = []
-    for g, imp in zip(groups, importances):
-        k = _keep_count(g.size, amount, round_to, min_channels)
-        if k < g.size:
-            order = torch.argsort(-imp, stable=True)[:k]
-            plans.append((g, torch.sort(order).values))
-    return plans
-
-
 def prune(model: nn.Module, *, amount: Optional[float] = None, target_macs=None, criterion: str = "bn_scale",
           example_input, ignore: Sequence = (), loss_fn: Optional[Callable[[object], Tensor]] = None,
-          targets: Optional[Tensor] = None, round_to: int = 1, min_channels: int = 1):
+          targets: Optional[Tensor] = None, round_to: int = 1, min_channels: int = 1, global_ranking: bool = False):
     """Remove whole channels; returns ``(pruned_model, PruneReport)``. ``model`` is not changed.
 
     Args:
-        amount: fraction of every prunable group's channels to remove, in (0, 1).
+        amount: fraction of every prunable group's channels to remove, in (0, 1); with
+            ``global_ranking``, the fraction of all prunable channels, ranked together.
         target_macs: instead of ``amount``: the MACs the pruned model may have on
             ``example_input`` (an int), or a fraction of the model's (a float in (0, 1)); the
             largest ``amount`` meeting it is found by bisection.
@@ -449,6 +381,9 @@ def prune(model: nn.Module, *, amount: Optional[float] = None, target_macs=None,
             cross-entropy against ``targets``.
         round_to: kept channels are a multiple of this (at least 1, at most the group).
         min_channels: never keep fewer than this many channels in a group.
+        global_ranking: rank the channels of all groups together by the criterion normalised
+            per group (``_prune_rank``): less important groups lose more, instead of every
+            group losing the same fraction.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -459,6 +394,8 @@ def prune(model: nn.Module, *, amount: Optional[float] = None, target_macs=None,
     for nm, v in (("round_to", round_to), ("min_channels", min_channels)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"prune: {nm} must be an int >= 1, got {v!r}")
+    if not isinstance(global_ranking, bool):
+        raise TypeError(f"prune: global_ranking must be True or False, got {type(global_ranking).__name__}")
     if amount is not None:
         amount = _check_amount(amount)
     if criterion == "taylor" and loss_fn is None and targets is None:
@@ -481,7 +418,7 @@ def prune(model: nn.Module, *, amount: Optional[float] = None, target_macs=None,
 
     def build(a: float, base: nn.Module = model):
         m = _clone(base)
-        _apply(m, _plans(prunable, importances, a, round_to, min_channels))
+        _apply(m, _plans(prunable, importances, a, round_to, min_channels, global_ranking))
         return m
 
     if target_macs is not None:
@@ -494,13 +431,14 @@ def prune(model: nn.Module, *, amount: Optional[float] = None, target_macs=None,
                            f"model's {_shapes(ref_out)}; please report this model")
     before, after = _layer_shapes(model), _layer_shapes(pruned)
     widths = {id(g): g.size for g in prunable}
-    for g, keep in _plans(prunable, importances, amount, round_to, min_channels):
+    for g, keep in _plans(prunable, importances, amount, round_to, min_channels, global_ranking):
         widths[id(g)] = len(keep)
     rep = PruneReport(family, criterion, amount, count_params(model), count_params(pruned), macs_before, macs_after,
                       groups=[GroupReport(g.name, g.size, widths[id(g)], used, sorted({s.name for s in g.sites}))
                               for g, (_, used) in zip(prunable, scored)],
                       kept=kept, opaque=list(opaque),
-                      layers=[(n, t, a, after[n][1]) for n, (t, a) in before.items() if n in after])
+                      layers=[(n, t, a, after[n][1]) for n, (t, a) in before.items() if n in after],
+                      global_ranking=global_ranking)
     return pruned, rep
 
 

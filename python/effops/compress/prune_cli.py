@@ -32,7 +32,8 @@ from ..nas._checks import atomic_write, check_int, check_keys, check_str, torch_
 _FORMAT = "effops-prune-1"
 _CONFIG_KEYS = ("model", "weights", "data", "image_size", "max_samples", "amount", "target_macs", "criterion",
                 "steps", "epochs", "train_epochs", "teacher", "teacher_weights", "temperature", "alpha", "lr",
-                "batch_size", "seed", "tolerance", "round_to")
+                "batch_size", "seed", "tolerance", "round_to", "global_ranking")
+_ADDED_DEFAULTS = {"global_ranking": False}  # keys added since the format: a run saved before has the default
 
 
 class PruneRunError(ValueError):
@@ -63,6 +64,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--tolerance", type=float, default=1.0, help="accuracy points the chosen model may lose (default 1)")
     sp.add_argument("--round-to", type=int, default=1, help="kept channels are a multiple of this")
+    sp.add_argument("--global-ranking", action="store_true", help="rank channels across all layers (criterion "
+                    "normalised per group) instead of removing the same fraction of every group")
     sp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     sp.add_argument("--out", required=True, help="run directory")
     sp.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -109,6 +112,8 @@ def _load_state(path: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise PruneRunError(f"{where}: model must be a state_dict")
     if not isinstance(st["history"], list):
         raise PruneRunError(f"{where}: history must be a list")
+    if isinstance(st["config"], dict):
+        st["config"] = {**_ADDED_DEFAULTS, **st["config"]}
     if st["config"] != cfg:
         diff = sorted(k for k in set(cfg) | set(st["config"] if isinstance(st["config"], dict) else {})
                       if not isinstance(st["config"], dict) or st["config"].get(k) != cfg.get(k))
@@ -229,8 +234,9 @@ def _run(args) -> int:
             kw = dict(target_macs=int(base_macs * cfg["target_macs"] ** (s / steps)))
         if st["stage"] == "prune":
             model, rep = prune(model, criterion=cfg["criterion"], example_input=x_ex, targets=y_ex,
-                               round_to=cfg["round_to"], **kw)
-            print(f"effops prune: step {s}: pruned {rep.amount:.3f} of each group: params {rep.params_before:,} -> "
+                               round_to=cfg["round_to"], global_ranking=cfg["global_ranking"], **kw)
+            print(f"effops prune: step {s}: pruned {rep.amount:.3f} of "
+                  f"{'all channels (global ranking)' if rep.global_ranking else 'each group'}: params {rep.params_before:,} -> "
                   f"{rep.params_after:,}, MACs x{rep.macs_ratio:.3f}", flush=True)
             checkpoint(stage="finetune", epoch=0, optimizer=None)
         finetune(model, ds.train_x, ds.train_y, epochs=cfg["epochs"], seed=cfg["seed"] + s, start_epoch=st["epoch"],
