@@ -459,3 +459,44 @@ def test_pw_conv_bf16_gemm_paths(C, Co, se, isa):
                                 r.to(bf))
     assert got.dtype == bf
     assert_close_to_truth(got, truth, eager, bf)
+
+
+@pytest.mark.parametrize("N,HW,C,Co", [
+    (1, (7, 7), 1152, 192),   # transposed GEMM (few pixels, many channels), 2 pixel panels
+    (1, (3, 5), 40, 1280),    # transposed, one partial pixel panel, Co past whole MR blocks
+    (2, (2, 3), 96, 577),     # transposed across two images (SE scale per image), odd Co
+    (1, (14, 14), 112, 672),  # packed weights, one image: the SE scale goes into the weights
+    (1, (7, 7), 64, 40),      # packed weights, few row tiles: the panels are split into tasks
+])
+@pytest.mark.parametrize("se", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("isa", ["native", "avx2", "baseline"])
+def test_pw_conv_gemm_path_choice(N, HW, C, Co, se, dtype, isa):
+    """pw_conv picks its GEMM by shape (pw.cpp pw_run): the transposed small-M GEMM (weights read
+    as they are, pixels packed, output stored with stride Co), the packed-weight GEMM with one
+    image's SE scale folded into the weights, and the panel-split tasks; every choice, at every
+    ISA level and dtype, with SE scale, activation and residual, against the float64 truth."""
+    level = effops.detected_isa() if isa == "native" else isa
+    if level not in effops._backend.ISA_LEVELS[: effops._backend.ISA_LEVELS.index(effops.detected_isa()) + 1]:
+        pytest.skip(f"the CPU does not run {level}")
+    g = gen(C + Co + N)
+    y = rnd(N, C, *HW, g=g)
+    w = rnd(Co, C, 1, 1, g=g, scale=C ** -0.5)
+    cs = torch.rand(N, C, generator=g, dtype=torch.float64) if se else None
+    s, b, r = rnd(Co, g=g).abs() + 0.5, rnd(Co, g=g, scale=0.1), rnd(N, Co, *HW, g=g)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    prev = torch.get_num_threads()
+    with effops.use_isa(level):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            try:
+                got = pw_conv(y.to(dtype).contiguous(memory_format=torch.channels_last), w.to(acc),
+                              channel_scale=None if cs is None else cs.to(dtype), scale=s.to(acc), bias=b.to(acc),
+                              act="silu", residual=r.to(dtype).contiguous(memory_format=torch.channels_last))
+            finally:
+                torch.set_num_threads(prev)
+            truth = R.pw_conv_reference(y, w, cs, s, b, "silu", r)
+            eager = R.pw_conv_reference(y.to(dtype), w.to(dtype), None if cs is None else cs.to(dtype), s.to(dtype),
+                                        b.to(dtype), "silu", r.to(dtype))
+            assert got.dtype == dtype and got.shape == (N, Co, *HW)
+            assert_close_to_truth(got, truth, eager, dtype)

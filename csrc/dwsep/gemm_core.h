@@ -45,9 +45,12 @@ struct Tile {
 // call, applied to the weights instead of to every row of A). Blocked transpose: a block of kKB k's of the panel's rows is read row by row
 // (contiguous) and written into an L1-resident [kKB][NR] block of Bp; the naive order (scattered
 // stores with stride NR over all of K) ran at ~2 cycles per element, most of a batch-1 pw_conv.
-template <class G, class F>
-void pack_panels(const F* w, int64_t Co, int64_t K, int64_t p0, int64_t p1, F* bp,
-                 const F* cs = nullptr) {
+// The same for rows of activations (storage S, converted to F) in the transposed small-M GEMM
+// (pw.cpp): there row r is scaled by its image's SE scale cs + (r / cs_hw) * K (cs_hw = 0: the
+// one vector cs for every row, as for the weights).
+template <class G, class S, class F>
+void pack_panels(const S* w, int64_t Co, int64_t K, int64_t p0, int64_t p1, F* bp,
+                 const F* cs = nullptr, int64_t cs_hw = 0) {
   constexpr int64_t NR = G::NR, kKB = 16;
   for (int64_t p = p0; p < p1; ++p) {
     F* dst = bp + p * K * NR;
@@ -56,11 +59,13 @@ void pack_panels(const F* w, int64_t Co, int64_t K, int64_t p0, int64_t p1, F* b
       const int64_t kn = std::min<int64_t>(kKB, K - k0);
       F* d = dst + k0 * NR;
       for (int64_t j = 0; j < jn; ++j) {
-        const F* src = w + (p * NR + j) * K + k0;
-        if (cs)
-          for (int64_t kk = 0; kk < kn; ++kk) d[kk * NR + j] = src[kk] * cs[k0 + kk];
-        else
-          for (int64_t kk = 0; kk < kn; ++kk) d[kk * NR + j] = src[kk];
+        const S* src = w + (p * NR + j) * K + k0;
+        if (cs) {
+          const F* c = cs + (cs_hw ? ((p * NR + j) / cs_hw) * K : 0) + k0;
+          for (int64_t kk = 0; kk < kn; ++kk) d[kk * NR + j] = simd::to_f(src[kk]) * c[kk];
+        } else {
+          for (int64_t kk = 0; kk < kn; ++kk) d[kk * NR + j] = simd::to_f(src[kk]);
+        }
       }
       for (int64_t kk = 0; kk < kn; ++kk)
         for (int64_t j = jn; j < NR; ++j) d[kk * NR + j] = F(0);
@@ -198,6 +203,35 @@ EFFOPS_INLINE void epilogue_fast(const F* tile, int mr, int64_t n0,
           simd::store_s(o + n + j, s);
         }
       }
+    }
+  }
+}
+
+// Epilogue of the transposed GEMM (out^T = W A^T, pw.cpp): tile[i * NR + j] is output channel
+// co0 + i of pixel m0 + j. Affine and activation as vectors along the pixels (the channel's
+// scale and bias broadcast), then stored with stride Co (out[(m0 + j) * Co + co0 + i]); the
+// residual is added after the activation, as in epilogue().
+template <class G, int ACT, class F, class T>
+EFFOPS_INLINE void epilogue_t(const F* tile, int mr, int64_t co0, int64_t jn, int64_t Co,
+                              const F* scale, const F* bias, const T* res, T* out) {
+  using V = typename G::V;
+  alignas(64) F buf[G::NR];
+  for (int i = 0; i < mr; ++i) {
+    const int64_t co = co0 + i;
+    const V s = G::splat(scale ? scale[co] : F(1)), b = G::splat(bias ? bias[co] : F(0));
+    for (int v = 0; v < G::NV; ++v) {
+      V val = G::load(tile + i * G::NR + v * G::L);
+      if (scale) val = val * s;
+      if (bias) val = val + b;
+      val = simd::act_v(val, ACT);
+      std::memcpy(buf + v * G::L, &val, sizeof val);
+    }
+    T* o = out + co;
+    if (res) {
+      const T* r = res + co;
+      for (int64_t j = 0; j < jn; ++j) simd::store_s(o + j * Co, buf[j] + simd::to_f(r[j * Co]));
+    } else {
+      for (int64_t j = 0; j < jn; ++j) simd::store_s(o + j * Co, buf[j]);
     }
   }
 }

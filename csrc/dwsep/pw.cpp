@@ -178,6 +178,10 @@ struct PwArgs {
   int64_t HW, C, Co, M, rpt;
   const uint16_t* bpb = nullptr;  // bf16-pair weight panels: the vdpbf16ps GEMM (gemm_bf16.h)
   int64_t groups = 1, ppt = 0;    // a task: rows [rpt * (t / groups), ...) x panels ppt * (t % groups) + [0, ppt)
+  // The transposed small-M GEMM (pwt_task_body): the weights as they are, the pixels packed.
+  const Acc<T>* w = nullptr;
+  const Acc<T>* apt = nullptr;  // pixel panels [M / NR][C][NR]
+  int64_t bpt = 0;              // MR-channel blocks per task
 };
 
 template <Isa I, class T>
@@ -201,6 +205,33 @@ EFFOPS_INLINE void pw_task_body(const PwArgs<T>& a, int64_t task) {
 #endif
   gemm_rows<I>(a.y, a.C, m0, m1, a.C, a.cs, a.HW, a.bp, a.Co, a.scale, a.bias, a.act,
                a.res ? a.res + m0 * a.Co : nullptr, a.out + m0 * a.Co, a.Co, ap, p0, pe);
+}
+
+// Few pixels, many output channels (batch 1 on 7x7 / 14x14 maps): out^T = W A^T. The weights are
+// the microkernel's row operand straight from [Co][C] (no packing: at batch 1 packing them cost
+// two thirds of the GEMM itself), the pixels are packed into panels of NR ([C][NR] each, SE scale
+// applied), and a task computes MR-channel blocks against every pixel panel (the panels, C * M
+// floats, stay in L2). The epilogue stores the transposed tile with stride Co (epilogue_t).
+template <Isa I, class T>
+EFFOPS_INLINE void pwt_task_body(const PwArgs<T>& a, int64_t task) {
+  using F = Acc<T>;
+  using G = typename TileFor<F, I>::type;
+  const int64_t nblk = (a.Co + G::MR - 1) / G::MR;
+  const int64_t b0 = task * a.bpt, b1 = std::min(nblk, b0 + a.bpt);
+  const int64_t qn = (a.M + G::NR - 1) / G::NR;
+  alignas(64) F tile[G::MR * G::NR];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t co0 = b * G::MR;
+    const int mr = static_cast<int>(std::min<int64_t>(G::MR, a.Co - co0));
+    for (int64_t q = 0; q < qn; ++q) {
+      const int64_t m0 = q * G::NR, jn = std::min<int64_t>(G::NR, a.M - m0);
+      micro<I>(mr, a.w + co0 * a.C, a.C, 1, a.apt + q * a.C * G::NR, a.C, tile);
+      with_act(a.act, [&](auto A) EFFOPS_LAMBDA_INLINE {
+        epilogue_t<G, A()>(tile, mr, co0, jn, a.Co, a.scale, a.bias, a.res ? a.res + m0 * a.Co : nullptr,
+                           a.out + m0 * a.Co);
+      });
+    }
+  }
 }
 
 // ---------------------------------------------------------------- fused depthwise-separable
@@ -287,6 +318,9 @@ EFFOPS_INLINE void dwsep_task_body(const DwsepArgs<T>& a, int64_t task) {
     pw_task_body<kV3>(a, t);                                                 \
   }                                                                                            \
   void pw_task_base(const PwArgs<T>& a, int64_t t) { pw_task_body<kBase>(a, t); } \
+  EFFOPS_TARGET_V4 void pwt_task_v4(const PwArgs<T>& a, int64_t t) { pwt_task_body<kV4>(a, t); } \
+  EFFOPS_TARGET_V3 void pwt_task_v3(const PwArgs<T>& a, int64_t t) { pwt_task_body<kV3>(a, t); } \
+  void pwt_task_base(const PwArgs<T>& a, int64_t t) { pwt_task_body<kBase>(a, t); }              \
   EFFOPS_TARGET_V4 void dwsep_task_v4(const DwsepArgs<T>& a, int64_t t) {                      \
     dwsep_task_body<kV4>(a, t);                                              \
   }                                                                                            \
@@ -344,6 +378,32 @@ void pw_run(PwArgs<T> a, const Acc<T>* w, int threads) {
   using F = Acc<T>;
   using G = typename TileFor<F, I>::type;
   std::vector<F> scale, bias;
+  // The transposed GEMM packs the pixels (M * C) instead of the weights (Co * C) but stores the
+  // output with stride Co (M * Co scattered stores): taken where that is less work and the
+  // pixels' panels are L2-sized (at batch 1: 1152 -> 192 at 7x7 202 -> 151 us, 320 -> 1280 342 ->
+  // 254 us, one thread; 112 -> 672 at 14x14, with its 131k scattered stores, stays packed).
+  if (!use_bf16dot<I, T>() && a.Co * a.C > a.M * (a.C + a.Co) &&
+      a.M * a.C * int64_t(sizeof(F)) <= (int64_t(512) << 10)) {
+    const int64_t qn = (a.M + G::NR - 1) / G::NR;
+    thread_local std::vector<F> buf;
+    buf.resize(static_cast<size_t>(qn * a.C * G::NR));
+    F* d = buf.data();
+    const int workers = a.M * a.C < (int64_t(1) << 16) ? 1 : max_workers(qn, threads);
+    parallel_for(qn, workers, [&](int64_t q, int) { pack_panels<G>(a.y, a.M, a.C, q, q + 1, d, a.cs, a.HW); });
+    a.apt = d, a.w = w;
+    const int64_t nblk = (a.Co + G::MR - 1) / G::MR;
+    a.bpt = std::max<int64_t>(1, (nblk + 4 * threads - 1) / (4 * threads));
+    const int64_t tasks = (nblk + a.bpt - 1) / a.bpt;
+    parallel_for(tasks, threads, [&](int64_t t, int) {
+      if constexpr (I == kV4)
+        pwt_task_v4(a, t);
+      else if constexpr (I == kV3)
+        pwt_task_v3(a, t);
+      else
+        pwt_task_base(a, t);
+    });
+    return;
+  }
   // One image: its SE channel scale goes into the weights (packed anyway), so the rows of A need
   // no packing pass (at batch 1 that pass cost about as much as the GEMM of a late 1x1 conv).
   const F* cs_w = a.cs && a.M == a.HW ? a.cs : nullptr;
