@@ -4,6 +4,9 @@
   EfficientNet-style net of effops MBConv blocks, trained on digits) and two students - the
   teacher pruned by 75% and a narrow net from scratch - each trained with ``DistillationLoss``
   and without (cross-entropy), same epochs, over 3 seeds; held-out accuracy mean +- sd.
+* ``python -m effops.compress.study tpglobal``: global ranking at equal MACs: Torch-Pruning per
+  layer and global (``global_pruning=True``, its mean-normalised BN-scale), effops per group and
+  ``global_ranking=True``, each at Torch-Pruning's MACs, fine-tuned the same way over 3 seeds.
 * ``python -m effops.compress.study tp``: effops.compress.prune against Torch-Pruning
   (``pip install torch-pruning``) on the same timm model, amount and criterion (BN scale),
   after the same fine-tuning: held-out accuracy, params, MACs, and latency (batch 1 and 8,
@@ -104,13 +107,13 @@ def _interleaved(models: Dict[str, nn.Module], x: torch.Tensor, rounds: int = 7,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _tp_prune(model: nn.Module, x: torch.Tensor, amount: float) -> nn.Module:
+def _tp_prune(model: nn.Module, x: torch.Tensor, amount: float, global_pruning: bool = False) -> nn.Module:
     import torch_pruning as tp
 
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     ignored = linear[-1:] or [m for n, m in model.named_modules() if n.endswith("predict.conv_pw")]
     pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.BNScaleImportance(), pruning_ratio=amount,
-                                  ignored_layers=ignored, global_pruning=False)
+                                  ignored_layers=ignored, global_pruning=global_pruning)
     pruner.step()
     return model
 
@@ -195,6 +198,60 @@ def tp_study(args) -> Dict:
     return out
 
 
+def _tuned_accuracies(m0: nn.Module, ds, args) -> List[float]:
+    """Held-out accuracy after the study's fine-tuning (args.epochs, lr 0.05), per seed."""
+    accs = []
+    for seed in range(args.seeds):
+        m = copy.deepcopy(m0)
+        finetune(m, ds.train_x, ds.train_y, epochs=args.epochs, lr=0.05, seed=seed)
+        accs.append(evaluate(m, ds.val_x, ds.val_y)["accuracy"])
+    return accs
+
+
+def tp_global_study(args) -> Dict:
+    from ..nas.data import load_dataset
+    from ..nn import convert
+
+    ds = load_dataset("digits", image_size=args.image_size, seed=0)
+    torch.manual_seed(0)
+    base = _timm_base(ds.num_classes, ds.in_channels)
+    finetune(base, ds.train_x, ds.train_y, epochs=args.base_epochs, lr=0.1, seed=0)
+    base.eval()
+    x = ds.train_x[:8]
+    macs0 = count_macs(base, x[:1])
+    out = {"amount": args.amount, "image_size": args.image_size, "epochs": args.epochs, "seeds": args.seeds,
+           "base_accuracy": evaluate(base, ds.val_x, ds.val_y)["accuracy"], "base_macs": macs0,
+           "base_params": count_params(base), "models": {}}
+    print(f"base tinynet_e: {100 * out['base_accuracy']:.2f}% held-out, {macs0:,} MACs", flush=True)
+    models = {}
+    for tp_global in (False, True):
+        tpm = _tp_prune(copy.deepcopy(base), x, args.amount, global_pruning=tp_global)
+        target = count_macs(tpm, x[:1])
+        mode = "global" if tp_global else "per_layer"
+        models[f"torch_pruning_{mode}"] = tpm
+        for g in (False, True):  # effops at exactly (at most) Torch-Pruning's MACs
+            models[f"effops_{'global' if g else 'per_group'}_at_tp_{mode}_macs"], _ = prune(
+                convert(copy.deepcopy(base)), target_macs=target, criterion="bn_scale", example_input=x[:1],
+                global_ranking=g)
+    for name, m0 in models.items():
+        accs = _tuned_accuracies(m0, ds, args)
+        out["models"][name] = {"accuracy": accs, "params": count_params(m0), "macs": count_macs(m0, x[:1])}
+        print(f"{name}: {_ms(accs)}% held-out ({args.seeds} seeds), {out['models'][name]['params']:,} params, "
+              f"MACs x{out['models'][name]['macs'] / macs0:.3f}", flush=True)
+    # latency (untuned weights: the widths decide it); Torch-Pruning's models on effops's blocks too
+    timed = {"base_effops": convert(copy.deepcopy(base)).eval()}
+    for k, m in models.items():
+        timed[k] = (convert(copy.deepcopy(m)) if k.startswith("torch_pruning") else m).eval()
+    torch.set_num_threads(args.threads)
+    for b in (1, 8):
+        xb = torch.randn(b, ds.in_channels, args.latency_size, args.latency_size,
+                         generator=torch.Generator().manual_seed(b)).contiguous(memory_format=torch.channels_last)
+        ms = _interleaved(timed, xb)
+        out[f"latency_ms_{args.latency_size}px_b{b}"] = ms
+        print(f"{args.latency_size}px b{b}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), flush=True)
+    return out
+
+
 def _timm3() -> nn.Module:
     import timm
 
@@ -230,11 +287,19 @@ def main(argv=None) -> int:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--seeds", type=int, default=3)
     t.add_argument("--latency-size", type=int, default=128, help="also time at this input size (random data)")
-    for q in (k, t):
+    tg = sub.add_parser("tpglobal")
+    tg.add_argument("--amount", type=float, default=0.5)
+    tg.add_argument("--base-epochs", type=int, default=10)
+    tg.add_argument("--epochs", type=int, default=5)
+    tg.add_argument("--image-size", type=int, default=32)
+    tg.add_argument("--threads", type=int, default=1)
+    tg.add_argument("--seeds", type=int, default=3)
+    tg.add_argument("--latency-size", type=int, default=128)
+    for q in (k, t, tg):
         q.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    res = kd_study(args) if args.cmd == "kd" else tp_study(args)
+    res = {"kd": kd_study, "tp": tp_study, "tpglobal": tp_global_study}[args.cmd](args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
