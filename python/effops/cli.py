@@ -66,6 +66,10 @@ def _bench(args) -> int:
             from .bench.models_report import models_table
 
             print(models_table(args.results))
+        elif "compress" in (args.families or []):
+            from .bench.bench_compress import compress_table
+
+            print(compress_table(args.results))
         else:
             print(markdown_table(args.results))
         return 0
@@ -97,6 +101,8 @@ def _bench(args) -> int:
             mod = importlib.import_module(FAMILIES[fam])
             cases = mod.cases(device, quick=args.quick)
             run_cases(cases, device, target_s=args.time, results_dir=None if args.no_save else args.results)
+            if hasattr(mod, "after_run"):  # a family with a table of its own (compress)
+                mod.after_run(cases, device, None if args.no_save else args.results)
     torch.set_num_threads(saved)
     if not args.no_save:
         print(f"rows appended to {args.results}/")
@@ -115,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sp.set_defaults(func=_info)
     sp = sub.add_parser("bench", help="benchmark effops against eager PyTorch, torch.compile and other libraries",
                         epilog=_bench_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    sp.add_argument("families", nargs="*", help="op families to run (default: all but prune and train), or 'models': whole networks "
+    sp.add_argument("families", nargs="*", help="op families to run (default: all but prune, train and compress), or 'models': whole networks "
                     "(run only when named; options --models --batch --dtype --train --cold --profile)")
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sp.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the benchmarks)")

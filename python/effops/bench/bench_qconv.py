@@ -144,14 +144,14 @@ def _ao_fx(model: nn.Module, calib: torch.Tensor, example: torch.Tensor):
         return convert_fx(p)
 
 
-def _onnx_int8(model: nn.Module, calib: torch.Tensor, example: torch.Tensor, folder: str):
+def _onnx_int8(model: nn.Module, calib: torch.Tensor, example: torch.Tensor, folder: str, dynamic_hw: bool = False):
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32, pre, int8 = (os.path.join(folder, n) for n in ("m.onnx", "m_pre.onnx", "m_int8.onnx"))
     torch.onnx.export(model, (example,), fp32, input_names=["x"], output_names=["y"], opset_version=17,
-                      dynamic_axes={"x": {0: "n"}}, dynamo=False)
+                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"} if dynamic_hw else {0: "n"}}, dynamo=False)
     quant_pre_process(fp32, pre)  # ORT's recommended optimisation pass (BN folding, constants as initializers)
 
     class Reader(CalibrationDataReader):
