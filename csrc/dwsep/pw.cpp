@@ -382,7 +382,9 @@ void pw_run(PwArgs<T> a, const Acc<T>* w, int threads) {
   // output with stride Co (M * Co scattered stores): taken where that is less work and the
   // pixels' panels are L2-sized (at batch 1: 1152 -> 192 at 7x7 202 -> 151 us, 320 -> 1280 342 ->
   // 254 us, one thread; 112 -> 672 at 14x14, with its 131k scattered stores, stays packed).
-  if (!use_bf16dot<I, T>() && a.Co * a.C > a.M * (a.C + a.Co) &&
+  // bf16 too (float weights, bf16 pixels widened while packed, float FMAs): at these sizes the
+  // GEMM waits on memory, and the vdpbf16ps path would first round all the weights to bf16 pairs.
+  if (a.Co * a.C > a.M * (a.C + a.Co) &&
       a.M * a.C * int64_t(sizeof(F)) <= (int64_t(512) << 10)) {
     const int64_t qn = (a.M + G::NR - 1) / G::NR;
     thread_local std::vector<F> buf;
