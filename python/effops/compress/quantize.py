@@ -7,7 +7,9 @@ counterpart running the ``qconv`` kernels (effops/ops/qconv.py defines the integ
 * ``QMBConv`` for inverted residuals and depthwise-separable blocks: effops ``MBConv``,
   ``effops.models`` ``DepthwiseSeparableBlock``, and the blocks ``effops.nn.convert`` fused in
   timm / torchvision models (``FusedTimmBlock``, ``FusedTorchvisionBlock``);
-* ``QDWSeparableConv2d`` for ``DWSeparableConv2d`` (post-activation order, no residual).
+* ``QDWSeparableConv2d`` for ``DWSeparableConv2d`` (post-activation order, no residual);
+* ``QHeadNet`` for EfficientDet's class and box heads (``_qdet.py``: per level, the repeats and
+  the prediction as int8 separable convs passing codes; float maps out).
 
 The recipe: BatchNorm folded into the convs (running statistics), weights per output channel
 symmetric int8 (scale max|w| / 127), activations per tensor uint8 with a zero point, calibrated
@@ -110,10 +112,15 @@ class _Plan:
 
 
 def _plan_of(m: nn.Module) -> Optional[_Plan]:
+    from ..models.efficientdet import HeadNet
     from ..models.efficientnet import DepthwiseSeparableBlock
     from ..nn.convert import FusedTimmBlock, FusedTorchvisionBlock
     from ..nn.dwsep import MBConv, DWSeparableConv2d, _WithPadding
 
+    if isinstance(m, HeadNet):  # EfficientDet's class / box head (_qdet.py)
+        from ._qdet import HeadPlan
+
+        return HeadPlan(m)
     if isinstance(m, MBConv):
         expand = ConvStage(m.conv_pw, m.bn1, m._act) if m.conv_pw is not None else None
         return _Plan(expand, ConvStage(_WithPadding(m.conv_dw, m.padding), m.bn2, m._act), m.se,
@@ -294,6 +301,9 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
     hooks = []
     for name, plan in plans.items():
         def hook(mod, args, kwargs, out, plan=plan):
+            if hasattr(plan, "observe"):  # a composite (an EfficientDet head): observes its own stages
+                plan.observe(args[0], observer, float(percentile))
+                return
             if len(args) > 1 or kwargs.get("residual") is not None:
                 plan.residual_used = True
             _observe(plan, args[0], out, observer, float(percentile))
@@ -317,7 +327,7 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
         elif "in" not in plan.obs:
             report.append((name, "kept", "not run by the calibration data"))
         else:
-            built[name] = _build(plan)
+            built[name] = plan.build() if hasattr(plan, "build") else _build(plan)
             report.append((name, "quantized", plan.kind))
     for name, new in built.items():
         if name:
