@@ -1,8 +1,9 @@
 // Depthwise convolution kernels (CPU, NHWC): forward with fused affine, activation and the SE
 // channel sums; backward (input and weight gradients of the raw convolution).
 //
-// Work is split into tasks of a few output (or input) rows of one image. Each task body is the
-// function compiled per ISA (target_clones): everything it calls is inlined into it. Channel
+// Work is split into tasks of a few output (or input) rows of one image. Each task body is
+// compiled per ISA level (EFFOPS_ISA_DISPATCH_W); the forward's row kernel is out of line, one
+// copy per level in its own translation unit (dw_core.h, dw_row_impl.h). Channel
 // sums and weight gradients are reduced from per-task partials in task order, so results do not
 // depend on the thread count.
 #include <algorithm>
@@ -68,8 +69,10 @@ EFFOPS_INLINE void fwd_task_body(const FwdArgs<T>& a, int64_t task) {
   }
 }
 
+// float64 runs at the baseline level only: it exists for gradcheck and tests, never hot, and a
+// copy per level would only cost compile time.
 EFFOPS_ISA_DISPATCH_W(fwd_task, fwd_task_body, (const FwdArgs<float>& a, int64_t t), (a, t))
-EFFOPS_ISA_DISPATCH_W(fwd_task, fwd_task_body, (const FwdArgs<double>& a, int64_t t), (a, t))
+void fwd_task(const FwdArgs<double>& a, int64_t t) { fwd_task_body<16>(a, t); }
 EFFOPS_ISA_DISPATCH_W(fwd_task, fwd_task_body, (const FwdArgs<simd::bf16>& a, int64_t t), (a, t))
 
 // ---------------------------------------------------------------- backward
@@ -171,9 +174,9 @@ EFFOPS_INLINE void bwd_weight_body(const BwdArgs<F>& b, int64_t task) {
 }
 
 EFFOPS_ISA_DISPATCH_W(bwd_input, bwd_input_body, (const BwdArgs<float>& b, int64_t t), (b, t))
-EFFOPS_ISA_DISPATCH_W(bwd_input, bwd_input_body, (const BwdArgs<double>& b, int64_t t), (b, t))
+void bwd_input(const BwdArgs<double>& b, int64_t t) { bwd_input_body<16>(b, t); }
 EFFOPS_ISA_DISPATCH_W(bwd_weight, bwd_weight_body, (const BwdArgs<float>& b, int64_t t), (b, t))
-EFFOPS_ISA_DISPATCH_W(bwd_weight, bwd_weight_body, (const BwdArgs<double>& b, int64_t t), (b, t))
+void bwd_weight(const BwdArgs<double>& b, int64_t t) { bwd_weight_body<16>(b, t); }
 
 void check_kernel_size(const ConvGeom& g) {
   if (g.KH > 64 || g.KW > 64) throw std::invalid_argument("depthwise kernels larger than 64x64 are not supported");
