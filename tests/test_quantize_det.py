@@ -1,6 +1,7 @@
 """quantize() on EfficientDet: the class and box heads become QHeadNet (int8 separable convs per
-level, codes passed between them), close to the float heads, bit-identical to the integer
-reference backend, and the quantized model round-trips through state_dict."""
+level, codes passed between them) and the BiFPN nodes QFnode (int8 resample convs, fusion and
+separable conv), close to the float model, bit-identical to the integer reference backend, and
+the quantized model round-trips through state_dict."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 import effops
 from effops.compress import quantize
-from effops.compress._qdet import QHeadNet
+from effops.compress._qdet import QFnode, QHeadNet
 from effops.compress._qmodules import QDWSeparableConv2d
 from effops.train.loop import TrainConfig, build_model
 
@@ -49,7 +50,7 @@ def test_heads_are_int8_and_close_to_float(det):
     for f, g in zip(fc + fb, qc + qb):
         assert f.shape == g.shape and g.dtype == torch.float32
         err = float((f - g).abs().max() / f.abs().max())
-        assert err < 0.1, err  # backbone and heads int8 (the BiFPN stays float)
+        assert err < 0.1, err  # backbone, BiFPN and heads int8
     # the class maps rank the anchors as the float ones do, mostly
     f, g = torch.cat([t.flatten() for t in fc]), torch.cat([t.flatten() for t in qc])
     top_f, top_g = set(f.topk(200).indices.tolist()), set(g.topk(200).indices.tolist())
@@ -80,3 +81,28 @@ def test_quantized_detector_state_dict_round_trip(det):
     assert any(not torch.equal(a, b) for a, b in zip(before[0], want[0]))
     with pytest.raises(ValueError, match="expected 5 feature levels"):
         q.class_net([torch.zeros(1, 16, 16, 16)])
+
+
+def test_bifpn_nodes_are_int8_close_and_bit_identical(det):
+    m, q, x = det
+    nodes = [(n, mod) for n, mod in q.named_modules() if n.startswith("fpn.cell.") and n.count(".") == 4]
+    assert len(nodes) == 8 and all(isinstance(mod, QFnode) for _, mod in nodes)
+    assert ("fpn.cell.0.fnode.0", "quantized", "QFnode") in q.quantization_report
+    convs = sum(len(mod._convs) for _, mod in nodes)
+    assert convs > 0  # the first layer's resample convs (backbone widths -> fpn_channels) are int8 too
+    # one node on the features the float model gives it: close to the float node, and the CPU kernels'
+    # integers equal the reference backend's
+    with torch.no_grad():
+        feats = m.backbone(x[:2])
+        xs = list(feats)
+        for key, r in m.fpn.resample.items():
+            from effops.nn.bifpn import _apply_conv1x1, _pool
+
+            xs.append(_pool(_apply_conv1x1(xs[-1], r.stage(), None, "t"), r.mode))
+        for i in range(3):
+            fnode, qnode = m.fpn.cell[0].fnode[i], q.fpn.cell[0].fnode[i]
+            want, got = fnode(xs), qnode(xs)
+            assert float((want - got).abs().max() / want.abs().max()) < 0.08
+            with effops.use_backend("reference"):
+                assert torch.equal(qnode(xs), got)
+            xs.append(want)

@@ -8,8 +8,8 @@ counterpart running the ``qconv`` kernels (effops/ops/qconv.py defines the integ
   ``effops.models`` ``DepthwiseSeparableBlock``, and the blocks ``effops.nn.convert`` fused in
   timm / torchvision models (``FusedTimmBlock``, ``FusedTorchvisionBlock``);
 * ``QDWSeparableConv2d`` for ``DWSeparableConv2d`` (post-activation order, no residual);
-* ``QHeadNet`` for EfficientDet's class and box heads (``_qdet.py``: per level, the repeats and
-  the prediction as int8 separable convs passing codes; float maps out).
+* ``QHeadNet`` for EfficientDet's class and box heads and ``QFnode`` for its BiFPN nodes
+  (``_qdet.py``: int8 separable convs, ``q_weighted_fuse`` for the fusion; float out).
 
 The recipe: BatchNorm folded into the convs (running statistics), weights per output channel
 symmetric int8 (scale max|w| / 127), activations per tensor uint8 with a zero point, calibrated
@@ -121,6 +121,12 @@ def _plan_of(m: nn.Module) -> Optional[_Plan]:
         from ._qdet import HeadPlan
 
         return HeadPlan(m)
+    from ..nn.bifpn import _Node
+
+    if isinstance(m, _Node):  # a BiFPN node (_qdet.py)
+        from ._qdet import FnodePlan
+
+        return FnodePlan(m)
     if isinstance(m, MBConv):
         expand = ConvStage(m.conv_pw, m.bn1, m._act) if m.conv_pw is not None else None
         return _Plan(expand, ConvStage(_WithPadding(m.conv_dw, m.padding), m.bn2, m._act), m.se,
@@ -302,7 +308,7 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
     for name, plan in plans.items():
         def hook(mod, args, kwargs, out, plan=plan):
             if hasattr(plan, "observe"):  # a composite (an EfficientDet head): observes its own stages
-                plan.observe(args[0], observer, float(percentile))
+                plan.observe(args[0], out, observer, float(percentile))
                 return
             if len(args) > 1 or kwargs.get("residual") is not None:
                 plan.residual_used = True
