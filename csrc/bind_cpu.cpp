@@ -35,6 +35,8 @@ NB_MODULE(_C, m) {
   m.def("soft_nms", &effops::nms::soft_nms_api, "boxes"_a, "scores"_a, "iou_threshold"_a,
         "sigma"_a, "method"_a, "score_threshold"_a, "keep_out"_a.noconvert(),
         "scores_out"_a.noconvert(), "threads"_a, release);
+  m.def("topk_candidates", &effops::nms::topk_candidates_api, "levels"_a, "k"_a, "top_anchor"_a.noconvert(),
+        "pos"_a.noconvert(), "vals"_a.noconvert(), "threads"_a, release);
   m.def("matrix_nms", &effops::nms::matrix_nms_api, "boxes"_a, "scores"_a, "idxs"_a.none(),
         "kernel"_a, "sigma"_a, "scores_out"_a.noconvert(), "threads"_a, release);
 

@@ -426,3 +426,37 @@ def test_cli_detect(tmp_path, capsys):
             assert mine[0]["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.02)
             assert mine[0]["category_id"] == int(det.classes[0, 0])
     assert {r["image_id"] for r in res if r["file_name"] == "000000000001.png"} == {1}
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "few_anchors", "one_class", "bf16_nchw"])
+def test_cpu_candidate_selection_equals_the_torch_ops(case):
+    """The C++ candidate selection of eager CPU post-processing (csrc/nms/topk.cpp) picks exactly
+    the (anchor, class) pairs of the torch-op path (_candidates_torch): same anchors, same pairs,
+    same logits, ties to the lower flat index included; best first."""
+    from effops.models.detection import _candidates_cpu, _candidates_torch, flatten_levels
+
+    g = torch.Generator().manual_seed(hash(case) % 1000)
+    B, C, A, k, sizes = 3, 7, 9, 500, [16, 8, 4, 2, 1]
+    if case == "few_anchors":  # k > number of anchors: every anchor is a candidate anchor
+        sizes, k = [2, 1], 200
+    if case == "one_class":
+        C = 1
+    cls = [torch.randn(B, A * C, s, s, generator=g) for s in sizes]
+    if case == "ties":  # a handful of values: long runs of equal logits across the k-th place
+        cls = [torch.randint(-3, 3, (B, A * C, s, s), generator=g).float() for s in sizes]
+    if case == "bf16_nchw":
+        cls = [c.bfloat16() for c in cls]
+    else:
+        cls = [c.contiguous(memory_format=torch.channels_last) for c in cls]
+    N = sum(A * s * s for s in sizes)
+    K = min(k, N * C)
+    got = _candidates_cpu(cls, C, K, N)
+    assert got is not None
+    ta, pos, vals = _candidates_torch(flatten_levels(cls, C).float(), K)
+    assert torch.equal(got[0], ta)
+    assert torch.equal(got[1].sort(dim=1).values, pos.sort(dim=1).values)
+    order = pos.argsort(dim=1)
+    torch.testing.assert_close(got[2].gather(1, got[1].argsort(dim=1)), vals.gather(1, order), rtol=0, atol=0)
+    assert bool((got[2][:, :-1] >= got[2][:, 1:]).all())  # best first
+    # anchors mismatched with the box outputs: no fast path (the torch path names the mismatch)
+    assert _candidates_cpu(cls, C, K, N + 1) is None

@@ -1,6 +1,7 @@
 // Array-level entry points of the NMS family (checked shapes/dtypes, dtype dispatch).
 #pragma once
 #include <optional>
+#include <vector>
 
 #include "common/ndarray.h"
 
@@ -21,5 +22,10 @@ int64_t soft_nms_api(const CpuArray& boxes, const CpuArray& scores, double iou_t
 void matrix_nms_api(const CpuArray& boxes, const CpuArray& scores,
                     std::optional<CpuArray> idxs, int kernel, double sigma,
                     const CpuArray& scores_out, int threads);
+
+// EfficientDet's post-processing candidates (topk.cpp): levels [B, N_l, C] float32; outputs
+// top_anchor [B, min(k, N)] ascending, pos and vals [B, k] best first.
+void topk_candidates_api(const std::vector<CpuArray>& levels, int64_t k, const CpuArray& top_anchor,
+                         const CpuArray& pos, const CpuArray& vals, int threads);
 
 }  // namespace effops::nms

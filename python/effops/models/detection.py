@@ -22,6 +22,12 @@ for the COCO models they are the COCO category ids), padded with zeros. How it i
   CUDA and one graph under ``torch.compile(fullgraph=True)``.
 * equal scores then go to the lower anchor, then the lower class (multiclass_nms's flat-index
   order): the same detections on every backend, compiled, and in the ONNX export.
+* in eager inference on the CPU the selection is one C++ pass (``_candidates_cpu``; csrc/nms/
+  topk.cpp): the per-anchor maxima straight from the per-level head outputs (no concatenation),
+  the k best anchors, then only those of their logits that reach the smallest of the k maxima are
+  ranked, by the same total order: D0 (random weights) 10.5 -> 4.5 ms for the 5000 of 4.4M logits,
+  one thread (post-processing 10.6 -> 6 ms). Under
+  torch.compile / export / other devices the torch ops above run (same result, tested).
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .. import _backend
+from ..ops._common import profiled
 from ..ops.nms import multiclass_nms
 from .anchors import decode_boxes
 
@@ -66,6 +76,42 @@ def _topk_lower_index(x: Tensor, k: int) -> Tensor:
     return take.to(x.dtype).topk(k, dim=1, sorted=False).indices
 
 
+def _candidates_cpu(cls_outputs: Sequence[Tensor], C: int, K: int, N: int):
+    """(top_anchor [B, Ka] ascending, pos [B, K] into the [Ka * C] rows of those anchors and the
+    logits there, best first) by the C++ selection, or None where the torch path must run (tracing, compiling, another
+    device, a dispatch mode, autograd, no compiled module, a forced backend)."""
+    o = cls_outputs[0]
+    if (torch.compiler.is_compiling() or _backend._C is None or not hasattr(_backend._C, "topk_candidates")
+            or _backend.forced_backend() not in (None, "cpu") or _get_current_dispatch_mode() is not None
+            or any(type(t) is not torch.Tensor or t.device.type != "cpu" or t.requires_grad for t in cls_outputs)):
+        return None
+    B = o.shape[0]
+    levels = [t.permute(0, 2, 3, 1).reshape(B, -1, C).float().contiguous() for t in cls_outputs]
+    if sum(t.shape[1] for t in levels) != N:
+        return None  # the torch path names the mismatch
+    Ka = min(K, N)
+    top_anchor = torch.empty(B, Ka, dtype=torch.int64)
+    pos = torch.empty(B, K, dtype=torch.int64)
+    vals = torch.empty(B, K, dtype=torch.float32)
+    profiled("effops::topk_candidates", _backend._C.topk_candidates, levels, K, top_anchor, pos, vals,
+             max(1, torch.get_num_threads()))
+    return top_anchor, pos, vals
+
+
+def _candidates_torch(logits: Tensor, K: int):
+    """_candidates_cpu's selection in torch ops, from the flattened logits [B, N, C] (pos in no
+    particular order)."""
+    B, N, C = logits.shape
+    Ka = min(K, N)
+    # the Ka anchors whose best class logit is largest hold the K best (anchor, class) logits
+    # in anchor order (multiclass_nms breaks score ties by position): ties to the lower anchor
+    top_anchor = _topk_lower_index(logits.amax(dim=2), Ka).sort(dim=1).values  # [B, Ka]
+    rows = (top_anchor + torch.arange(B, device=logits.device)[:, None] * N).reshape(-1)
+    sub = logits.reshape(B * N, C).index_select(0, rows).view(B, Ka * C)
+    pos = _topk_lower_index(sub, K)
+    return top_anchor, pos, sub.gather(1, pos)
+
+
 def postprocess(cls_outputs: Sequence[Tensor], box_outputs: Sequence[Tensor], anchors: Tensor, *, num_classes: int,
                 max_detection_points: int = 5000, iou_threshold: float = 0.5, max_det_per_image: int = 100,
                 clip_size: Optional[Tensor] = None, box_scale: Optional[Tensor] = None) -> Detections:
@@ -79,22 +125,25 @@ def postprocess(cls_outputs: Sequence[Tensor], box_outputs: Sequence[Tensor], an
         box_scale: optional [B]: boxes are multiplied by it after NMS (back to original pixels).
     """
     C = int(num_classes)
-    logits = flatten_levels(cls_outputs, C).float()  # [B, N, C]
     rel = flatten_levels(box_outputs, 4)  # [B, N, 4]
-    B, N, _ = logits.shape
+    B, N, _ = rel.shape
     if anchors.shape != (N, 4):
         raise ValueError(f"postprocess: anchors must be [{N}, 4] for these outputs, got {list(anchors.shape)}")
     K = min(int(max_detection_points), N * C)
     Ka = min(K, N)
-    dev = logits.device
-    # the Ka anchors whose best class logit is largest hold the K best (anchor, class) logits
-    # in anchor order (multiclass_nms breaks score ties by position): ties to the lower anchor
-    top_anchor = _topk_lower_index(logits.amax(dim=2), Ka).sort(dim=1).values  # [B, Ka]
-    rows = (top_anchor + torch.arange(B, device=dev)[:, None] * N).reshape(-1)
-    sub = logits.reshape(B * N, C).index_select(0, rows).view(B, Ka * C)
-    pos = _topk_lower_index(sub, K)
-    vals = sub.gather(1, pos)
-    scores = torch.full_like(sub, -1.0).scatter_(1, pos, torch.sigmoid(vals)).view(B, Ka, C)
+    dev = rel.device
+    fast = _candidates_cpu(cls_outputs, C, K, N) if K > 0 else None
+    if fast is not None:
+        top_anchor, pos, vals = fast
+        rows = (top_anchor + torch.arange(B, device=dev)[:, None] * N).reshape(-1)
+    else:
+        logits = flatten_levels(cls_outputs, C).float()  # [B, N, C]
+        if logits.shape[:2] != (B, N):
+            raise ValueError(f"postprocess: class outputs hold {logits.shape[1]} anchors, box outputs {N}")
+        top_anchor, pos, vals = _candidates_torch(logits, K)
+        rows = (top_anchor + torch.arange(B, device=dev)[:, None] * N).reshape(-1)
+    scores = torch.full((B, Ka * C), -1.0, dtype=torch.float32, device=dev).scatter_(
+        1, pos, torch.sigmoid(vals)).view(B, Ka, C)
     codes = rel.reshape(B * N, 4).index_select(0, rows).view(B, Ka, 4)
     boxes = decode_boxes(codes, anchors.index_select(0, top_anchor.reshape(-1)).view(B, Ka, 4))
     if clip_size is not None:  # effdet: clamp(min=0), then min(width, height) per coordinate
