@@ -219,7 +219,8 @@ EFFOPS_INLINE void fwd_body(const Plan<T>& p, T* out, int64_t task, typename sim
 }
 
 EFFOPS_ISA_DISPATCH_W(fwd_task, fwd_body, (const Plan<float>& p, float* o, int64_t t, float* acc), (p, o, t, acc))
-EFFOPS_ISA_DISPATCH_W(fwd_task, fwd_body, (const Plan<double>& p, double* o, int64_t t, double* acc), (p, o, t, acc))
+// float64 at the baseline level only: it exists for gradcheck and tests, never hot.
+void fwd_task(const Plan<double>& p, double* o, int64_t t, double* acc) { fwd_body<16>(p, o, t, acc); }
 EFFOPS_ISA_DISPATCH_W(fwd_task, fwd_body, (const Plan<simd::bf16>& p, simd::bf16* o, int64_t t, float* acc),
                     (p, o, t, acc))
 

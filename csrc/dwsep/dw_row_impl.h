@@ -180,7 +180,7 @@ EFFOPS_INLINE void dw_interior(const ConvGeom& g, const S* const* rows, const F*
 // tap row kh reads, or is null where that row is padding. The result for pixel ow goes to
 // out + (ow - ow0) * C. sums (may be null) accumulates the stored values per channel.
 template <int W, int KWC, int AC, class S, class O, class F>
-EFFOPS_ROWS_TARGET __attribute__((noinline)) void dw_row_k(
+EFFOPS_INLINE void dw_row_k(
     const ConvGeom& g, const S* const* rows, const F* taps, const F* scale, const F* bias,
     const ActP<F>& p, int64_t ow0, int64_t ow1, O* out, F* sums, const S* const* pf) {
   constexpr int64_t L = simd::Traits<F, W>::L;
