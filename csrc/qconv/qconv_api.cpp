@@ -1,8 +1,7 @@
 #include "qconv/qconv_api.h"
 
-#include <cmath>
-
 #include "qconv/qconv.h"
+#include "qconv/qconv_checks.h"
 #include "qconv/qcore.h"
 
 namespace effops::qconv {
@@ -16,68 +15,33 @@ std::pair<const uint8_t*, int64_t> blob_of(const Opt& b, const char* op) {
   return {data_of<const uint8_t>(*b), static_cast<int64_t>(b->shape(0))};
 }
 
-// |sum of products| <= taps * 255 * 128 < 2^30 (the Python layer bounds it the same way).
-constexpr int64_t kMaxReduction = (int64_t{1} << 30) / (255 * 128);
-
-void check_code(int64_t v, const char* op, const char* name) {
-  check(v >= 0 && v <= 255, op, ": ", name, " must be in [0, 255], got ", v);
-}
+using qconv_checks::check_code;
+using qconv_checks::kMaxReduction;
 
 Epilogue epilogue(Opt& bias, const CpuArray& mult, Opt& lut, int64_t C, int64_t zp, int64_t qmin, int64_t qmax,
                   const char* op, const char* prefix) {
-  check_code(zp, op, "zero point");
-  check_code(qmin, op, "qmin");
-  check_code(qmax, op, "qmax");
-  check(qmin <= qmax, op, ": ", prefix, "qmin must be <= qmax");
-  check_shape(mult, {C}, op, "mult");
-  check_dtype(mult, nb::dtype<float>(), op, "mult");
-  Epilogue e{nullptr, data_of<const float>(mult), nullptr, static_cast<int32_t>(zp), static_cast<int32_t>(qmin),
-             static_cast<int32_t>(qmax)};
-  if (bias) {
-    check_shape(*bias, {C}, op, "bias");
-    check_dtype(*bias, nb::dtype<int32_t>(), op, "bias");
-    e.bias = data_of<const int32_t>(*bias);
-  }
-  if (lut) {
-    check_shape(*lut, {256}, op, "lut");
-    check_dtype(*lut, nb::dtype<uint8_t>(), op, "lut");
-    e.lut = data_of<const uint8_t>(*lut);
-  }
-  return e;
+  return qconv_checks::epilogue_of<Epilogue>(bias, mult, lut, C, zp, qmin, qmax, op, prefix);
 }
 
-Residual residual_of(Opt& r, std::initializer_list<int64_t> shape, int64_t zp, double mult, const char* op) {
-  Residual res{nullptr, 0, 1.0f};
-  if (!r) return res;
-  check_shape(*r, shape, op, "residual");
-  check_dtype(*r, nb::dtype<uint8_t>(), op, "residual");
-  check_code(zp, op, "res_zp");
-  check(std::isfinite(mult), op, ": res_mult must be finite");
-  res.r = data_of<const uint8_t>(*r);
-  res.zp = static_cast<int32_t>(zp);
-  res.mult = static_cast<float>(mult);
-  return res;
+Residual residual_of(Opt& r, std::initializer_list<int64_t> shape, int64_t zp, double mult, const Epilogue& e,
+                     const char* op) {
+  const uint8_t* codes = qconv_checks::residual_of(r, shape, zp, mult, e.lut != nullptr, op);
+  if (!codes) return Residual{nullptr, 0, 1.0f};
+  return Residual{codes, static_cast<int32_t>(zp), static_cast<float>(mult)};
 }
 
+// x [N, H, W, C] uint8, taps [C, KH, KW] int8 (this backend's layout), stride and padding.
 DwGeom geometry(const CpuArray& x, const CpuArray& taps, const std::vector<int64_t>& stride,
                 const std::vector<int64_t>& pad, const char* op) {
   check(x.ndim() == 4, op, ": x must be NHWC [N, H, W, C]");
   check_dtype(x, nb::dtype<uint8_t>(), op, "x");
   check(taps.ndim() == 3, op, ": taps must be [C, KH, KW]");
   check_dtype(taps, nb::dtype<int8_t>(), op, "taps");
-  check(stride.size() == 2 && pad.size() == 4, op, ": stride must have 2 values and pad 4");
-  for (int64_t s : stride) check(s >= 1 && s <= kMaxSize, op, ": stride must be in [1, ", kMaxSize, "]");
-  for (int64_t p : pad) check(p >= 0 && p <= kMaxSize, op, ": padding must be in [0, ", kMaxSize, "]");
   DwGeom g{};
   g.N = x.shape(0), g.H = x.shape(1), g.W = x.shape(2), g.C = x.shape(3);
   g.KH = taps.shape(1), g.KW = taps.shape(2);
   check_shape(taps, {g.C, g.KH, g.KW}, op, "taps");
-  check(g.KH >= 1 && g.KW >= 1 && g.KH * g.KW <= kMaxReduction, op, ": the kernel must have 1..", kMaxReduction,
-        " taps");
-  g.sh = stride[0], g.sw = stride[1], g.pt = pad[0], g.pl = pad[2];
-  const int64_t eh = g.H + pad[0] + pad[1] - g.KH, ew = g.W + pad[2] + pad[3] - g.KW;
-  check(eh >= 0 && ew >= 0, op, ": the input is smaller than the kernel");
-  g.Ho = eh / g.sh + 1, g.Wo = ew / g.sw + 1;
+  qconv_checks::conv_output(g, stride, pad, op);
   return g;
 }
 
@@ -91,10 +55,7 @@ void q_dw_forward_api(const CpuArray& x, const CpuArray& taps, Opt bias, const C
   const DwGeom g = geometry(x, taps, stride, pad, op);
   check_code(x_zp, op, "x_zp");
   const Epilogue e = epilogue(bias, mult, lut, g.C, out_zp, qmin, qmax, op, "");
-  check_shape(y, {g.N, g.Ho, g.Wo, g.C}, op, "y");
-  check_dtype(y, nb::dtype<uint8_t>(), op, "y");
-  check_shape(sums, {g.N, g.C}, op, "sums");
-  check_dtype(sums, nb::dtype<int32_t>(), op, "sums");
+  qconv_checks::dw_outputs(y, sums, g, op);
   check(g.Ho * g.Wo <= (int64_t{1} << 31) / 256, op, ": too many output pixels for int32 channel sums");
   q_dw(data_of<const uint8_t>(x), data_of<const int8_t>(taps), g, static_cast<int32_t>(x_zp), e,
        data_of<uint8_t>(y), data_of<int32_t>(sums), threads);
@@ -104,25 +65,11 @@ void q_pw_forward_api(const CpuArray& x, const CpuArray& w, Opt bias, const CpuA
                       Opt residual, int64_t x_zp, int64_t out_zp, int64_t qmin, int64_t qmax, int64_t res_zp,
                       double res_mult, const CpuArray& out, Opt packed, int threads) {
   const char* op = "q_pw_forward";
-  check(x.ndim() == 4, op, ": x must be NHWC [N, H, W, C]");
-  check_dtype(x, nb::dtype<uint8_t>(), op, "x");
-  check(w.ndim() == 2, op, ": w must be [Co, C]");
-  check_dtype(w, nb::dtype<int8_t>(), op, "w");
-  const int64_t N = x.shape(0), H = x.shape(1), W = x.shape(2), C = x.shape(3), Co = w.shape(0);
-  check_shape(w, {Co, C}, op, "w");
-  check(C >= 1 && C <= kMaxReduction && Co >= 1, op, ": need 1..", kMaxReduction, " input and >= 1 output channels");
+  const auto [N, H, W, C, Co, g] = qconv_checks::pw_inputs(x, w, gate, op);
   check_code(x_zp, op, "x_zp");
   const Epilogue e = epilogue(bias, mult, lut, Co, out_zp, qmin, qmax, op, "");
-  const float* g = nullptr;
-  if (gate) {
-    check_shape(*gate, {N, C}, op, "gate");
-    check_dtype(*gate, nb::dtype<float>(), op, "gate");
-    g = data_of<const float>(*gate);
-  }
-  const Residual res = residual_of(residual, {N, H, W, Co}, res_zp, res_mult, op);
-  check(!(res.r && e.lut), op, ": a residual cannot be combined with a lut");
-  check_shape(out, {N, H, W, Co}, op, "out");
-  check_dtype(out, nb::dtype<uint8_t>(), op, "out");
+  const Residual res = residual_of(residual, {N, H, W, Co}, res_zp, res_mult, e, op);
+  qconv_checks::u8_output(out, {N, H, W, Co}, op);
   const auto blob = blob_of(packed, op);
   q_pw(data_of<const uint8_t>(x), data_of<const int8_t>(w), N, H * W, C, Co, static_cast<int32_t>(x_zp), g, e, res,
        data_of<uint8_t>(out), threads, blob.first, blob.second);
@@ -145,10 +92,8 @@ void q_dwsep_forward_api(const CpuArray& x, const CpuArray& taps, Opt dw_bias, c
   const Epilogue mid = epilogue(dw_bias, dw_mult, dw_lut, g.C, dw_zp, mid_qmin, mid_qmax, op, "mid_");
   check_code(mid_zp, op, "mid_zp");
   const Epilogue e = epilogue(pw_bias, pw_mult, lut, Co, out_zp, qmin, qmax, op, "");
-  const Residual res = residual_of(residual, {g.N, g.Ho, g.Wo, Co}, res_zp, res_mult, op);
-  check(!(res.r && e.lut), op, ": a residual cannot be combined with a lut");
-  check_shape(out, {g.N, g.Ho, g.Wo, Co}, op, "out");
-  check_dtype(out, nb::dtype<uint8_t>(), op, "out");
+  const Residual res = residual_of(residual, {g.N, g.Ho, g.Wo, Co}, res_zp, res_mult, e, op);
+  qconv_checks::u8_output(out, {g.N, g.Ho, g.Wo, Co}, op);
   const auto blob = blob_of(pw_packed, op);
   q_dwsep(data_of<const uint8_t>(x), data_of<const int8_t>(taps), g, static_cast<int32_t>(x_zp), mid,
           static_cast<int32_t>(mid_zp), data_of<const int8_t>(pw), Co, e, res, data_of<uint8_t>(out), threads,
