@@ -33,7 +33,7 @@ def _model(seed=0):
 def det():
     m = _model()
     x = torch.randn(8, 3, 128, 128, generator=torch.Generator().manual_seed(1))
-    return m, quantize(m, x, batch_size=4), x
+    return m, quantize(m, x, batch_size=4, bifpn_and_heads=True), x
 
 
 def test_heads_are_int8_and_close_to_float(det):
@@ -71,7 +71,7 @@ def test_heads_bit_identical_to_the_integer_reference(det):
 
 def test_quantized_detector_state_dict_round_trip(det):
     _, q, x = det
-    other = quantize(_model(), x[4:], batch_size=4)  # other calibration data: other scales
+    other = quantize(_model(), x[4:], batch_size=4, bifpn_and_heads=True)  # other calibration data: other scales
     with torch.no_grad():
         before = other(x[:1])
         other.load_state_dict(q.state_dict())
@@ -106,3 +106,15 @@ def test_bifpn_nodes_are_int8_close_and_bit_identical(det):
             with effops.use_backend("reference"):
                 assert torch.equal(qnode(xs), got)
             xs.append(want)
+
+
+def test_bifpn_and_heads_are_opt_in(det):
+    from effops.models.efficientdet import HeadNet
+    from effops.nn.bifpn import _Node
+
+    m, _, x = det
+    q = quantize(m, x[:4], batch_size=4)
+    assert type(q.class_net) is HeadNet and type(q.fpn.cell[0].fnode[0]) is _Node
+    assert not any(k in ("QHeadNet", "QFnode") for _, _, k in q.quantization_report)
+    with pytest.raises(TypeError, match="bifpn_and_heads must be True or False"):
+        quantize(m, x[:4], bifpn_and_heads="yes")

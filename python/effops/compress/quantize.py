@@ -8,8 +8,9 @@ counterpart running the ``qconv`` kernels (effops/ops/qconv.py defines the integ
   ``effops.models`` ``DepthwiseSeparableBlock``, and the blocks ``effops.nn.convert`` fused in
   timm / torchvision models (``FusedTimmBlock``, ``FusedTorchvisionBlock``);
 * ``QDWSeparableConv2d`` for ``DWSeparableConv2d`` (post-activation order, no residual);
-* ``QHeadNet`` for EfficientDet's class and box heads and ``QFnode`` for its BiFPN nodes
-  (``_qdet.py``: int8 separable convs, ``q_weighted_fuse`` for the fusion; float out).
+* with ``bifpn_and_heads=True``, ``QHeadNet`` for EfficientDet's class and box heads and
+  ``QFnode`` for its BiFPN nodes (``_qdet.py``: int8 separable convs, ``q_weighted_fuse`` for
+  the fusion; float out).
 
 The recipe: BatchNorm folded into the convs (running statistics), weights per output channel
 symmetric int8 (scale max|w| / 127), activations per tensor uint8 with a zero point, calibrated
@@ -111,19 +112,19 @@ class _Plan:
         self.residual_used = False
 
 
-def _plan_of(m: nn.Module) -> Optional[_Plan]:
+def _plan_of(m: nn.Module, bifpn_and_heads: bool = False) -> Optional[_Plan]:
     from ..models.efficientdet import HeadNet
     from ..models.efficientnet import DepthwiseSeparableBlock
     from ..nn.convert import FusedTimmBlock, FusedTorchvisionBlock
     from ..nn.dwsep import MBConv, DWSeparableConv2d, _WithPadding
 
-    if isinstance(m, HeadNet):  # EfficientDet's class / box head (_qdet.py)
+    if bifpn_and_heads and isinstance(m, HeadNet):  # EfficientDet's class / box head (_qdet.py)
         from ._qdet import HeadPlan
 
         return HeadPlan(m)
     from ..nn.bifpn import _Node
 
-    if isinstance(m, _Node):  # a BiFPN node (_qdet.py)
+    if bifpn_and_heads and isinstance(m, _Node):  # a BiFPN node (_qdet.py)
         from ._qdet import FnodePlan
 
         return FnodePlan(m)
@@ -268,11 +269,16 @@ def _batches(calibration_data, batch_size: int, in_channels: Optional[int]) -> L
 
 # =============================================================================== entry point
 def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tensor", observer: str = "minmax",
-             percentile: float = 99.99, batch_size: int = 32, inplace: bool = False) -> nn.Module:
+             percentile: float = 99.99, batch_size: int = 32, inplace: bool = False,
+             bifpn_and_heads: bool = False) -> nn.Module:
     """Post-training static int8 quantization (module docstring). ``calibration_data``: a float
     tensor [N, C, H, W] (split into ``batch_size`` batches), or an iterable of such tensors or of
     (input, target) pairs (a DataLoader). Returns the quantized model (a copy unless
-    ``inplace``), in eval mode, with ``quantization_report`` [(path, 'quantized' | 'kept', why)]."""
+    ``inplace``), in eval mode, with ``quantization_report`` [(path, 'quantized' | 'kept', why)].
+    ``bifpn_and_heads``: also EfficientDet's BiFPN nodes and class / box heads (``_qdet.py``; off by
+    default: exact, but on the CPU today slower than their float32 kernels - tf_efficientdet_d0 at
+    512, one thread: BiFPN 10.8 vs 4.6 ms at batch 1, 112 vs 40 ms at batch 8, the heads 1.2-1.4x
+    slower, mostly boundary quantise / dequantise and the small per-node calls)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize: model must be an nn.Module, got {type(model).__name__}")
     if activation != "per_tensor":
@@ -282,6 +288,8 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
         raise ValueError(f"quantize: observer must be one of {list(OBSERVERS)}, got {observer!r}")
     if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 50.0 < percentile <= 100.0:
         raise ValueError(f"quantize: percentile must be a number in (50, 100], got {percentile!r}")
+    if not isinstance(bifpn_and_heads, bool):
+        raise TypeError(f"quantize: bifpn_and_heads must be True or False, got {type(bifpn_and_heads).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"quantize: batch_size must be an integer >= 1, got {batch_size!r}")
     conv = _first_conv(model)
@@ -294,7 +302,7 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
         if any(name.startswith(p + ".") for p in plans):
             continue
         try:
-            plan = _plan_of(m)
+            plan = _plan_of(m, bifpn_and_heads)
         except Unsupported as e:
             report.append((name, "kept", f"{type(m).__name__}: {e}"))
             continue
