@@ -417,3 +417,34 @@ def test_prepacked_pointwise_weights(level):
             list(g.stride), list(g.pad), ks["x_zp"], ks["dw_zp"], ks["mid_qmin"], ks["mid_qmax"], ks["mid_zp"],
             ks["out_zp"], 0, 255, 0, 1.0, blob)
     assert torch.equal(out, ref)
+
+
+def _nan_case():
+    # NaN / inf / huge multipliers and SE gates, with a residual term that could carry a
+    # NaN's int64 minimum back into range (the reference once did): NaN clamps to -2**23
+    g = _g(900)
+    x = _codes(g, (2, 4, 5, 6), 0)
+    m = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30], dtype=torch.float32)
+    kw = dict(mult=m, x_zp=3, out_zp=7, qmin=2, qmax=250, residual=_codes(g, (2, 4, 5, 6), 0), res_zp=200,
+              res_mult=2.5e4, gate=torch.tensor([[float("nan"), 1.0, 0.5, float("inf")]] * 2))
+    return x, torch.randint(-128, 128, (4, 4, 1, 1), generator=g, dtype=torch.int8), \
+        torch.randint(-128, 128, (4, 1, 3, 3), generator=g, dtype=torch.int8), kw
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_nan_multipliers_and_gates_cpu(level):
+    x, pw, dw, kw = _nan_case()
+    dkw = {k: kw[k] for k in ("mult", "x_zp", "out_zp", "qmin", "qmax")}
+    with effops.use_isa(level):
+        assert torch.equal(_run("cpu", Q.q_pw_conv, x, pw, **kw), _run("reference", Q.q_pw_conv, x, pw, **kw))
+        got, want = _run("cpu", Q.q_dw_conv_act, x, dw, **dkw), _run("reference", Q.q_dw_conv_act, x, dw, **dkw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert int(want[0][:, 0].max()) == 2  # the NaN channel: -2**23, clamped to qmin
+
+
+@pytest.mark.triton
+def test_nan_multipliers_and_gates_triton():
+    dev = _triton_device()
+    x, pw, dw, kw = _nan_case()
+    ref = _run("reference", Q.q_pw_conv, x, pw, **kw)
+    assert torch.equal(_run("triton", Q.q_pw_conv, *_to(dev, (x, pw)), **_to(dev, kw)).cpu(), ref)
