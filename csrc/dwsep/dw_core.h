@@ -39,6 +39,17 @@ EFFOPS_INLINE void with_act(int act, Fn&& f) {
   }
 }
 
+// For GEMM epilogues: none (the projection convs) and silu (its exp is most of the epilogue) as
+// compile-time constants, every other activation as the run-time switch of simd::act_v (f gets
+// ActC<kActRuntime> and passes the code along): one predictable branch per vector of a tile
+// that took K multiply-adds, where each compile-time activation was another copy of the GEMM.
+template <class Fn>
+EFFOPS_INLINE void with_epilogue_act(int act, Fn&& f) {
+  if (act == simd::kNone) return f(ActC<simd::kNone>{});
+  if (act == simd::kSilu) return f(ActC<simd::kSilu>{});
+  return f(ActC<simd::kActRuntime>{});
+}
+
 // The depthwise row kernel: output pixels [ow0, ow1) of one output row, every channel (see
 // dw_row_impl.h). rows[kh] points at the input row (W x C elements) tap row kh reads, or is null
 // where that row is padding; the result for pixel ow goes to out + (ow - ow0) * C; sums (may be

@@ -151,10 +151,12 @@ inline constexpr int64_t kGemmKChunk = 128;
 
 // The epilogue of one tile: rows [m0, m0 + mr), channels [n0, n0 + NR) clipped to Co.
 // out/res rows have stride ldo (elements). scale/bias are padded to whole panels (or null).
+// ACT: the activation code, or simd::kActRuntime for the run-time code `act`.
 template <class G, int ACT, class F, class T>
 EFFOPS_INLINE void epilogue(const F* tile, int mr, int64_t n0,
                             int64_t Co, const F* scale, const F* bias, const T* res, T* out,
-                            int64_t ldo) {
+                            int64_t ldo, int act = ACT) {
+  if constexpr (ACT != simd::kActRuntime) act = ACT;
   using V = typename G::V;
   for (int i = 0; i < mr; ++i) {
     T* o = out + i * ldo;
@@ -165,7 +167,7 @@ EFFOPS_INLINE void epilogue(const F* tile, int mr, int64_t n0,
       V val = G::load(tile + i * G::NR + v * G::L);
       if (scale) val = val * G::load(scale + n);
       if (bias) val = val + G::load(bias + n);
-      val = simd::act_v(val, ACT);
+      val = simd::act_v(val, act);
       const int64_t lanes = std::min<int64_t>(G::L, Co - n);
       for (int64_t j = 0; j < lanes; ++j) {
         F s = val[j];
@@ -181,9 +183,10 @@ EFFOPS_INLINE void epilogue(const F* tile, int mr, int64_t n0,
 template <class G, int ACT, class F, class T>
 EFFOPS_INLINE void epilogue_fast(const F* tile, int mr, int64_t n0,
                                  int64_t Co, const F* scale, const F* bias, const T* res, T* out,
-                                 int64_t ldo) {
+                                 int64_t ldo, int act = ACT) {
   using V = typename G::V;
-  if (n0 + G::NR > Co) return epilogue<G, ACT>(tile, mr, n0, Co, scale, bias, res, out, ldo);
+  if constexpr (ACT != simd::kActRuntime) act = ACT;
+  if (n0 + G::NR > Co) return epilogue<G, ACT>(tile, mr, n0, Co, scale, bias, res, out, ldo, act);
   for (int i = 0; i < mr; ++i) {
     T* o = out + i * ldo;
     const T* r = res ? res + i * ldo : nullptr;
@@ -192,7 +195,7 @@ EFFOPS_INLINE void epilogue_fast(const F* tile, int mr, int64_t n0,
       V val = G::load(tile + i * G::NR + v * G::L);
       if (scale) val = val * G::load(scale + n);
       if (bias) val = val + G::load(bias + n);
-      val = simd::act_v(val, ACT);
+      val = simd::act_v(val, act);
       if constexpr (std::is_same<T, F>::value) {
         if (r) val = val + G::load(r + n);
         std::memcpy(o + n, &val, sizeof val);
@@ -213,8 +216,9 @@ EFFOPS_INLINE void epilogue_fast(const F* tile, int mr, int64_t n0,
 // residual is added after the activation, as in epilogue().
 template <class G, int ACT, class F, class T>
 EFFOPS_INLINE void epilogue_t(const F* tile, int mr, int64_t co0, int64_t jn, int64_t Co,
-                              const F* scale, const F* bias, const T* res, T* out) {
+                              const F* scale, const F* bias, const T* res, T* out, int act = ACT) {
   using V = typename G::V;
+  if constexpr (ACT != simd::kActRuntime) act = ACT;
   alignas(64) F buf[G::NR];
   for (int i = 0; i < mr; ++i) {
     const int64_t co = co0 + i;
@@ -223,7 +227,7 @@ EFFOPS_INLINE void epilogue_t(const F* tile, int mr, int64_t co0, int64_t jn, in
       V val = G::load(tile + i * G::NR + v * G::L);
       if (scale) val = val * s;
       if (bias) val = val + b;
-      val = simd::act_v(val, ACT);
+      val = simd::act_v(val, act);
       std::memcpy(buf + v * G::L, &val, sizeof val);
     }
     T* o = out + co;

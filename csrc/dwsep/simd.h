@@ -214,6 +214,8 @@ EFFOPS_INLINE double sexp(double x) { return std::exp(x); }
 
 // Activation codes, shared with Python (ops/dwsep.py ACTIVATIONS order).
 enum Act : int { kNone = 0, kRelu = 1, kRelu6 = 2, kSilu = 3, kHardswish = 4, kSigmoid = 5 };
+// A template argument that means "the activation is a run-time value" (see with_epilogue_act).
+inline constexpr int kActRuntime = -1;
 
 template <class V>
 EFFOPS_INLINE V act_v(V x, int act) {
