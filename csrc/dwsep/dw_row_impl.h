@@ -194,7 +194,8 @@ EFFOPS_INLINE void dw_row_k(
   int64_t hi = g.W - 1 - span + g.pl >= 0 ? (g.W - 1 - span + g.pl) / g.sw + 1 : 0;
   lo = std::min(std::max(lo, ow0), ow1);
   hi = std::min(std::max(hi, lo), ow1);
-  dw_pixels<W, AC>(g, rows, taps, scale, bias, p, ow0, lo, 0, ow0, out, sums);
+  // (the calls only where there are such pixels: most segments of the fused kernel have none)
+  if (ow0 < lo) dw_pixels<W, AC>(g, rows, taps, scale, bias, p, ow0, lo, 0, ow0, out, sums);
   const auto pv = act_vec<typename simd::Traits<F, W>::V>(p);
   int64_t ow = lo;
   // Software prefetch of the rows the next output row adds (pf, see next_rows), the part under
@@ -212,9 +213,9 @@ EFFOPS_INLINE void dw_row_k(
   }
   for (; ow < hi; ++ow)
     dw_interior<W, 1, KWC, AC>(g, rows, taps, scale, bias, pv, ow, out + (ow - ow0) * C, sums);
-  if (CL < C)  // channel tail of the interior pixels
+  if (CL < C && lo < hi)  // channel tail of the interior pixels
     dw_pixels<W, AC>(g, rows, taps, scale, bias, p, lo, hi, CL, ow0, out, sums);
-  dw_pixels<W, AC>(g, rows, taps, scale, bias, p, hi, ow1, 0, ow0, out, sums);
+  if (hi < ow1) dw_pixels<W, AC>(g, rows, taps, scale, bias, p, hi, ow1, 0, ow0, out, sums);
 }
 
 template <int W, int AC, class S, class O, class F>
