@@ -165,3 +165,29 @@ def test_a_compile_that_compiled_nothing_is_refused():
     with pytest.raises(RuntimeError, match="compiled no graph"):
         bm._timed_build(lambda: (lambda: torch.ones(1)), compiled=True)
     assert bm._timed_build(lambda: (lambda: torch.ones(1))).first_s >= 0
+
+
+def test_effops_models_detector_runs_effops_post_processing(monkeypatch):
+    """The effops.models detector variant is effops end to end (its network and its own
+    post-processing, as EfficientDet.detect), in the Detector's output form, and agrees with
+    effdet's DetBenchPredict on the same weights."""
+    pytest.importorskip("effdet")
+    import dataclasses
+
+    from effops.models import detection as D
+
+    spec = dataclasses.replace(bm.MODELS["tf_efficientdet_d0"], size=128)
+    original = bm.build_original(spec).eval()
+    make, why = bm._effops_models_make(spec, original)
+    assert why is None
+    model = make()
+    calls = []
+    real = D._candidates_cpu
+    monkeypatch.setattr(D, "_candidates_cpu", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        (det, raw), (ref_det, ref_raw) = model(x), original(x)
+    assert calls, "effops's post-processing did not run"
+    assert det.shape == ref_det.shape == (2, 100, 6)
+    torch.testing.assert_close(raw, ref_raw, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(det[..., 4].sort(dim=1).values, ref_det[..., 4].sort(dim=1).values, rtol=1e-4, atol=1e-5)

@@ -272,24 +272,28 @@ def _openvino_variant(path: str, x: torch.Tensor, threads: int, dtype: str):
     return run
 
 
-class _NetThenPost(nn.Module):
-    """A detector network followed by effdet's post-processing (a Detector's), for effops's
-    EfficientDet, which returns effdet's per-level outputs."""
+class _EffopsPredict(nn.Module):
+    """effops's EfficientDet end to end as a user runs it: the network, then effops's own
+    post-processing (``EfficientDet.detect``: C++ candidate selection, decoding, multiclass_nms),
+    returned in Detector's form (effdet's [n, max_det, 6] rows x1, y1, x2, y2, score, class; the
+    raw head outputs flattened) so that it is compared with effdet's DetBenchPredict."""
 
-    def __init__(self, net: nn.Module, post: Detector):
+    def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
-        self._post = (post,)  # not a submodule: its unused network stays out of .to() and state_dict
 
     def forward(self, x):
         cls_out, box_out = self.net(x)
-        return self._post[0].postprocess(x.shape[0], cls_out, box_out)
+        d = self.net._postprocess((cls_out, box_out))
+        det = torch.cat([d.boxes, d.scores[..., None], d.classes[..., None].to(d.boxes.dtype)], -1)
+        raw = torch.cat([t.flatten(1) for t in list(cls_out) + list(box_out)], 1)
+        return det, raw
 
 
 def _effops_models_make(spec: ModelSpec, original: nn.Module):
     """effops's own model of this name carrying the original's weights (``create_model(name)``,
     then the original's state dict, strictly: effops.models keeps timm's and effdet's parameter
-    names), or the reason it is not timed. Detectors: effops's network, effdet's post-processing."""
+    names), or the reason it is not timed. Detectors: effops's network and post-processing."""
     try:
         from .. import models as em
     except ImportError as e:
@@ -306,7 +310,7 @@ def _effops_models_make(spec: ModelSpec, original: nn.Module):
             return m.eval()
         net = em.create_model(spec.name, image_size=(spec.size, spec.size))
         net.load_state_dict(original.bench.model.state_dict())
-        return _NetThenPost(net.eval(), build_original(spec))
+        return _EffopsPredict(net.eval())
     return make, None
 
 
