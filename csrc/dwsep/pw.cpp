@@ -1,8 +1,10 @@
 // Pointwise conv (GEMM with fused prologue/epilogue) and the fused depthwise-separable conv.
 //
 // ISA dispatch is explicit here because the register tile differs per ISA (see gemm_core.h):
-// each task body is compiled three times (AVX-512, AVX2+FMA, baseline) and the driver packs the
-// weights for the tile of the ISA it picked at run time.
+// each task body is compiled three times (AVX-512, AVX2+FMA, baseline; float64, which exists for
+// gradcheck and tests, at the baseline level only) and the driver packs the weights for the tile
+// of the ISA it picked at run time. The epilogues specialise none and silu at compile time, the
+// other activations run through a run-time switch (with_epilogue_act in dw_core.h).
 //
 // Fused depthwise-separable conv: a task is a block of output rows of one image. It computes the
 // depthwise stage for P pixels at a time (crossing row ends) into a small float buffer (cache-resident), then
@@ -51,9 +53,7 @@ struct TileFor<F, kBase> {
 // micro(tag, ...) picks the one matching the tile of the ISA the caller was compiled for.
 #if EFFOPS_X86
 EFFOPS_MICROKERNEL(micro_v4_f, EFFOPS_TARGET_V4, TileFor<float EFFOPS_COMMA kV4>::type, float, _mm512_set1_ps)
-EFFOPS_MICROKERNEL(micro_v4_d, EFFOPS_TARGET_V4, TileFor<double EFFOPS_COMMA kV4>::type, double, _mm512_set1_pd)
 EFFOPS_MICROKERNEL(micro_v3_f, EFFOPS_TARGET_V3, TileFor<float EFFOPS_COMMA kV3>::type, float, _mm256_set1_ps)
-EFFOPS_MICROKERNEL(micro_v3_d, EFFOPS_TARGET_V3, TileFor<double EFFOPS_COMMA kV3>::type, double, _mm256_set1_pd)
 EFFOPS_MICROKERNEL(micro_b_f, , TileFor<float EFFOPS_COMMA kBase>::type, float, _mm_set1_ps)
 EFFOPS_MICROKERNEL(micro_b_d, , TileFor<double EFFOPS_COMMA kBase>::type, double, _mm_set1_pd)
 #else
@@ -64,14 +64,11 @@ template <Isa I, class F>
 EFFOPS_INLINE void micro(int r, const F* ap, int64_t ars, int64_t aks, const F* bp, int64_t K,
                          F* tile) {
   constexpr bool f32 = std::is_same<F, float>::value;
+  static_assert(f32 || I == kBase, "float64 runs at the baseline level only");
 #if EFFOPS_X86
-  if constexpr (I == kV4) {
-    if constexpr (f32) return micro_v4_f(r, ap, ars, aks, bp, K, tile);
-    else return micro_v4_d(r, ap, ars, aks, bp, K, tile);
-  } else if constexpr (I == kV3) {
-    if constexpr (f32) return micro_v3_f(r, ap, ars, aks, bp, K, tile);
-    else return micro_v3_d(r, ap, ars, aks, bp, K, tile);
-  }
+  if constexpr (f32 && I == kV4) return micro_v4_f(r, ap, ars, aks, bp, K, tile);
+  else if constexpr (f32 && I == kV3) return micro_v3_f(r, ap, ars, aks, bp, K, tile);
+  else
 #endif
   if constexpr (f32) return micro_b_f(r, ap, ars, aks, bp, K, tile);
   else return micro_b_d(r, ap, ars, aks, bp, K, tile);
@@ -116,10 +113,10 @@ EFFOPS_INLINE void gemm_rows(const S* a, int64_t lda, int64_t m_begin, int64_t m
     if (!direct) pack_rows<G>(a, lda, m0, mr, K, cs, hw, ap.data());
     for (int64_t p = p_begin; p < panels; ++p) {
       micro<I>(mr, a_tile, ars, aks, bp + p * K * G::NR, K, tile);
-      with_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
+      with_epilogue_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
         epilogue_fast<G, A()>(tile, mr, p * G::NR, Co, scale, bias,
                               res ? res + (m0 - m_begin) * ldo : nullptr,
-                              out + (m0 - m_begin) * ldo, ldo);
+                              out + (m0 - m_begin) * ldo, ldo, act);
       });
     }
   }
@@ -155,9 +152,9 @@ EFFOPS_TARGET_BF16 void gemm_rows_bf16dot(const S* a, int64_t lda, int64_t m_beg
     }
     for (int64_t p = p_begin; p < panels; ++p) {
       bf16dot_micro(mr, a_tile, ars, bp + p * K2 * 2 * kBfNR, K2, tile);
-      with_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
+      with_epilogue_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
         epilogue_fast<G, A()>(tile, mr, p * kBfNR, Co, scale, bias, res ? res + (m0 - m_begin) * ldo : nullptr,
-                              out + (m0 - m_begin) * ldo, ldo);
+                              out + (m0 - m_begin) * ldo, ldo, act);
       });
     }
   }
@@ -226,9 +223,9 @@ EFFOPS_INLINE void pwt_task_body(const PwArgs<T>& a, int64_t task) {
     for (int64_t q = 0; q < qn; ++q) {
       const int64_t m0 = q * G::NR, jn = std::min<int64_t>(G::NR, a.M - m0);
       micro<I>(mr, a.w + co0 * a.C, a.C, 1, a.apt + q * a.C * G::NR, a.C, tile);
-      with_act(a.act, [&](auto A) EFFOPS_LAMBDA_INLINE {
+      with_epilogue_act(a.act, [&](auto A) EFFOPS_LAMBDA_INLINE {
         epilogue_t<G, A()>(tile, mr, co0, jn, a.Co, a.scale, a.bias, a.res ? a.res + m0 * a.Co : nullptr,
-                           a.out + m0 * a.Co);
+                           a.out + m0 * a.Co, a.act);
       });
     }
   }
@@ -331,9 +328,13 @@ EFFOPS_INLINE void dwsep_task_body(const DwsepArgs<T>& a, int64_t task) {
     dwsep_task_body<kBase>(a, t);                                            \
   }
 EFFOPS_DEFINE_TASKS(float, float)
-EFFOPS_DEFINE_TASKS(double, double)
 EFFOPS_DEFINE_TASKS(simd::bf16, float)
 #undef EFFOPS_DEFINE_TASKS
+// float64 at the baseline level only: it exists for gradcheck and tests, never hot, and copies
+// per level would only cost compile time (pw_forward / dwsep_forward never pick another level).
+void pw_task_base(const PwArgs<double>& a, int64_t t) { pw_task_body<kBase>(a, t); }
+void pwt_task_base(const PwArgs<double>& a, int64_t t) { pwt_task_body<kBase>(a, t); }
+void dwsep_task_base(const DwsepArgs<double>& a, int64_t t) { dwsep_task_body<kBase>(a, t); }
 
 // bf16 storage at the AVX-512 level on a CPU with AVX512_BF16: the vdpbf16ps GEMM.
 template <Isa I, class T>
@@ -473,14 +474,17 @@ void pw_forward(const T* y, const Acc<T>* w, const Acc<T>* cs, const Acc<T>* sca
   PwArgs<T> a{y, nullptr, cs, scale, bias, act, res, out, HW, C, Co, N * HW, 0};
   if (a.M == 0 || Co == 0) return;
   threads = threads_for(double(a.M) * C * Co, threads);
-  switch (cpu_isa()) {
-    case kV4:
-      return pw_run<kV4>(a, w, threads);
-    case kV3:
-      return pw_run<kV3>(a, w, threads);
-    default:
-      return pw_run<kBase>(a, w, threads);
+  if constexpr (!std::is_same<T, double>::value) {
+    switch (cpu_isa()) {
+      case kV4:
+        return pw_run<kV4>(a, w, threads);
+      case kV3:
+        return pw_run<kV3>(a, w, threads);
+      default:
+        break;
+    }
   }
+  return pw_run<kBase>(a, w, threads);
 }
 
 template <class T>
@@ -493,14 +497,17 @@ void dwsep_forward(const T* x, const Acc<T>* taps, const Acc<T>* pw, const Acc<T
                  preact, out, 0, 0, 0};
   if (g.N * g.Ho * g.Wo == 0 || Co == 0) return;
   threads = threads_for(double(g.N) * g.Ho * g.Wo * g.C * (g.KH * g.KW + Co), threads);
-  switch (cpu_isa()) {
-    case kV4:
-      return dwsep_run<kV4>(a, pw, threads);
-    case kV3:
-      return dwsep_run<kV3>(a, pw, threads);
-    default:
-      return dwsep_run<kBase>(a, pw, threads);
+  if constexpr (!std::is_same<T, double>::value) {
+    switch (cpu_isa()) {
+      case kV4:
+        return dwsep_run<kV4>(a, pw, threads);
+      case kV3:
+        return dwsep_run<kV3>(a, pw, threads);
+      default:
+        break;
+    }
   }
+  return dwsep_run<kBase>(a, pw, threads);
 }
 
 #define EFFOPS_INSTANTIATE(T)                                                                   \
