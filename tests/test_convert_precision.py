@@ -20,15 +20,23 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_converted_model_is_as_close_to_float64_as_the_original(name):
     pytest.importorskip("timm")
     model = calibrate(create("timm", name), size=64)
+    converted, truth_model = convert(copy.deepcopy(model)), copy.deepcopy(model).double()
+    # The errors are pooled over 24 images: the ratio of one batch's mean errors swings 0.7-1.9
+    # from seed to seed for every model (two small numbers, each the sum of a network's
+    # roundings, in different directions), so a mean of per-batch ratios flipped with any
+    # change in the order of a sum anywhere in the network.
+    err_converted = err_original = 0.0
     ratios = []
-    for seed in range(3):
-        x = torch.randn(2, 3, 80, 80, generator=torch.Generator().manual_seed(seed))
+    for seed in range(6):
+        x = torch.randn(4, 3, 80, 80, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
-            truth = copy.deepcopy(model).double()(x.double())
+            truth = truth_model(x.double())
             ref = model(x)
-            out = convert(copy.deepcopy(model))(x.contiguous(memory_format=torch.channels_last))
-        ratios.append((out.double() - truth).abs().mean().item() / (ref.double() - truth).abs().mean().item())
-    assert sum(ratios) / len(ratios) <= 1.5, f"{name}: error ratios converted / original {ratios}"
+            out = converted(x.contiguous(memory_format=torch.channels_last))
+        e1, e0 = (out.double() - truth).abs().mean().item(), (ref.double() - truth).abs().mean().item()
+        err_converted, err_original = err_converted + e1, err_original + e0
+        ratios.append(round(e1 / e0, 2))
+    assert err_converted / err_original <= 1.5, f"{name}: error ratio converted / original per batch {ratios}"
 
 
 def test_converted_efficientdet_d0_is_as_close_to_float64_as_the_original():
