@@ -349,6 +349,17 @@ bool use_bf16dot() {
 // one-thread pack were over half the time of EfficientNet's late 1x1 convs (K = 1152, 49 pixels).
 // The weights are packed on every call, not cached: the parameters they come from may have been
 // written in place (cached copies would need a check that reads them all anyway).
+// fn_v4 / fn_v3 / fn_base (the per-ISA copies of one task body) for the level I a driver runs at.
+#define EFFOPS_AT_ISA(I, fn, ...)                                     \
+  do {                                                                \
+    if constexpr (I == kV4)                                           \
+      fn##_v4(__VA_ARGS__);                                           \
+    else if constexpr (I == kV3)                                      \
+      fn##_v3(__VA_ARGS__);                                           \
+    else                                                              \
+      fn##_base(__VA_ARGS__);                                         \
+  } while (0)
+
 template <Isa I, class T>
 void pack_gemm_weights(const Acc<T>* w, int64_t Co, int64_t K, int threads, const Acc<T>*& bp,
                        const uint16_t*& bpb, const Acc<T>* cs = nullptr) {
@@ -398,12 +409,7 @@ void pw_run(PwArgs<T> a, const Acc<T>* w, int threads) {
     a.bpt = std::max<int64_t>(1, (nblk + 4 * threads - 1) / (4 * threads));
     const int64_t tasks = (nblk + a.bpt - 1) / a.bpt;
     parallel_for(tasks, threads, [&](int64_t t, int) {
-      if constexpr (I == kV4)
-        pwt_task_v4(a, t);
-      else if constexpr (I == kV3)
-        pwt_task_v3(a, t);
-      else
-        pwt_task_base(a, t);
+      EFFOPS_AT_ISA(I, pwt_task, a, t);
     });
     return;
   }
@@ -429,12 +435,7 @@ void pw_run(PwArgs<T> a, const Acc<T>* w, int threads) {
   }
   const int64_t tasks = row_tasks * a.groups;
   parallel_for(tasks, threads, [&](int64_t t, int) {
-    if constexpr (I == kV4)
-      pw_task_v4(a, t);
-    else if constexpr (I == kV3)
-      pw_task_v3(a, t);
-    else
-      pw_task_base(a, t);
+    EFFOPS_AT_ISA(I, pw_task, a, t);
   });
 }
 
@@ -456,12 +457,7 @@ void dwsep_run(DwsepArgs<T> a, const Acc<T>* pw, int threads) {
   a.rpt = std::max<int64_t>(1, (a.g.Ho + per_image - 1) / per_image);
   a.blocks = (a.g.Ho + a.rpt - 1) / a.rpt;
   parallel_for(a.g.N * a.blocks, threads, [&](int64_t t, int) {
-    if constexpr (I == kV4)
-      dwsep_task_v4(a, t);
-    else if constexpr (I == kV3)
-      dwsep_task_v3(a, t);
-    else
-      dwsep_task_base(a, t);
+    EFFOPS_AT_ISA(I, dwsep_task, a, t);
   });
 }
 
