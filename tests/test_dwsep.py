@@ -500,3 +500,33 @@ def test_pw_conv_gemm_path_choice(N, HW, C, Co, se, dtype, isa):
                                         b.to(dtype), "silu", r.to(dtype))
             assert got.dtype == dtype and got.shape == (N, Co, *HW)
             assert_close_to_truth(got, truth, eager, dtype)
+
+
+@pytest.mark.parametrize("C", [4, 8, 12, 20, 24, 40, 44])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", ["native", "avx2", "baseline"])
+def test_channel_tails_of_every_width(C, dtype, isa):
+    """Channels past the last full vector run on half-width (then quarter-width) vectors, then
+    scalars (dw_row_impl.h dw_pixels): every tail length against the float64 truth, border and
+    interior pixels, stride 1 and 2, the SE channel means, and the fused separable conv."""
+    level = effops.detected_isa() if isa == "native" else isa
+    if level not in effops._backend.ISA_LEVELS[: effops._backend.ISA_LEVELS.index(effops.detected_isa()) + 1]:
+        pytest.skip(f"the CPU does not run {level}")
+    g = gen(C * 31)
+    x = rnd(2, C, 13, 11, g=g)
+    w = rnd(C, 1, 3, 3, g=g, scale=0.3)
+    pw = rnd(8, C, 1, 1, g=g, scale=C ** -0.5)
+    s, b = rnd(C, g=g).abs() + 0.5, rnd(C, g=g, scale=0.1)
+    xc = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    with effops.use_isa(level):
+        for stride in (1, 2):
+            geo = R.conv_geometry("t", (13, 11), (3, 3), stride, 1, 1)
+            y, m = dw_conv_act(xc, w.to(dtype), stride=stride, padding=1, scale=s.to(dtype), bias=b.to(dtype), act="silu")
+            yt, mt = R.dw_conv_act_reference(x, w, geo, s, b, "silu")
+            ye, me = R.dw_conv_act_reference(x.to(dtype), w.to(dtype), geo, s.to(dtype), b.to(dtype), "silu")
+            assert_close_to_truth(y, yt, ye, dtype)
+            assert_close_to_truth(m, mt, me, dtype)
+            got = dwsep_conv(xc, w.to(dtype), pw.to(dtype), stride=stride, padding=1, act="relu6")
+            truth = R.dwsep_conv_reference(x, w, pw, geo, act="relu6")
+            eager = R.dwsep_conv_reference(x.to(dtype), w.to(dtype), pw.to(dtype), geo, act="relu6")
+            assert_close_to_truth(got, truth, eager, dtype)
