@@ -73,7 +73,6 @@ void pack_panels_bf16(const F* w, int64_t Co, int64_t K, int64_t p0, int64_t p1,
   }
 }
 
-
 EFFOPS_INLINE uint16_t bf16_bits_of(float v) { return simd::f_to_bf16_bits(v); }
 EFFOPS_INLINE uint16_t bf16_bits_of(simd::bf16 v) { return v.bits; }
 

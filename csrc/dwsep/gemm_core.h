@@ -42,9 +42,10 @@ struct Tile {
 
 // Panels [p0, p1) of NR output channels: Bp[(p * K + k) * NR + j] = w[(p * NR + j) * K + k], 0
 // past Co; each k row scaled by cs[k] when cs is given (the SE channel scale of a one-image
-// call, applied to the weights instead of to every row of A). Blocked transpose: a block of kKB k's of the panel's rows is read row by row
-// (contiguous) and written into an L1-resident [kKB][NR] block of Bp; the naive order (scattered
-// stores with stride NR over all of K) ran at ~2 cycles per element, most of a batch-1 pw_conv.
+// call, applied to the weights instead of to every row of A). Blocked transpose: a block of kKB
+// k's of the panel's rows is read row by row (contiguous) and written into an L1-resident
+// [kKB][NR] block of Bp; the naive order (scattered stores with stride NR over all of K) ran at
+// ~2 cycles per element, most of a batch-1 pw_conv.
 // The same for rows of activations (storage S, converted to F) in the transposed small-M GEMM
 // (pw.cpp): there row r is scaled by its image's SE scale cs + (r / cs_hw) * K (cs_hw = 0: the
 // one vector cs for every row, as for the weights).

@@ -343,12 +343,6 @@ bool use_bf16dot() {
   return false;
 }
 
-// The GEMM weights of every call, packed into the panels of the tile of ISA I (or the bf16 pairs
-// of the vdpbf16ps GEMM) by the threads together, into a buffer of the calling thread that is
-// reused from call to call: at batch 1 a fresh buffer (page faults on every call) and a
-// one-thread pack were over half the time of EfficientNet's late 1x1 convs (K = 1152, 49 pixels).
-// The weights are packed on every call, not cached: the parameters they come from may have been
-// written in place (cached copies would need a check that reads them all anyway).
 // fn_v4 / fn_v3 / fn_base (the per-ISA copies of one task body) for the level I a driver runs at.
 #define EFFOPS_AT_ISA(I, fn, ...)                                     \
   do {                                                                \
@@ -360,17 +354,34 @@ bool use_bf16dot() {
       fn##_base(__VA_ARGS__);                                         \
   } while (0)
 
+// Panels of NR rows of src [rows][K] (pack_panels, SE scale cs / cs_hw as there) packed by the
+// threads together into buf, a buffer of the calling thread reused from call to call (a fresh
+// one page-faulted on every call); below ~64k elements one thread packs faster than a parallel
+// region starts. Returns buf's data.
+template <class G, class S, class F>
+F* pack_parallel(const S* src, int64_t rows, int64_t K, int threads, std::vector<F>& buf,
+                 const F* cs = nullptr, int64_t cs_hw = 0) {
+  const int64_t panels = (rows + G::NR - 1) / G::NR;
+  buf.resize(static_cast<size_t>(panels * K * G::NR));
+  F* d = buf.data();
+  const int workers = rows * K < (int64_t(1) << 16) ? 1 : max_workers(panels, threads);
+  parallel_for(panels, workers, [&](int64_t p, int) { pack_panels<G>(src, rows, K, p, p + 1, d, cs, cs_hw); });
+  return d;
+}
+
+// The GEMM weights of every call, packed into the panels of the tile of ISA I (or the bf16 pairs
+// of the vdpbf16ps GEMM) by the threads together: at batch 1 a fresh buffer and a one-thread pack
+// were over half the time of EfficientNet's late 1x1 convs (K = 1152, 49 pixels). The weights are
+// packed on every call, not cached: the parameters they come from may have been written in place
+// (cached copies would need a check that reads them all anyway).
 template <Isa I, class T>
 void pack_gemm_weights(const Acc<T>* w, int64_t Co, int64_t K, int threads, const Acc<T>*& bp,
                        const uint16_t*& bpb, const Acc<T>* cs = nullptr) {
   using F = Acc<T>;
   using G = typename TileFor<F, I>::type;
-  const bool pairs = use_bf16dot<I, T>();
-  const int64_t nr = pairs ? kBfNR : G::NR;
-  const int64_t panels = (Co + nr - 1) / nr;
-  // below ~64k weights one thread packs faster than a parallel region starts
-  const int workers = K * Co < (int64_t(1) << 16) ? 1 : max_workers(panels, threads);
-  if (pairs) {
+  if (use_bf16dot<I, T>()) {
+    const int64_t panels = (Co + kBfNR - 1) / kBfNR;
+    const int workers = K * Co < (int64_t(1) << 16) ? 1 : max_workers(panels, threads);
     thread_local std::vector<uint16_t> buf;
     buf.resize(static_cast<size_t>(panels * ((K + 1) / 2) * kBfNR * 2));
     uint16_t* d = buf.data();
@@ -378,10 +389,7 @@ void pack_gemm_weights(const Acc<T>* w, int64_t Co, int64_t K, int threads, cons
     bpb = d, bp = nullptr;
   } else {
     thread_local std::vector<F> buf;
-    buf.resize(static_cast<size_t>(panels * K * G::NR));
-    F* d = buf.data();
-    parallel_for(panels, workers, [&](int64_t p, int) { pack_panels<G>(w, Co, K, p, p + 1, d, cs); });
-    bp = d, bpb = nullptr;
+    bp = pack_parallel<G>(w, Co, K, threads, buf, cs), bpb = nullptr;
   }
 }
 
@@ -398,13 +406,8 @@ void pw_run(PwArgs<T> a, const Acc<T>* w, int threads) {
   // GEMM waits on memory, and the vdpbf16ps path would first round all the weights to bf16 pairs.
   if (a.Co * a.C > a.M * (a.C + a.Co) &&
       a.M * a.C * int64_t(sizeof(F)) <= (int64_t(512) << 10)) {
-    const int64_t qn = (a.M + G::NR - 1) / G::NR;
     thread_local std::vector<F> buf;
-    buf.resize(static_cast<size_t>(qn * a.C * G::NR));
-    F* d = buf.data();
-    const int workers = a.M * a.C < (int64_t(1) << 16) ? 1 : max_workers(qn, threads);
-    parallel_for(qn, workers, [&](int64_t q, int) { pack_panels<G>(a.y, a.M, a.C, q, q + 1, d, a.cs, a.HW); });
-    a.apt = d, a.w = w;
+    a.apt = pack_parallel<G>(a.y, a.M, a.C, threads, buf, a.cs, a.HW), a.w = w;
     const int64_t nblk = (a.Co + G::MR - 1) / G::MR;
     a.bpt = std::max<int64_t>(1, (nblk + 4 * threads - 1) / (4 * threads));
     const int64_t tasks = (nblk + a.bpt - 1) / a.bpt;

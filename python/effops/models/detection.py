@@ -26,8 +26,8 @@ for the COCO models they are the COCO category ids), padded with zeros. How it i
   topk.cpp): the per-anchor maxima straight from the per-level head outputs (no concatenation),
   the k best anchors, then only those of their logits that reach the smallest of the k maxima are
   ranked, by the same total order: D0 (random weights) 10.5 -> 4.5 ms for the 5000 of 4.4M logits,
-  one thread (post-processing 10.6 -> 6 ms). Under
-  torch.compile / export / other devices the torch ops above run (same result, tested).
+  one thread (post-processing 10.6 -> 6 ms). Under torch.compile / export / other devices the
+  torch ops above run (same result, tested).
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ def _topk_lower_index(x: Tensor, k: int) -> Tensor:
 
 def _candidates_cpu(cls_outputs: Sequence[Tensor], C: int, K: int, N: int):
     """(top_anchor [B, Ka] ascending, pos [B, K] into the [Ka * C] rows of those anchors and the
-    logits there, best first) by the C++ selection, or None where the torch path must run (tracing, compiling, another
-    device, a dispatch mode, autograd, no compiled module, a forced backend)."""
+    logits there, best first) by the C++ selection, or None where the torch path must run
+    (tracing, compiling, another device, a dispatch mode, autograd, no compiled module, a forced
+    backend)."""
     o = cls_outputs[0]
     if (torch.compiler.is_compiling() or _backend._C is None or not hasattr(_backend._C, "topk_candidates")
             or _backend.forced_backend() not in (None, "cpu") or _get_current_dispatch_mode() is not None
@@ -135,13 +136,12 @@ def postprocess(cls_outputs: Sequence[Tensor], box_outputs: Sequence[Tensor], an
     fast = _candidates_cpu(cls_outputs, C, K, N) if K > 0 else None
     if fast is not None:
         top_anchor, pos, vals = fast
-        rows = (top_anchor + torch.arange(B, device=dev)[:, None] * N).reshape(-1)
     else:
         logits = flatten_levels(cls_outputs, C).float()  # [B, N, C]
         if logits.shape[:2] != (B, N):
             raise ValueError(f"postprocess: class outputs hold {logits.shape[1]} anchors, box outputs {N}")
         top_anchor, pos, vals = _candidates_torch(logits, K)
-        rows = (top_anchor + torch.arange(B, device=dev)[:, None] * N).reshape(-1)
+    rows = (top_anchor + torch.arange(B, device=dev)[:, None] * N).reshape(-1)
     scores = torch.full((B, Ka * C), -1.0, dtype=torch.float32, device=dev).scatter_(
         1, pos, torch.sigmoid(vals)).view(B, Ka, C)
     codes = rel.reshape(B * N, 4).index_select(0, rows).view(B, Ka, 4)

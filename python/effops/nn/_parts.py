@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules import module as _module_mod
 
 from ..ops.dwsep import PreparedDW, PreparedDWSep, PreparedPW, apply_act, dw_conv_act, dwsep_conv, pw_conv
 
@@ -139,8 +140,8 @@ def pooled_conv(conv: nn.Module, m: Tensor) -> Tensor:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as _m
-    return bool(getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None))
+    return bool(getattr(_module_mod, "_global_forward_hooks", None)
+                or getattr(_module_mod, "_global_forward_pre_hooks", None))
 
 
 def se_gate_of(se: Optional[nn.Module]) -> Optional[Callable[[Tensor], Tensor]]:
