@@ -12,6 +12,7 @@
 #include "bifpn/fuse_api.h"
 #include "common/parallel.h"
 #include "common/isa.h"
+#include "dwsep/block_api.h"
 #include "dwsep/dwsep_api.h"
 #include "losses/losses_api.h"
 #include "nms/nms_api.h"
@@ -52,6 +53,23 @@ NB_MODULE(_C, m) {
         "dw_scale"_a.none(), "dw_bias"_a.none(), "pw_scale"_a.none(), "pw_bias"_a.none(),
         "residual"_a.none(), "stride"_a, "pad"_a, "dilation"_a, "act"_a, "pw_act"_a, "preact"_a,
         "out"_a.noconvert(), "threads"_a, release);
+
+  nb::class_<effops::dwsep::BlockPlan>(m, "BlockPlan",
+                                      "One inverted-residual block's prepared kernel arguments (effops.nn._plan)")
+      .def(nb::init<effops::dwsep::Opt, effops::dwsep::Opt, effops::dwsep::Opt, int, effops::CpuArray,
+                    effops::dwsep::Opt, effops::dwsep::Opt, int, std::vector<int64_t>, std::vector<int64_t>,
+                    effops::dwsep::Opt, effops::dwsep::Opt, int, effops::dwsep::Opt, effops::dwsep::Opt, int,
+                    effops::CpuArray, effops::dwsep::Opt, effops::dwsep::Opt, int, bool, std::vector<uintptr_t>,
+                    std::vector<uintptr_t>, std::vector<int64_t>>(),
+           "expand_w"_a.none(), "expand_scale"_a.none(), "expand_bias"_a.none(), "expand_act"_a, "taps"_a,
+           "dw_scale"_a.none(), "dw_bias"_a.none(), "dw_act"_a, "stride"_a, "dilation"_a, "se_reduce_w"_a.none(),
+           "se_reduce_b"_a.none(), "se_act"_a, "se_expand_w"_a.none(), "se_expand_b"_a.none(), "se_gate"_a,
+           "project_w"_a, "project_scale"_a.none(), "project_bias"_a.none(), "project_act"_a, "residual"_a,
+           "sources"_a, "copies"_a, "nbytes"_a)
+      .def("run", &effops::dwsep::BlockPlan::run, "x"_a, "out"_a.noconvert(), "pt"_a, "pb"_a, "pl"_a, "pr"_a,
+           "threads"_a, release)
+      .def("output_hw", &effops::dwsep::BlockPlan::output_hw, "H"_a, "W"_a, "pt"_a, "pb"_a, "pl"_a, "pr"_a)
+      .def("unchanged", &effops::dwsep::BlockPlan::unchanged);
 
   m.def("fuse_forward", &effops::bifpn::fuse_forward_api, "inputs"_a, "weights"_a, "modes"_a, "act"_a,
         "out"_a.noconvert(), "threads"_a, release);

@@ -74,13 +74,20 @@ def mb():
     return randomize(MBConv(8, 8, 3, expand_ratio=4, se_ratio=0.25), 1).eval()
 
 
-X = torch.randn(2, 8, 9, 9, generator=torch.Generator().manual_seed(3))
+_X = torch.randn(2, 8, 9, 9, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(params=["nchw", "channels_last"])
+def X(request):
+    """The input in both layouts: channels_last eager inference of MBConv runs the whole-block
+    plan (effops.nn._plan), NCHW the op-by-op prepared path; both caches must see every change."""
+    return _X.clone() if request.param == "nchw" else _X.contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode, torch.enable_grad])
-def test_data_writes_without_version_bump(dws, mb, ctx):
+def test_data_writes_without_version_bump(dws, mb, ctx, X):
     for m, eager in ((dws, eager_dwsep), (mb, eager_mbconv)):
-        x = X.clone()
+        x = X.clone(memory_format=torch.preserve_format)
         check(m, x, eager, ctx=ctx)  # fills the cache
         for name, p in list(m.named_parameters()) + list(m.named_buffers()):
             if not p.is_floating_point():
@@ -91,7 +98,7 @@ def test_data_writes_without_version_bump(dws, mb, ctx):
             check(m, x, eager, ctx=ctx), name
 
 
-def test_in_place_updates_and_replacement(dws):
+def test_in_place_updates_and_replacement(dws, X):
     check(dws, X, eager_dwsep)
     with torch.no_grad():
         dws.conv_dw.weight.mul_(-1)
@@ -103,7 +110,7 @@ def test_in_place_updates_and_replacement(dws):
     check(dws, X, eager_dwsep)
 
 
-def test_options_changed_after_an_eval_call(dws, mb):
+def test_options_changed_after_an_eval_call(dws, mb, X):
     check(dws, X, eager_dwsep)
     dws.bn_dw.eps = 0.5
     check(dws, X, eager_dwsep)
@@ -126,7 +133,7 @@ def test_options_changed_after_an_eval_call(dws, mb):
     assert check(mb, X, eager_mbconv).shape[-1] == 7
 
 
-def test_momentum_and_training_steps(dws):
+def test_momentum_and_training_steps(dws, X):
     check(dws, X, eager_dwsep)
     dws.bn_dw.momentum = 0.9  # no effect in eval ...
     check(dws, X, eager_dwsep)
@@ -137,7 +144,7 @@ def test_momentum_and_training_steps(dws):
     check(dws, X, eager_dwsep)
 
 
-def test_load_state_dict(dws, mb):
+def test_load_state_dict(dws, mb, X):
     for m, eager, seed in ((dws, eager_dwsep, 5), (mb, eager_mbconv, 6)):
         check(m, X, eager)
         other = randomize(copy.deepcopy(m), seed)
@@ -147,7 +154,7 @@ def test_load_state_dict(dws, mb):
 
 
 @pytest.mark.parametrize("style", ["data", "no_grad", "foreach"])
-def test_ema_update_loop(mb, style):
+def test_ema_update_loop(mb, style, X):
     """An EMA model evaluated after every update of its weights: timm's ModelEma (``.data`` /
     ``copy_`` on state_dict values), ModelEmaV2/V3 (no_grad in-place, _foreach_lerp_)."""
     ema = copy.deepcopy(mb).eval()

@@ -31,11 +31,13 @@ def _check(model, x, others=(), dynamic=True):
         ep = torch.export.export(model, (x,), dynamic_shapes=ds)
         got = flat_tensors(ep.module()(x))
         assert len(got) == len(want)
+        # The same kernels, but eager inference runs each MBConv block as one call (nn._plan),
+        # whose squeeze-excite MLP sums in another order than torch's linear: not bitwise.
         for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)  # the same kernels: bitwise equal
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
         for y in others:  # other batch sizes through the same program
             for g, w in zip(flat_tensors(ep.module()(y)), flat_tensors(model(y))):
-                torch.testing.assert_close(g, w, rtol=0, atol=0)
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
     return ep
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..nn._parts import ConvStage, _inference, _prepared, mbconv_forward, se_gate_of
+from ..nn._plan import block_forward
 from ..nn.dwsep import MBConv, SqueezeExcite, _act_module, _DropPath, _WithPadding
 from ..ops.dwsep import PreparedPW, act_name, pw_conv, same_padding
 from ._registry import register_model
@@ -157,6 +158,11 @@ class DepthwiseSeparableBlock(nn.Module):
         self._cache = {}
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.training:  # eager CPU inference: the whole block in one kernel call
+            out = block_forward(self._cache, x, None, None, None, self.conv_dw, self.bn1, self._act, self.padding,
+                                self.se, self.conv_pw, self.bn2, None, self.skip)
+            if out is not None:
+                return out
         dw = ConvStage(_WithPadding(self.conv_dw, self.padding), self.bn1, self._act)
         drop = _DropPath(self.drop_path_rate) if self.training and self.drop_path_rate else None
         return mbconv_forward(x, None, dw, se_gate_of(self.se), ConvStage(self.conv_pw, self.bn2, None),

@@ -134,7 +134,10 @@ def pooled_conv(conv: nn.Module, m: Tensor) -> Tensor:
             and conv.padding in ((0, 0), "valid", "same") and not (conv._forward_hooks or conv._forward_pre_hooks
                                                                   or _global_hooks())
             and m.dim() == 4 and m.shape[2:] == (1, 1)):
-        out = F.linear(m.flatten(1), conv.weight.flatten(1), conv.bias)
+        w, b = conv.weight.flatten(1), conv.bias
+        if w.dtype != m.dtype:  # a bfloat16 model: the MLP runs in float32 (the means' dtype) as under autocast
+            w, b = w.to(m.dtype), None if b is None else b.to(m.dtype)
+        out = F.linear(m.flatten(1), w, b)
         return out[:, :, None, None]
     return conv(m)
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..ops.dwsep import PreparedPW, pw_conv, same_padding
 from . import _convert_rules as R
+from ._plan import block_forward
 from ._parts import (
     ConvStage,
     Unsupported,
@@ -87,6 +88,15 @@ class _Adopted(nn.Module):
 
     def _se(self, name: Optional[str]):
         return se_gate_of(self.get_submodule(name)) if name else None
+
+    def _planned(self, x: Tensor, expand: Optional[ConvStage], dw: ConvStage, proj: ConvStage, drop) -> Optional[Tensor]:
+        """The inverted residual as one kernel call in eager CPU inference (nn._plan), or None."""
+        if self.training or _drop_path_active(drop):
+            return None
+        e = (expand.conv, expand.bn, expand.act) if expand is not None else (None, None, None)
+        se = self.get_submodule(self.se_name) if self.se_name else None
+        return block_forward(self._cache, x, *e, dw.conv, dw.bn, dw.act, padding_of(dw.conv), se, proj.conv, proj.bn,
+                             proj.act, self.skip)
 
     def extra_repr(self) -> str:
         return f"fused replacement of {self._original_class}"
@@ -157,11 +167,14 @@ class FusedTimmBlock(_Adopted):
 
     def forward(self, x: Tensor) -> Tensor:
         expand, dw, proj = (self._stage(s) for s in self.spec)
+        drop = getattr(self, "drop_path", None)
         nchw = _nchw_fast(x, (expand, dw, proj))
         if nchw:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = mbconv_forward(x, expand, dw, self._se(self.se_name), proj, skip=self.skip,
-                             drop_path=getattr(self, "drop_path", None), cache=self._cache)
+        out = self._planned(x, expand, dw, proj, drop)
+        if out is None:
+            out = mbconv_forward(x, expand, dw, self._se(self.se_name), proj, skip=self.skip, drop_path=drop,
+                                 cache=self._cache)
         return out.contiguous() if nchw else out
 
 
@@ -256,11 +269,14 @@ class FusedTorchvisionBlock(_Adopted):
 
     def forward(self, x: Tensor) -> Tensor:
         expand, dw, proj = (self._stage(s) for s in self.spec)
+        drop = getattr(self, self.drop) if self.drop else None
         nchw = _nchw_fast(x, (expand, dw, proj))
         if nchw:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = mbconv_forward(x, expand, dw, self._se(self.se_name), proj, skip=self.skip,
-                             drop_path=getattr(self, self.drop) if self.drop else None, cache=self._cache)
+        out = self._planned(x, expand, dw, proj, drop)
+        if out is None:
+            out = mbconv_forward(x, expand, dw, self._se(self.se_name), proj, skip=self.skip, drop_path=drop,
+                                 cache=self._cache)
         return out.contiguous() if nchw else out
 
 

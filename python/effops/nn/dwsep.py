@@ -18,6 +18,7 @@ from torch import Tensor
 from ..ops._common import EffopsInputError, EffopsTypeError, check_int, check_real
 from ..ops.dwsep import ACTIVATIONS, _pair, act_name, apply_act
 from ._parts import ConvStage, mbconv_forward, pooled_conv, sepconv_forward
+from ._plan import block_forward
 
 _ACT_MODULES = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU,
                 "hardswish": nn.Hardswish, "sigmoid": nn.Sigmoid}
@@ -177,6 +178,12 @@ class MBConv(nn.Module):
         self._cache = {}  # prepared kernel arguments for inference
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.training:  # eager CPU inference: the whole block in one kernel call
+            act = self._act
+            out = block_forward(self._cache, x, self.conv_pw, self.bn1, act, self.conv_dw, self.bn2, act, self.padding,
+                                self.se, self.conv_pwl, self.bn3, None, self.skip)
+            if out is not None:
+                return out
         expand = ConvStage(self.conv_pw, self.bn1, self._act) if self.conv_pw is not None else None
         dw = ConvStage(_WithPadding(self.conv_dw, self.padding), self.bn2, self._act)
         proj = ConvStage(self.conv_pwl, self.bn3, None)

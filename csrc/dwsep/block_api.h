@@ -1,0 +1,56 @@
+// A whole inverted-residual block in inference (block.cpp): the kernel arguments of one block,
+// prepared once by python/effops/nn/_plan.py, and the call that runs the block on an input.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "common/ndarray.h"
+#include "dwsep/conv.h"
+
+namespace effops::dwsep {
+
+using Opt = std::optional<CpuArray>;
+
+// The arrays (all float32, C-contiguous) are kept referenced for the plan's lifetime.
+// expand_w [C, Cin] or none (no expand: C = Cin); taps [KH, KW, C]; se_reduce_w [R, C] and
+// se_expand_w [C, R] or none (no SE); project_w [Co, C]. sources / copies / nbytes: raw
+// addresses of the parameters whose prepared form is a copy and of snapshots of them; run()
+// refuses (returns false) when a source's bytes no longer equal its snapshot (a write through
+// .data bypasses torch's version counter), and the caller prepares the plan again.
+class BlockPlan {
+ public:
+  // The SE gate: simd::kSigmoid or this (relu6(v + 3) / 6: timm's and torchvision's MobileNetV3).
+  static constexpr int kGateHardSigmoid = 6;
+
+  BlockPlan(Opt expand_w, Opt expand_scale, Opt expand_bias, int expand_act, CpuArray taps, Opt dw_scale,
+            Opt dw_bias, int dw_act, std::vector<int64_t> stride, std::vector<int64_t> dilation,
+            Opt se_reduce_w, Opt se_reduce_b, int se_act, Opt se_expand_w, Opt se_expand_b, int se_gate,
+            CpuArray project_w, Opt project_scale, Opt project_bias, int project_act, bool residual,
+            std::vector<uintptr_t> sources, std::vector<uintptr_t> copies, std::vector<int64_t> nbytes);
+
+  // x [N, H, W, Cin] float32 or bf16, out [N, Ho, Wo, Co] of x's dtype; pads top, bottom, left,
+  // right of the depthwise conv. False (nothing written) when a source changed.
+  bool run(const CpuArray& x, const CpuArray& out, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+           int threads) const;
+  // [Ho, Wo] of an H x W input with these pads.
+  std::vector<int64_t> output_hw(int64_t H, int64_t W, int64_t pt, int64_t pb, int64_t pl, int64_t pr) const;
+  bool unchanged() const;
+
+ private:
+  float gate(float v) const;
+  template <class T>
+  void run_t(const T* x, T* out, const ConvGeom& g, int threads) const;
+
+  std::vector<Opt> arrays_;  // keeps every array alive
+  std::vector<uintptr_t> sources_, copies_;
+  std::vector<int64_t> nbytes_;
+  const float *ew_ = nullptr, *es_ = nullptr, *eb_ = nullptr, *taps_ = nullptr, *ds_ = nullptr, *db_ = nullptr;
+  const float *srw_ = nullptr, *srb_ = nullptr, *sew_ = nullptr, *seb_ = nullptr;
+  const float *pw_ = nullptr, *ps_ = nullptr, *pb_ = nullptr;
+  int64_t Cin_ = 0, mid_ = 0, Co_ = 0, R_ = 0, KH_ = 0, KW_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1;
+  int eact_ = 0, dact_ = 0, se_act_ = 0, gate_ = 0, pact_ = 0;
+  bool residual_ = false;
+};
+
+}  // namespace effops::dwsep

@@ -1,0 +1,320 @@
+"""The whole-block plan (effops.nn._plan, effops._C.BlockPlan): eager CPU inference of MBConv and
+DepthwiseSeparableBlock on channels_last float32 / bfloat16 inputs runs the block as one kernel
+call. It must give what the op-by-op path gives (same kernels; only the SE MLP's sums are in
+another order), be used where it applies and only there, and survive copies of the module.
+The cache-invalidation cases (in-place updates, .data writes, load_state_dict, options, EMA) run
+on channels_last inputs in tests/test_nn_cache.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effops.models.efficientnet as en
+import effops.nn.dwsep as nd
+from effops.models.efficientnet import DepthwiseSeparableBlock
+from effops.nn import MBConv
+
+from effops.ops.dwsep import same_padding
+from test_nn_cache import randomize
+
+ACTS = {"silu": F.silu, "relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish}
+
+
+def _bn(bn, t):
+    return F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def eager_mbconv(m: MBConv, x):
+    """The block from plain torch ops (TF 'same' padding as an explicit pad)."""
+    act = ACTS[m.act_name]
+    h = x if m.conv_pw is None else act(_bn(m.bn1, F.conv2d(x, m.conv_pw.weight)))
+    c = m.conv_dw
+    if m.padding == "same":
+        ph = same_padding(h.shape[2], c.kernel_size[0], c.stride[0], 1)
+        pw = same_padding(h.shape[3], c.kernel_size[1], c.stride[1], 1)
+        h, pad = F.pad(h, (pw[0], pw[1], ph[0], ph[1])), 0
+    else:
+        pad = m.padding
+    d = act(_bn(m.bn2, F.conv2d(h, c.weight, None, c.stride, pad, c.dilation, c.groups)))
+    if m.se is not None:
+        d = m.se(d)
+    out = _bn(m.bn3, F.conv2d(d, m.conv_pwl.weight))
+    return out + x if m.skip else out
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _planned(m) -> bool:
+    p = m._cache.get("plan")
+    return p is not None and p.c is not None
+
+
+@pytest.fixture
+def op_path(monkeypatch):
+    """Runs the op-by-op path (the plan switched off) inside ``with op_path():``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def off():
+        with monkeypatch.context() as mp:
+            mp.setattr(nd, "block_forward", lambda *a, **k: None)
+            mp.setattr(en, "block_forward", lambda *a, **k: None)
+            yield
+
+    return off
+
+
+MB_CASES = [  # in, out, k, stride, expand, se_ratio, act, padding, size
+    (8, 8, 3, 1, 4, 0.25, "silu", None, 9),
+    (8, 8, 3, 1, 1, 0.25, "silu", None, 9),  # no expand conv
+    (8, 16, 5, 2, 6, 0.25, "silu", "same", 11),  # TF 'same', stride 2, odd size
+    (12, 12, 3, 1, 6, 0.0, "relu", None, 7),  # no SE
+    (6, 10, 3, 2, 3, 0.5, "hardswish", None, 1),  # 1x1 map
+    (5, 5, 3, 1, 3, 0.4, "relu6", "same", 6),  # odd channels
+    (16, 24, 3, 2, 6, 0.25, "silu", 1, 8),
+]
+
+
+@pytest.mark.parametrize("case", MB_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mbconv_plan_equals_the_op_path_and_the_oracle(case, dtype, op_path):
+    cin, cout, k, s, e, se, act, pad, size = case
+    m = randomize(MBConv(cin, cout, k, s, expand_ratio=e, se_ratio=se, act=act, padding=pad), 7).eval().to(dtype)
+    x = _cl(torch.randn(2, cin, size, size)).to(dtype)
+    with torch.no_grad():
+        got = m(x)
+        assert _planned(m)
+        assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == dtype
+        with op_path():
+            want = m(x)
+        oracle = eager_mbconv(m.float(), x.float())
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, oracle, rtol=1e-4, atol=1e-5)
+    else:  # the same bf16 roundings: the SE sums' order can move a gate by one bf16 step at most
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("se", [0, 4])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_separable_block_plan(se, stride, op_path):
+    m = randomize(DepthwiseSeparableBlock(8, 8 if stride == 1 else 12, 3, stride, se_channels=se, padding="same"),
+                  3).eval()
+    x = _cl(torch.randn(3, 8, 13, 13))
+    with torch.no_grad():
+        got = m(x)
+        assert _planned(m)
+        with op_path():
+            want = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_efficientnet_runs_every_block_planned(op_path):
+    torch.manual_seed(2)
+    m = en.efficientnet("efficientnet_b0", num_classes=10).eval()  # its own init, BN statistics random
+    with torch.no_grad():
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = m(x)
+        blocks = [b for st in m.blocks for b in st]
+        assert all(_planned(b) for b in blocks)
+        with op_path():
+            want = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), got, rtol=0, atol=0)  # deterministic, plan reused
+
+
+def test_threads_give_the_same_result():
+    m = randomize(MBConv(16, 16, 3, 1, expand_ratio=6), 4).eval()
+    x = _cl(torch.randn(2, 16, 20, 20))
+    n = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            a = m(x)
+            torch.set_num_threads(max(2, n))
+            b = m(x)
+    finally:
+        torch.set_num_threads(n)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_not_used_where_it_does_not_apply():
+    m = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 5).eval()
+    x = _cl(torch.randn(2, 8, 9, 9))
+    # autograd: parameters need a gradient
+    out = m(x)
+    assert out.grad_fn is not None and "plan" not in m._cache
+    out.sum().backward()
+    assert m.conv_dw.weight.grad is not None
+    # NCHW input, float64 (a float64 copy of the block), autocast: the op path
+    with torch.no_grad():
+        m(x.contiguous())
+        copy.deepcopy(m).double()(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        assert y.dtype == torch.bfloat16
+    assert "plan" not in m._cache
+    # a BN in training mode inside an eval block: batch statistics, so no plan
+    m.bn2.train()
+    with torch.no_grad():
+        m(x)
+    assert "plan" not in m._cache
+    m.bn2.eval()
+    with torch.no_grad():
+        m(x)
+    assert _planned(m)
+
+
+def test_se_hooks_are_called():
+    m = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 6).eval()
+    x = _cl(torch.randn(1, 8, 9, 9))
+    seen = []
+    h = m.se.conv_reduce.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        a = m(x)
+    h.remove()
+    assert seen == [torch.Size([1, 2, 1, 1])]
+    with torch.no_grad():
+        b = m(x)
+    assert _planned(m)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unsupported_se_gate_runs_the_op_path():
+    m = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 8).eval()
+    m.se.gate = torch.nn.Tanh()
+    x = _cl(torch.randn(2, 8, 9, 9))
+    with torch.no_grad():
+        got = m(x)
+    assert m._cache["plan"].c is None  # remembered for this key: not retried every call
+    torch.testing.assert_close(got, eager_mbconv(m, x), rtol=1e-4, atol=1e-5)
+    m.se.gate = torch.nn.Sigmoid()
+    with torch.no_grad():
+        m(x)
+    assert _planned(m)
+
+
+def test_copies_of_a_planned_module():
+    m = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 9).eval()
+    x = _cl(torch.randn(2, 8, 9, 9))
+    with torch.no_grad():
+        a = m(x)
+        c = copy.deepcopy(m)
+        assert c._cache.get("plan") is None  # raw addresses are not copied
+        with torch.no_grad():
+            m.conv_dw.weight.data.mul_(-1)  # the original changes; the copy must not
+        torch.testing.assert_close(c(x), a, rtol=0, atol=0)
+        torch.testing.assert_close(m(x), eager_mbconv(m, x), rtol=1e-4, atol=1e-5)
+    buf = __import__("io").BytesIO()
+    torch.save(m, buf)  # a whole-module pickle drops the plan too
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)  # our own bytes, written just above
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
+
+
+def test_inference_tensors():
+    with torch.inference_mode():
+        m = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 10).eval()  # parameters without versions
+        x = _cl(torch.randn(2, 8, 9, 9))
+        got = m(x)
+    assert "plan" not in m._cache
+    m2 = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 10).eval()
+    with torch.inference_mode():
+        got2 = m2(x.clone())  # an inference-mode input: planned
+        want = eager_mbconv(m, x)
+    assert _planned(m2)
+    torch.testing.assert_close(got2, got, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_skips_the_plan():
+    m = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 11).eval()
+    x = _cl(torch.randn(2, 8, 9, 9))
+    with torch.no_grad():
+        want = m(x)
+        got = torch.compile(m, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_plan_arguments_are_errors():
+    """The C++ plan checks what it is given (it is private, but must never read out of bounds)."""
+    from effops import _backend
+
+    C = _backend._C._module if hasattr(_backend._C, "_module") else _backend._C
+    cap = torch.utils.dlpack.to_dlpack
+    taps = torch.randn(3, 3, 8)
+    pw = torch.randn(8, 8)
+    with pytest.raises(Exception, match="project_w"):
+        C.BlockPlan(None, None, None, 0, cap(taps), None, None, 0, [1, 1], [1, 1], None, None, 0, None, None, 0,
+                    cap(torch.randn(8, 7)), None, None, 0, False, [], [], [])
+    plan = C.BlockPlan(None, None, None, 0, cap(taps), None, None, 0, [1, 1], [1, 1], None, None, 0, None, None, 0,
+                       cap(pw), None, None, 0, True, [], [], [])
+    x = torch.randn(1, 5, 5, 8)
+    with pytest.raises(Exception, match="out"):
+        plan.run(cap(x), cap(torch.empty(1, 4, 4, 8)), 1, 1, 1, 1, 1)
+    with pytest.raises(Exception, match="channels"):
+        plan.run(cap(torch.randn(1, 5, 5, 6)), cap(torch.empty(1, 5, 5, 8)), 1, 1, 1, 1, 1)
+    with pytest.raises(Exception, match="smaller than"):
+        plan.run(cap(torch.randn(1, 1, 1, 8)), cap(torch.empty(1, 1, 1, 8)), 0, 0, 0, 0, 1)
+    out = torch.empty(1, 5, 5, 8)
+    assert plan.run(cap(x), cap(out), 1, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "hardsigmoid"])
+def test_se_gates(gate, op_path):
+    m = randomize(MBConv(8, 12, 3, 2, expand_ratio=4, act="relu"), 12).eval()
+    if gate == "hardsigmoid":
+        m.se.gate = torch.nn.Hardsigmoid()
+    x = _cl(torch.randn(2, 8, 15, 15) * 3)
+    with torch.no_grad():
+        got = m(x)
+        assert _planned(m)
+        with op_path():
+            want = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, eager_mbconv(m, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["timm:efficientnet_b0", "timm:tf_efficientnet_b0", "timm:mobilenetv3_large_100",
+                                  "torchvision:mobilenet_v3_large", "torchvision:efficientnet_b0",
+                                  "torchvision:mobilenet_v2"])
+def test_converted_blocks_are_planned(name):
+    """effops.nn.convert's timm / torchvision blocks run the plan too (BN with the activation
+    inside, TF 'same' padding, torchvision's SE with its pool, hard-sigmoid gates)."""
+    lib, model = name.split(":")
+    if lib == "timm":
+        timm = pytest.importorskip("timm")
+        m = timm.create_model(model, pretrained=False)
+    else:
+        tv = pytest.importorskip("torchvision")
+        m = getattr(tv.models, model)()
+    from effops.nn import convert
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2)
+    m.eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        want = m(x)
+        c = convert(copy.deepcopy(m)).eval()
+        for xi in (x, _cl(x)):
+            got = c(xi)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    blocks = [b for b in c.modules() if hasattr(b, "_cache") and hasattr(b, "se_name")]
+    assert blocks and all(_planned(b) for b in blocks), [type(b).__name__ for b in blocks if not _planned(b)]
