@@ -50,6 +50,11 @@ def _cl(t):
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def _small_block(seed: int) -> MBConv:
+    """The 8 -> 32 -> 8 residual MBConv (SE on) the behaviour tests use, randomized, in eval."""
+    return randomize(MBConv(8, 8, 3, 1, expand_ratio=4), seed).eval()
+
+
 def _planned(m) -> bool:
     p = m._cache.get("plan")
     return p is not None and p.c is not None
@@ -151,7 +156,7 @@ def test_threads_give_the_same_result():
 
 
 def test_not_used_where_it_does_not_apply():
-    m = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 5).eval()
+    m = _small_block(5)
     x = _cl(torch.randn(2, 8, 9, 9))
     # autograd: parameters need a gradient
     out = m(x)
@@ -178,7 +183,7 @@ def test_not_used_where_it_does_not_apply():
 
 
 def test_se_hooks_are_called():
-    m = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 6).eval()
+    m = _small_block(6)
     x = _cl(torch.randn(1, 8, 9, 9))
     seen = []
     h = m.se.conv_reduce.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
@@ -193,7 +198,7 @@ def test_se_hooks_are_called():
 
 
 def test_an_unsupported_se_gate_runs_the_op_path():
-    m = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 8).eval()
+    m = _small_block(8)
     m.se.gate = torch.nn.Tanh()
     x = _cl(torch.randn(2, 8, 9, 9))
     with torch.no_grad():
@@ -207,7 +212,7 @@ def test_an_unsupported_se_gate_runs_the_op_path():
 
 
 def test_copies_of_a_planned_module():
-    m = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 9).eval()
+    m = _small_block(9)
     x = _cl(torch.randn(2, 8, 9, 9))
     with torch.no_grad():
         a = m(x)
@@ -227,11 +232,11 @@ def test_copies_of_a_planned_module():
 
 def test_inference_tensors():
     with torch.inference_mode():
-        m = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 10).eval()  # parameters without versions
+        m = _small_block(10)  # parameters without versions
         x = _cl(torch.randn(2, 8, 9, 9))
         got = m(x)
     assert "plan" not in m._cache
-    m2 = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 10).eval()
+    m2 = _small_block(10)
     with torch.inference_mode():
         got2 = m2(x.clone())  # an inference-mode input: planned
         want = eager_mbconv(m, x)
@@ -241,7 +246,7 @@ def test_inference_tensors():
 
 
 def test_compile_skips_the_plan():
-    m = randomize(MBConv(8, 8, 3, 1, expand_ratio=4), 11).eval()
+    m = _small_block(11)
     x = _cl(torch.randn(2, 8, 9, 9))
     with torch.no_grad():
         want = m(x)
