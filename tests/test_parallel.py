@@ -1,6 +1,8 @@
 """The CPU kernels' threading: torch's OpenMP threads when torch runs on OpenMP, else effops's
 pool; both give the same results, a forked child works, and a bad setting is a clear error."""
 
+import ctypes
+import gc
 import os
 import subprocess
 import sys
@@ -203,12 +205,28 @@ def test_many_small_calls_do_not_grow_memory():
         pytest.skip("needs /proc")
     if os.environ.get("EFFOPS_SANITIZED_C"):  # .ci/sanitize: ASan's quarantine holds freed memory
         pytest.skip("RSS is not meaningful under AddressSanitizer (freed memory is quarantined)")
+    try:  # hand freed heap pages back first, so that only memory still in use is counted
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        trim = lambda pad: 0  # noqa: E731 (not glibc)
+
+    def settled_rss_kib():
+        gc.collect()
+        trim(0)
+        return rss_kib()
+
     burst(500)  # warm up: caches, allocator pools
-    before = rss_kib()
-    burst(10_000)
-    grown = rss_kib() - before
-    # 40,000 calls: a leak of even 64 bytes a call would show as 2.5 MiB
-    assert grown < 2 * 1024, f"RSS grew by {grown} KiB over 10,000 rounds"
+    # Two windows of 6,000 rounds (24,000 calls each): a per-call leak grows the resident set in
+    # both (64 bytes a call = 1.5 MiB a window); a one-off step (the heap of the tests before this
+    # one fragmented, an arena mapped late) shows in one of them only. CI once saw 5.8 MiB in a
+    # single window of the whole suite that a rerun did not show.
+    r0 = settled_rss_kib()
+    burst(6_000)
+    r1 = settled_rss_kib()
+    burst(6_000)
+    r2 = settled_rss_kib()
+    grown = (r1 - r0, r2 - r1)
+    assert min(grown) < 1024, f"RSS grew by {grown[0]} KiB and then {grown[1]} KiB over two windows of 6,000 rounds"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
 
 
