@@ -69,7 +69,11 @@ NB_MODULE(_C, m) {
       .def("run", &effops::dwsep::BlockPlan::run, "x"_a, "out"_a.noconvert(), "pt"_a, "pb"_a, "pl"_a, "pr"_a,
            "threads"_a, release)
       .def("output_hw", &effops::dwsep::BlockPlan::output_hw, "H"_a, "W"_a, "pt"_a, "pb"_a, "pl"_a, "pr"_a)
-      .def("unchanged", &effops::dwsep::BlockPlan::unchanged);
+      .def("unchanged", &effops::dwsep::BlockPlan::unchanged)
+      .def_prop_rw("fuse_bytes", &effops::dwsep::BlockPlan::fuse_bytes, &effops::dwsep::BlockPlan::set_fuse_bytes,
+                   "Band the expand and depthwise convs when one image's expanded map is over this (< 0: never)")
+      .def_prop_rw("band_bytes", &effops::dwsep::BlockPlan::band_bytes, &effops::dwsep::BlockPlan::set_band_bytes,
+                   "Expanded rows per band, in bytes (>= 1)");
 
   m.def("fuse_forward", &effops::bifpn::fuse_forward_api, "inputs"_a, "weights"_a, "modes"_a, "act"_a,
         "out"_a.noconvert(), "threads"_a, release);

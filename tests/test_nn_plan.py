@@ -323,3 +323,98 @@ def test_converted_blocks_are_planned(name):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     blocks = [b for b in c.modules() if hasattr(b, "_cache") and hasattr(b, "se_name")]
     assert blocks and all(_planned(b) for b in blocks), [type(b).__name__ for b in blocks if not _planned(b)]
+
+
+# ------------------------------------------------------------- the banded expand -> depthwise path
+def _set_bands(m, fuse_bytes, band_bytes=None):
+    """Sets the banded path's thresholds on every planned block of m (plans built first)."""
+    for b in m.modules():
+        p = getattr(b, "_cache", {}).get("plan") if hasattr(b, "_cache") else None
+        if p is not None and p.c is not None:
+            p.c.fuse_bytes = fuse_bytes
+            if band_bytes is not None:
+                p.c.band_bytes = band_bytes
+
+
+BAND_CASES = [  # in, out, k, stride, expand, se_ratio, act, padding, size, band_bytes (None: the default)
+    (8, 8, 3, 1, 6, 0.25, "silu", None, 80, None),  # the default bands: a 1.2 MB expanded map, residual
+    (8, 16, 5, 2, 6, 0.25, "silu", "same", 23, 1),  # one output row a band, TF 'same', odd size
+    (8, 12, 5, 1, 4, 0.0, "relu6", 2, 17, 1),  # 5x5 pad 2: the second band's rows start in the padding
+    (6, 10, 3, 2, 3, 0.5, "silu", 1, 16, 3000),  # several rows a band, stride 2 on an even size
+    (5, 5, 3, 1, 3, 0.4, "hardswish", "same", 9, 700),  # odd channels, rows shared by bands
+    (4, 4, 3, 1, 2, 0.0, "relu", 1, 3, 1),  # a 3-row map
+]
+
+
+@pytest.mark.parametrize("case", BAND_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_banded_expand_equals_the_unbanded_block(case, dtype):
+    """A large expanded map runs band by band through an L2-sized buffer: the same expand and
+    depthwise results row for row (bitwise without SE; with SE only the sums' order differs),
+    for one and two threads."""
+    cin, cout, k, s, e, se, act, pad, size, band = case
+    m = randomize(MBConv(cin, cout, k, s, expand_ratio=e, se_ratio=se, act=act, padding=pad), 11).eval().to(dtype)
+    x = _cl(torch.randn(2, cin, size, size)).to(dtype)
+    n = torch.get_num_threads()
+    with torch.no_grad():
+        m(x)
+        assert _planned(m)
+        _set_bands(m, -1)
+        flat = m(x)  # the unbanded path
+        _set_bands(m, 0 if band is not None else 1 << 20, band)
+        got = {}
+        try:
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                got[t] = m(x)
+        finally:
+            torch.set_num_threads(n)
+        oracle = eager_mbconv(m.float(), x.float())
+    torch.testing.assert_close(got[2], got[1], rtol=0, atol=0)  # bands do not depend on the threads
+    if se == 0:
+        torch.testing.assert_close(got[1], flat, rtol=0, atol=0)
+    elif dtype == torch.float32:
+        torch.testing.assert_close(got[1], flat, rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(got[1].float(), flat.float(), rtol=2e-2, atol=2e-2)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got[1], oracle, rtol=1e-4, atol=1e-5)
+
+
+def test_banded_path_defaults():
+    """The defaults: maps over 1 MB, 1 MB bands; the band size is checked."""
+    m = randomize(MBConv(8, 8, 3, 1, expand_ratio=6), 2).eval()
+    with torch.no_grad():
+        m(_cl(torch.randn(1, 8, 8, 8)))
+    c = m._cache["plan"].c
+    assert c.fuse_bytes == 1 << 20 and c.band_bytes == 1 << 20
+    with pytest.raises(ValueError, match="band_bytes must be >= 1"):
+        c.band_bytes = 0
+
+
+def test_banded_dilated_converted_blocks():
+    """torchvision's dilated MobileNetV3 (dilation 2 in the last stage), every block banded with
+    one output row a band, equals the unbanded run."""
+    tv = pytest.importorskip("torchvision")
+    from effops.nn import convert
+
+    torch.manual_seed(1)
+    m = tv.models.mobilenet_v3_large(dilated=True)
+    with torch.no_grad():
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2)
+    m.eval()
+    x = _cl(torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
+        want = m(x)
+        c = convert(copy.deepcopy(m)).eval()
+        c(x)
+        _set_bands(c, -1)
+        flat = c(x)
+        _set_bands(c, 0, 1)
+        got = c(x)
+    dil = [b for b in c.modules() if isinstance(b, torch.nn.Conv2d) and b.dilation != (1, 1)]
+    assert dil, "no dilated conv in the model"
+    torch.testing.assert_close(got, flat, rtol=1e-5, atol=1e-5 * flat.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -36,11 +36,21 @@ class BlockPlan {
   // [Ho, Wo] of an H x W input with these pads.
   std::vector<int64_t> output_hw(int64_t H, int64_t W, int64_t pt, int64_t pb, int64_t pl, int64_t pr) const;
   bool unchanged() const;
+  // The banded expand -> depthwise path (block.cpp): taken when one image's expanded map is over
+  // fuse_bytes, with bands of about band_bytes of expanded rows. Tunable (the tests force many
+  // small bands); fuse_bytes < 0 never bands.
+  int64_t fuse_bytes() const { return fuse_bytes_; }
+  int64_t band_bytes() const { return band_bytes_; }
+  void set_fuse_bytes(int64_t v) { fuse_bytes_ = v; }
+  void set_band_bytes(int64_t v);
 
  private:
   float gate(float v) const;
   template <class T>
   void run_t(const T* x, T* out, const ConvGeom& g, int threads) const;
+  // The expand and depthwise convs band by band (block.cpp); false: not taken, nothing written.
+  template <class T>
+  bool run_banded(const T* x, T* y, float* sums, const ConvGeom& g, int threads) const;
 
   std::vector<Opt> arrays_;  // keeps every array alive
   std::vector<uintptr_t> sources_, copies_;
@@ -51,6 +61,7 @@ class BlockPlan {
   int64_t Cin_ = 0, mid_ = 0, Co_ = 0, R_ = 0, KH_ = 0, KW_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1;
   int eact_ = 0, dact_ = 0, se_act_ = 0, gate_ = 0, pact_ = 0;
   bool residual_ = false;
+  int64_t fuse_bytes_, band_bytes_;
 };
 
 }  // namespace effops::dwsep
