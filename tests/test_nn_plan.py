@@ -418,3 +418,73 @@ def test_banded_dilated_converted_blocks():
     assert dil, "no dilated conv in the model"
     torch.testing.assert_close(got, flat, rtol=1e-5, atol=1e-5 * flat.abs().max().item())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+# ------------------------------------------------------------- the block as one op under torch.compile
+def _graph_ops(model, x):
+    """The call_function targets of the FX graphs torch.compile makes of model(x)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    return out, seen
+
+
+def test_compiled_effops_model_runs_each_block_as_one_op():
+    """torch.compile of an effops model in inference: one effops::mbconv_block per block (the
+    eager plan's kernels), no graph break, the eager result; invalidation as in eager."""
+    torch.manual_seed(3)
+    m = en.efficientnet("efficientnet_b0", num_classes=10).eval()
+    x = _cl(torch.randn(2, 3, 64, 64))
+    with torch.no_grad():
+        want = m(x)
+    got, ops = _graph_ops(m, x)
+    assert sum("mbconv_block" in o for o in ops) == 16, ops
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    c = torch.compile(m)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), want, rtol=0, atol=0)
+        blk = m.blocks[1][0]
+        blk.conv_pw.weight.mul_(1.5)  # in place: a new version
+        want2 = m(x)
+        torch.testing.assert_close(c(x), want2, rtol=0, atol=0)
+        blk.bn2.running_var.data.mul_(2.0)  # behind the version counter: the content check
+        want3 = m(x)
+        assert not torch.equal(want3, want2)
+        torch.testing.assert_close(c(x), want3, rtol=0, atol=0)
+
+
+def test_compiled_block_op_only_in_inference():
+    """With gradients (training) the compiled graph has the op-by-op path, and backward works;
+    torch.export keeps the standard ops too."""
+    m = _small_block(9)
+    x = _cl(torch.randn(2, 8, 9, 9))
+    torch._dynamo.reset()
+    xg = x.clone().requires_grad_()
+    c = torch.compile(m)
+    c(xg).sum().backward()
+    assert xg.grad is not None and m.conv_pw.weight.grad is not None
+    with torch.no_grad():
+        prog = torch.export.export(m, (x,))
+    assert not any("mbconv_block" in str(n.target) for n in prog.graph.nodes)
+    _, ops = _graph_ops(m, x)
+    assert any("mbconv_block" in o for o in ops)
+
+
+def test_block_op_plan_cache_is_bounded(monkeypatch):
+    import effops.nn._plan as P
+
+    monkeypatch.setattr(P, "_OP_PLANS_MAX", 2)
+    P._OP_PLANS.clear()
+    x = _cl(torch.randn(1, 8, 5, 5))
+    blocks = [_small_block(s) for s in range(4)]
+    for b in blocks:
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.testing.assert_close(torch.compile(b)(x), b(x), rtol=0, atol=0)
+    assert len(P._OP_PLANS) == 2

@@ -19,7 +19,9 @@ summed in another order (float32).
 
 from __future__ import annotations
 
-from typing import Optional
+import threading
+from collections import OrderedDict
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -28,9 +30,9 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from .. import _backend
-from ..ops._common import profiled
+from ..ops._common import custom_op, profiled
 from ..ops.dwsep import ACT_CODES, _dw_weights, _pw_weights, _threads, conv_geometry
-from ._parts import Unsupported, _global_hooks, act_of, fold_bn
+from ._parts import Unsupported, _global_hooks, act_of
 
 _FAST = (torch.float32, torch.bfloat16)
 
@@ -111,56 +113,124 @@ def _gate_code(g) -> Optional[int]:
         return None
 
 
+# The block's tensors in fixed positions (None where absent): what a plan is keyed on and made from.
+_DW_W, _DW_B, _PJ_W, _PJ_B, _EBN, _DBN, _PBN, _EX_W, _EX_B, _SE = 0, 1, 2, 3, 4, 8, 12, 16, 18, 20
+_N_SRC = 24
+
+
+def _sources(expand_conv, expand_bn, dw_conv, dw_bn, proj_conv, proj_bn, r, e) -> list:
+    """The block's tensors in the fixed positions."""
+    src = [None] * _N_SRC
+    src[_DW_W], src[_DW_B], src[_PJ_W], src[_PJ_B] = dw_conv.weight, dw_conv.bias, proj_conv.weight, proj_conv.bias
+    for at, bn in ((_EBN, expand_bn), (_DBN, dw_bn), (_PBN, proj_bn)):
+        if bn is not None:
+            src[at:at + 4] = bn.weight, bn.bias, bn.running_mean, bn.running_var
+    if expand_conv is not None:
+        src[_EX_W], src[_EX_B] = expand_conv.weight, expand_conv.bias
+    if r is not None:
+        src[_SE:_SE + 4] = r.weight, r.bias, e.weight, e.bias
+    return src
+
+
+def _structure(expand_conv, expand_bn, expand_act, dw_conv, dw_bn, dw_act, padding, se, proj_conv, proj_bn, proj_act,
+               skip):
+    """(src, opts) of a block a plan can run, else None. src: its tensors in the fixed positions
+    above; opts: everything else the kernels need (activation codes, SE gate, stride, dilation,
+    BN eps, skip), as ints and floats. Depends on the modules only, not on tensor data, so it
+    also runs while torch.compile traces."""
+    for bn in (expand_bn, dw_bn, proj_bn):
+        if bn is not None and (bn.training or bn.running_mean is None or bn.running_var is None):
+            return None
+    r = e = None
+    se_act = gate = 0
+    if se is not None:
+        r, e = _se_convs(se)
+        if r is None or _hooked(r) or _hooked(e) or _global_hooks():
+            return None
+        try:
+            _, a, _, g = _se_parts(se)
+            se_act, gate = ACT_CODES[act_of(a)], _gate_code(g)
+        except Unsupported:
+            return None
+    if dw_conv.groups != dw_conv.in_channels or dw_conv.out_channels != dw_conv.in_channels:
+        return None
+    try:
+        acts = [ACT_CODES[act_of(a)] for a in (expand_act, dw_act, proj_act)]
+    except Unsupported:
+        return None
+    src = _sources(expand_conv, expand_bn, dw_conv, dw_bn, proj_conv, proj_bn, r, e)
+    ints = [int(expand_conv is not None), *acts, se_act, gate, int(bool(skip)), *dw_conv.stride, *dw_conv.dilation,
+            *dw_conv.kernel_size, int(expand_bn is not None), int(dw_bn is not None), int(proj_bn is not None)]
+    eps = [float(bn.eps) if bn is not None else 0.0 for bn in (expand_bn, dw_bn, proj_bn)]
+    return src, ints, eps
+
+
+def _tensor_key(src):
+    """Identity, version, shape and dtype of every tensor (RuntimeError for an inference tensor:
+    it has no version counter)."""
+    return tuple(None if t is None else (t.data_ptr(), t._version, t.shape, t.dtype) for t in src)
+
+
 def block_forward(cache: dict, x: Tensor, expand_conv, expand_bn, expand_act, dw_conv, dw_bn, dw_act, padding,
                   se, proj_conv, proj_bn, proj_act, skip: bool) -> Optional[Tensor]:
     """The block's output via its plan, or None where the plan does not apply (the caller runs
-    its op-by-op path): not a plain eager CPU float32/bfloat16 channels_last inference call, a
-    BN in training mode, hooks on the SE convs (the op path calls them), an SE the C++ MLP does
-    not reproduce."""
+    its op-by-op path): not a plain CPU float32/bfloat16 channels_last inference call, a BN in
+    training mode, hooks on the SE convs (the op path calls them), an SE the C++ MLP does not
+    reproduce. Under torch.compile (not torch.export) the block becomes one effops::mbconv_block
+    op in the graph, so a compiled effops model runs the same one call per block as eager."""
+    if torch.compiler.is_compiling():
+        # exported programs keep the standard ops (ONNX, other runtimes); the op runs the CPU kernels
+        if (torch.compiler.is_exporting() or not x.is_cpu or x.dtype not in _FAST or x.dim() != 4
+                or not x.is_contiguous(memory_format=torch.channels_last) or torch.is_autocast_enabled("cpu")
+                or _backend._C is None or _backend.forced_backend() not in (None, "cpu")):
+            return None
+        N, _, H, W = x.shape
+        st = _structure(expand_conv, expand_bn, expand_act, dw_conv, dw_bn, dw_act, padding, se, proj_conv, proj_bn,
+                        proj_act, skip)
+        if st is None:
+            return None
+        src, ints, eps = st
+        if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in src)):
+            return None
+        cg = conv_geometry("MBConv", (H, W), tuple(dw_conv.kernel_size), tuple(dw_conv.stride), padding,
+                           tuple(dw_conv.dilation))
+        return _block_op(x, src, ints + list(cg.pad), eps)
+    # Eager: the cheap checks every call, the full validation (_structure) once per key.
     if (type(x) is not Tensor or not x.is_cpu or x.dtype not in _FAST or x.dim() != 4
-            or not x.is_contiguous(memory_format=torch.channels_last) or torch.compiler.is_compiling()
-            or torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None
-            or _backend._C is None or _backend.forced_backend() not in (None, "cpu")):
+            or not x.is_contiguous(memory_format=torch.channels_last) or torch.is_autocast_enabled("cpu")
+            or _get_current_dispatch_mode() is not None or _backend._C is None
+            or _backend.forced_backend() not in (None, "cpu")):
         return None
-    if (dw_bn is not None and dw_bn.training) or (proj_bn is not None and proj_bn.training) or (
-            expand_bn is not None and expand_bn.training):
-        return None
+    N, _, H, W = x.shape
+    for bn in (expand_bn, dw_bn, proj_bn):
+        if bn is not None and bn.training:
+            return None
     r = e = None
     if se is not None:
         r, e = _se_convs(se)
-        if r is None:
+        if r is None or _hooked(r) or _hooked(e) or _global_hooks():
             return None
-        if _hooked(r) or _hooked(e) or _global_hooks():
-            return None
-    src = [dw_conv.weight, dw_conv.bias, proj_conv.weight, proj_conv.bias]
-    for bn in (expand_bn, dw_bn, proj_bn):
-        if bn is not None:
-            src += (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if expand_conv is not None:
-        src += (expand_conv.weight, expand_conv.bias)
-    if r is not None:
-        src += (r.weight, r.bias, e.weight, e.bias)
+    src = _sources(expand_conv, expand_bn, dw_conv, dw_bn, proj_conv, proj_bn, r, e)
     if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in src)):
         return None
-    try:  # an inference tensor has no version counter: no plan for it
-        key = tuple(None if t is None else (t.data_ptr(), t._version, t.shape, t.dtype) for t in src)
+    try:
+        key = _tensor_key(src)
     except RuntimeError:
         return None
     key += (padding, dw_conv.stride, dw_conv.dilation, dw_conv.groups, type(expand_act), type(dw_act),
-            type(proj_act), skip,
-            None if se is None else tuple(type(m) for m in se._modules.values()),
+            type(proj_act), skip, None if se is None else tuple(type(m) for m in se._modules.values()),
             tuple(None if bn is None else bn.eps for bn in (expand_bn, dw_bn, proj_bn)))
     p = cache.get("plan")
     if p is None or p.key != key:
-        p = _build(key, src, expand_conv, expand_bn, expand_act, dw_conv, dw_bn, dw_act, padding, se, proj_conv,
-                   proj_bn, proj_act, skip)
+        st = _structure(expand_conv, expand_bn, expand_act, dw_conv, dw_bn, dw_act, padding, se, proj_conv, proj_bn,
+                        proj_act, skip)
+        p = _Plan(key) if st is None else _prepare(key, *st)
         cache["plan"] = p
     if p.c is None:
         return None
-    N, _, H, W = x.shape
     g = p.geo.get((H, W))
     if g is None:
-        cg = conv_geometry("MBConv", (H, W), p.k, p.stride, p.padding, p.dilation)
+        cg = conv_geometry("MBConv", (H, W), p.k, p.stride, padding, p.dilation)
         g = p.geo[(H, W)] = (*cg.pad, *cg.out_hw)
     out = torch.empty((N, p.co, g[4], g[5]), dtype=x.dtype, memory_format=torch.channels_last)
     ok = profiled("effops::mbconv_block", p.c.run, _to_dlpack(x.permute(0, 2, 3, 1)),
@@ -172,17 +242,23 @@ def block_forward(cache: dict, x: Tensor, expand_conv, expand_bn, expand_act, dw
     return out
 
 
-def _build(key, src, expand_conv, expand_bn, expand_act, dw_conv, dw_bn, dw_act, padding, se, proj_conv, proj_bn,
-           proj_act, skip):
+def _fold(src, at, has_bn, eps, conv_bias):
+    """(scale, bias) of the BN at src[at:at + 4] after a conv with conv_bias (fold_bn's formula)."""
+    if not has_bn:
+        return None, conv_bias
+    w, b, mean, var = (t.detach() if t is not None else None for t in src[at:at + 4])
+    inv = torch.rsqrt(var + eps)
+    scale = inv if w is None else w * inv
+    shift = -mean if conv_bias is None else conv_bias.detach() - mean
+    return scale, (shift * scale if b is None else b + shift * scale)
+
+
+def _prepare(key, src, ints, eps):
+    """The C++ plan of a block from its tensors and options (a _Plan whose c is None where the
+    tensors do not suit the kernels)."""
     if any(t is not None and (not t.is_cpu or not t.is_contiguous()) for t in src):
         return _Plan(key)
-    try:
-        parts = _se_parts(se)
-        acts = [ACT_CODES[act_of(a)] for a in (expand_act, dw_act, proj_act)]
-    except Unsupported:
-        return _Plan(key)
-    if dw_conv.groups != dw_conv.in_channels or dw_conv.out_channels != dw_conv.in_channels:
-        return _Plan(key)
+    has_expand, ea, da, pa, se_act, gate, skip, sh, sw, dh, dw, kh, kw, e_bn, d_bn, p_bn = ints[:16]
     like = torch.empty(0)  # the prepared arguments are float32 for float32 and bfloat16 inputs
     arrays = []
 
@@ -192,18 +268,17 @@ def _build(key, src, expand_conv, expand_bn, expand_act, dw_conv, dw_bn, dw_act,
         return t
 
     ew = es = eb = None
-    if expand_conv is not None:
-        ew, es, eb = map(keep, _pw_weights(like, expand_conv.weight.detach(), *fold_bn(expand_bn, expand_conv.bias)))
-    taps, ds, db = map(keep, _dw_weights(like, dw_conv.weight.detach(), *fold_bn(dw_bn, dw_conv.bias)))
-    pw, ps, pb = map(keep, _pw_weights(like, proj_conv.weight.detach(), *fold_bn(proj_bn, proj_conv.bias)))
+    if has_expand:
+        ew, es, eb = map(keep, _pw_weights(like, src[_EX_W].detach(), *_fold(src, _EBN, e_bn, eps[0], src[_EX_B])))
+    taps, ds, db = map(keep, _dw_weights(like, src[_DW_W].detach(), *_fold(src, _DBN, d_bn, eps[1], src[_DW_B])))
+    pw, ps, pb = map(keep, _pw_weights(like, src[_PJ_W].detach(), *_fold(src, _PBN, p_bn, eps[2], src[_PJ_B])))
     se_args = (None, None, 0, None, None, 0)
-    if parts is not None:
-        r, a, e, g = parts
-        rw = keep(r.weight.detach().flatten(1).float().contiguous())
-        ew2 = keep(e.weight.detach().flatten(1).float().contiguous())
-        rb = keep(None if r.bias is None else r.bias.detach().float().contiguous())
-        eb2 = keep(None if e.bias is None else e.bias.detach().float().contiguous())
-        se_args = (rw, rb, ACT_CODES[act_of(a)], ew2, eb2, _gate_code(g))
+    if src[_SE] is not None:
+        rw, rb, xw, xb = src[_SE:_SE + 4]
+        se_args = (keep(rw.detach().flatten(1).float().contiguous()),
+                   keep(None if rb is None else rb.detach().float().contiguous()), se_act,
+                   keep(xw.detach().flatten(1).float().contiguous()),
+                   keep(None if xb is None else xb.detach().float().contiguous()), gate)
     arrays = [t.detach() for t in arrays]
     in_place = {t.data_ptr() for t in arrays}
     sources = [t.detach() for t in src if t is not None and t.data_ptr() not in in_place]
@@ -214,14 +289,61 @@ def _build(key, src, expand_conv, expand_bn, expand_act, dw_conv, dw_bn, dw_act,
 
     p = _Plan(key)
     p.c = getattr(_backend._C, "_module", _backend._C).BlockPlan(
-        cap(ew), cap(es), cap(eb), acts[0] if expand_conv is not None else 0, cap(taps), cap(ds), cap(db), acts[1],
-        list(dw_conv.stride), list(dw_conv.dilation), cap(se_args[0]), cap(se_args[1]), se_args[2],
-        cap(se_args[3]), cap(se_args[4]), se_args[5], cap(pw), cap(ps), cap(pb), acts[2], bool(skip),
-        [t.data_ptr() for t in sources], [t.data_ptr() for t in copies],
+        cap(ew), cap(es), cap(eb), ea if has_expand else 0, cap(taps), cap(ds), cap(db), da, [sh, sw], [dh, dw],
+        cap(se_args[0]), cap(se_args[1]), se_args[2], cap(se_args[3]), cap(se_args[4]), se_args[5], cap(pw), cap(ps),
+        cap(pb), pa, bool(skip), [t.data_ptr() for t in sources], [t.data_ptr() for t in copies],
         [t.numel() * t.element_size() for t in sources])
     p.keep = (arrays, sources, copies)
     p.geo = {}
     p.co = pw.shape[0]
-    p.padding, p.k, p.stride, p.dilation = padding, tuple(dw_conv.kernel_size), tuple(dw_conv.stride), tuple(
-        dw_conv.dilation)
+    p.k, p.stride, p.dilation = (kh, kw), (sh, sw), (dh, dw)
     return p
+
+
+# ------------------------------------------------------------------ the block as one op for torch.compile
+# Plans of the op, keyed as the modules' own (tensors' identity, version, shape, dtype; options).
+# A plan holds its tensors, so their memory is never reused while it is cached: a key cannot
+# match other weights; it also keeps a deleted model's weights alive until it is evicted.
+# Bounded: the least recently used plans go first.
+_OP_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
+_OP_PLANS_MAX = 512
+_OP_LOCK = threading.Lock()
+
+
+@custom_op("effops::mbconv_block", "(Tensor x, Tensor?[] src, SymInt[] ints, float[] eps) -> Tensor")
+def _block_op(x: Tensor, src: List[Optional[Tensor]], ints: List[int], eps: List[float]) -> Tensor:
+    """A whole inverted-residual block in inference (effops.nn._plan): x channels_last float32 or
+    bfloat16 on the CPU; src / ints / eps as _structure makes them, ints followed by the depthwise
+    conv's pads (top, bottom, left, right)."""
+    key = (_tensor_key(src), tuple(ints), tuple(eps))
+    with _OP_LOCK:
+        p = _OP_PLANS.get(key)
+        if p is not None:
+            _OP_PLANS.move_to_end(key)
+    if p is None:
+        p = _prepare(key, src, ints, eps)
+        with _OP_LOCK:
+            _OP_PLANS[key] = p
+            while len(_OP_PLANS) > _OP_PLANS_MAX:
+                _OP_PLANS.popitem(last=False)
+    if p.c is None:
+        raise RuntimeError("effops::mbconv_block: these tensors cannot run as one block (not CPU contiguous)")
+    pt, pb, pl, pr = ints[16:20]
+    Ho, Wo = p.c.output_hw(x.shape[2], x.shape[3], pt, pb, pl, pr)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    out = torch.empty((x.shape[0], p.co, Ho, Wo), dtype=x.dtype, memory_format=torch.channels_last)
+    if not p.c.run(_to_dlpack(xc.permute(0, 2, 3, 1)), _to_dlpack(out.permute(0, 2, 3, 1)), pt, pb, pl, pr,
+                   _threads()):  # a source changed behind the version counter
+        with _OP_LOCK:
+            _OP_PLANS.pop(key, None)
+        return _block_op(x, src, ints, eps)
+    return out
+
+
+@_block_op.register_fake
+def _(x, src, ints, eps):
+    sh, sw, dh, dw, kh, kw = ints[7:13]
+    pt, pb, pl, pr = ints[16:20]
+    Ho = (x.shape[2] + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    Wo = (x.shape[3] + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    return x.new_empty((x.shape[0], src[_PJ_W].shape[0], Ho, Wo)).contiguous(memory_format=torch.channels_last)
