@@ -488,3 +488,24 @@ def test_block_op_plan_cache_is_bounded(monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(torch.compile(b)(x), b(x), rtol=0, atol=0)
     assert len(P._OP_PLANS) == 2
+
+
+def test_parametrized_weights_are_read_through_the_parametrization():
+    """The plan reads parameters from the modules' dicts; a parametrized weight (a property, not
+    in _parameters) is read through getattr, so the block sees the parametrization's value."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    m = _small_block(12)
+    x = _cl(torch.randn(2, 8, 9, 9))
+    with torch.no_grad():
+        plain = m(x)
+        parametrize.register_parametrization(m.conv_pwl, "weight", Double())
+        got = m(x)
+        again = m(x)
+    assert not torch.equal(got, plain)
+    torch.testing.assert_close(got, eager_mbconv(m, x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)

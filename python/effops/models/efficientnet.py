@@ -159,8 +159,9 @@ class DepthwiseSeparableBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:  # eager CPU inference: the whole block in one kernel call
-            out = block_forward(self._cache, x, None, None, None, self.conv_dw, self.bn1, self._act, self.padding,
-                                self.se, self.conv_pw, self.bn2, None, self.skip)
+            m = self._modules  # not nn.Module.__getattr__ per submodule (batch 1: every us counts)
+            out = block_forward(self._cache, x, None, None, None, m["conv_dw"], m["bn1"], m["_act"], self.padding,
+                                m.get("se"), m["conv_pw"], m["bn2"], None, self.skip)
             if out is not None:
                 return out
         dw = ConvStage(_WithPadding(self.conv_dw, self.padding), self.bn1, self._act)

@@ -179,9 +179,10 @@ class MBConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:  # eager CPU inference: the whole block in one kernel call
-            act = self._act
-            out = block_forward(self._cache, x, self.conv_pw, self.bn1, act, self.conv_dw, self.bn2, act, self.padding,
-                                self.se, self.conv_pwl, self.bn3, None, self.skip)
+            m = self._modules  # not nn.Module.__getattr__ per submodule (batch 1: every us counts)
+            act = m["_act"]
+            out = block_forward(self._cache, x, m.get("conv_pw"), m.get("bn1"), act, m["conv_dw"], m["bn2"], act, self.padding,
+                                m.get("se"), m["conv_pwl"], m["bn3"], None, self.skip)
             if out is not None:
                 return out
         expand = ConvStage(self.conv_pw, self.bn1, self._act) if self.conv_pw is not None else None
