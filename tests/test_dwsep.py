@@ -462,7 +462,12 @@ def test_pw_conv_bf16_gemm_paths(C, Co, se, isa):
 
 
 @pytest.mark.parametrize("N,HW,C,Co", [
-    (1, (7, 7), 1152, 192),   # transposed GEMM (few pixels, many channels), 2 pixel panels
+    (1, (7, 7), 1152, 192),   # transposed GEMM (few pixels, many channels); AVX-512: 32 + half panel + 1 dot
+    (1, (5, 10), 96, 577),    # 50 pixels: 32 + 16 + 2 dot-product pixels (AVX-512), 48 + 2 (AVX2, baseline)
+    (1, (4, 9), 96, 400),     # 36 pixels: 32 + 4 dot-product pixels
+    (1, (4, 5), 128, 640),    # 20 pixels: a half panel + 4 dot-product pixels (AVX-512), 16 + 4 (AVX2)
+    (1, (1, 1), 64, 256),     # one pixel: dot products only
+    (2, (3, 3), 200, 300),    # 18 pixels of two images: the dot-product pixels' SE scale is image 2's
     (1, (3, 5), 40, 1280),    # transposed, one partial pixel panel, Co past whole MR blocks
     (2, (2, 3), 96, 577),     # transposed across two images (SE scale per image), odd Co
     (1, (14, 14), 112, 672),  # packed weights, one image: the SE scale goes into the weights

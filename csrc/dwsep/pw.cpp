@@ -60,6 +60,43 @@ EFFOPS_MICROKERNEL(micro_b_d, , TileFor<double EFFOPS_COMMA kBase>::type, double
 EFFOPS_MICROKERNEL(micro_b_f, , TileFor<float EFFOPS_COMMA kBase>::type, float, simd::splat<TileFor<float EFFOPS_COMMA kBase>::type::V>)
 EFFOPS_MICROKERNEL(micro_b_d, , TileFor<double EFFOPS_COMMA kBase>::type, double, simd::splat<TileFor<double EFFOPS_COMMA kBase>::type::V>)
 #endif
+// The first vector of a tile's columns (half of a panel): B panels and tile rows keep the full
+// tile's stride NR, so it runs on the same packed panels and tile buffer (pwt_task_body's tail).
+template <class G>
+struct HalfTile {
+  using V = typename G::V;
+  static constexpr int MR = G::MR;
+  static constexpr int NV = 1;
+  static constexpr int L = G::L;
+  static constexpr int NR = G::NR;
+  template <class F>
+  static EFFOPS_INLINE V load(const F* p) { return G::load(p); }
+  template <class F>
+  static EFFOPS_INLINE V splat(F s) { return G::splat(s); }
+};
+static_assert(TileFor<float, kV4>::type::NV == 2 && TileFor<float, kV3>::type::NV == 2 &&
+              TileFor<float, kBase>::type::NV == 2, "HalfTile is half of a two-vector tile");
+#if EFFOPS_X86
+EFFOPS_MICROKERNEL(microh_v4_f, EFFOPS_TARGET_V4, HalfTile<TileFor<float EFFOPS_COMMA kV4>::type>, float, _mm512_set1_ps)
+EFFOPS_MICROKERNEL(microh_v3_f, EFFOPS_TARGET_V3, HalfTile<TileFor<float EFFOPS_COMMA kV3>::type>, float, _mm256_set1_ps)
+EFFOPS_MICROKERNEL(microh_b_f, , HalfTile<TileFor<float EFFOPS_COMMA kBase>::type>, float, _mm_set1_ps)
+EFFOPS_MICROKERNEL(microh_b_d, , HalfTile<TileFor<double EFFOPS_COMMA kBase>::type>, double, _mm_set1_pd)
+#else
+EFFOPS_MICROKERNEL(microh_b_f, , HalfTile<TileFor<float EFFOPS_COMMA kBase>::type>, float, simd::splat<TileFor<float EFFOPS_COMMA kBase>::type::V>)
+EFFOPS_MICROKERNEL(microh_b_d, , HalfTile<TileFor<double EFFOPS_COMMA kBase>::type>, double, simd::splat<TileFor<double EFFOPS_COMMA kBase>::type::V>)
+#endif
+template <Isa I, class F>
+EFFOPS_INLINE void micro_half(int r, const F* ap, int64_t ars, int64_t aks, const F* bp, int64_t K, F* tile) {
+  constexpr bool f32 = std::is_same<F, float>::value;
+#if EFFOPS_X86
+  if constexpr (f32 && I == kV4) return microh_v4_f(r, ap, ars, aks, bp, K, tile);
+  else if constexpr (f32 && I == kV3) return microh_v3_f(r, ap, ars, aks, bp, K, tile);
+  else
+#endif
+  if constexpr (f32) return microh_b_f(r, ap, ars, aks, bp, K, tile);
+  else return microh_b_d(r, ap, ars, aks, bp, K, tile);
+}
+
 template <Isa I, class F>
 EFFOPS_INLINE void micro(int r, const F* ap, int64_t ars, int64_t aks, const F* bp, int64_t K,
                          F* tile) {
@@ -209,24 +246,79 @@ EFFOPS_INLINE void pw_task_body(const PwArgs<T>& a, int64_t task) {
 // two thirds of the GEMM itself), the pixels are packed into panels of NR ([C][NR] each, SE scale
 // applied), and a task computes MR-channel blocks against every pixel panel (the panels, C * M
 // floats, stay in L2). The epilogue stores the transposed tile with stride Co (epilogue_t).
+// The pixels past the last full panel: a panel of NR is computed for any tail, so a 7x7 map (49
+// pixels = 32 + 17) computed 64 (EfficientNet's late stages at batch 1). A tail of more than L
+// pixels but at most L + kDotPixels runs as a half panel (one vector of L pixels) plus dot
+// products; a tail of at most kDotPixels as dot products only; anything else as a full panel.
+constexpr int64_t kDotPixels = 4;
+struct PwtTail {
+  int64_t full_panels, half, dots;  // half: 0 or L pixels in a half panel; dots: pixels by dots
+};
+template <class G>
+PwtTail pwt_tail(int64_t M) {
+  const int64_t q = M / G::NR, t = M - q * G::NR;
+  if (t == 0) return {q, 0, 0};
+  if (t <= kDotPixels) return {q, 0, t};
+  if (t > G::L && t <= G::L + kDotPixels) return {q, G::L, t - G::L};
+  return {q + 1, 0, 0};  // a full panel for the tail, as before
+}
+
 template <Isa I, class T>
 EFFOPS_INLINE void pwt_task_body(const PwArgs<T>& a, int64_t task) {
   using F = Acc<T>;
   using G = typename TileFor<F, I>::type;
+  using H = HalfTile<G>;
   const int64_t nblk = (a.Co + G::MR - 1) / G::MR;
   const int64_t b0 = task * a.bpt, b1 = std::min(nblk, b0 + a.bpt);
-  const int64_t qn = (a.M + G::NR - 1) / G::NR;
+  if (b0 >= b1) return;
+  const PwtTail tl = pwt_tail<G>(a.M);
   alignas(64) F tile[G::MR * G::NR];
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t co0 = b * G::MR;
     const int mr = static_cast<int>(std::min<int64_t>(G::MR, a.Co - co0));
-    for (int64_t q = 0; q < qn; ++q) {
+    for (int64_t q = 0; q < tl.full_panels; ++q) {
       const int64_t m0 = q * G::NR, jn = std::min<int64_t>(G::NR, a.M - m0);
       micro<I>(mr, a.w + co0 * a.C, a.C, 1, a.apt + q * a.C * G::NR, a.C, tile);
       with_epilogue_act(a.act, [&](auto A) EFFOPS_LAMBDA_INLINE {
         epilogue_t<G, A()>(tile, mr, co0, jn, a.Co, a.scale, a.bias, a.res ? a.res + m0 * a.Co : nullptr,
                            a.out + m0 * a.Co, a.act);
       });
+    }
+    if (tl.half) {
+      const int64_t m0 = tl.full_panels * G::NR;
+      micro_half<I>(mr, a.w + co0 * a.C, a.C, 1, a.apt + tl.full_panels * a.C * G::NR, a.C, tile);
+      with_epilogue_act(a.act, [&](auto A) EFFOPS_LAMBDA_INLINE {
+        epilogue_t<H, A()>(tile, mr, co0, tl.half, a.Co, a.scale, a.bias, a.res ? a.res + m0 * a.Co : nullptr,
+                           a.out + m0 * a.Co, a.act);
+      });
+    }
+  }
+  if (!tl.dots) return;
+  // The last pixels: out[m, co] = dot(w[co, :], pixel m) for this task's channels, the pixel read
+  // back from its packed panel (SE scale applied and converted there, as for the panels).
+  using V = typename G::V;
+  constexpr int64_t L = G::L;
+  thread_local std::vector<F> row;
+  row.resize(static_cast<size_t>(a.C));
+  const int64_t co_end = std::min(a.Co, b1 * G::MR);
+  for (int64_t m = a.M - tl.dots; m < a.M; ++m) {
+    const F* panel = a.apt + (m / G::NR) * a.C * G::NR + m % G::NR;
+    for (int64_t k = 0; k < a.C; ++k) row[k] = panel[k * G::NR];
+    const T* res = a.res ? a.res + m * a.Co : nullptr;
+    T* out = a.out + m * a.Co;
+    const int64_t CL = a.C / L * L;
+    for (int64_t co = b0 * G::MR; co < co_end; ++co) {
+      const F* w = a.w + co * a.C;
+      V acc = G::splat(F(0));
+      for (int64_t k = 0; k < CL; k += L) acc += G::load(w + k) * G::load(row.data() + k);
+      F s = F(0);
+      for (int64_t l = 0; l < L; ++l) s += acc[l];
+      for (int64_t k = CL; k < a.C; ++k) s += w[k] * row[k];
+      if (a.scale) s *= a.scale[co];
+      if (a.bias) s += a.bias[co];
+      s = simd::act_s(s, a.act);
+      if (res) s += simd::to_f(res[co]);
+      simd::store_s(out + co, s);
     }
   }
 }
