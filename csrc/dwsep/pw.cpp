@@ -149,6 +149,15 @@ EFFOPS_INLINE void gemm_rows(const S* a, int64_t lda, int64_t m_begin, int64_t m
     }
     if (!direct) pack_rows<G>(a, lda, m0, mr, K, cs, hw, ap.data());
     for (int64_t p = p_begin; p < panels; ++p) {
+      if (Co - p * G::NR <= G::L) {  // a last panel of at most one vector of channels: half the work
+        micro_half<I>(mr, a_tile, ars, aks, bp + p * K * G::NR, K, tile);
+        with_epilogue_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
+          epilogue<HalfTile<G>, A()>(tile, mr, p * G::NR, Co, scale, bias,
+                                     res ? res + (m0 - m_begin) * ldo : nullptr,
+                                     out + (m0 - m_begin) * ldo, ldo, act);
+        });
+        continue;
+      }
       micro<I>(mr, a_tile, ars, aks, bp + p * K * G::NR, K, tile);
       with_epilogue_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
         epilogue_fast<G, A()>(tile, mr, p * G::NR, Co, scale, bias,
