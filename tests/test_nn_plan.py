@@ -490,6 +490,24 @@ def test_block_op_plan_cache_is_bounded(monkeypatch):
     assert len(P._OP_PLANS) == 2
 
 
+def test_block_op_keeps_one_plan_per_block():
+    """Weights updated between compiled calls replace the block's plan (no pile of plans holding
+    old copies); input sizes share one plan."""
+    import effops.nn._plan as P
+
+    P._OP_PLANS.clear(), P._OP_SLOTS.clear()
+    m = _small_block(13).bfloat16()  # bf16: the plan holds float copies of the weights
+    torch._dynamo.reset()
+    c = torch.compile(m, dynamic=True)
+    with torch.no_grad():
+        for i in range(5):
+            m.conv_pw.weight.mul_(1.01)
+            for size in (7, 9):
+                x = _cl(torch.randn(1, 8, size, size)).bfloat16()
+                torch.testing.assert_close(c(x), m(x), rtol=0, atol=0)
+            assert len(P._OP_PLANS) == 1 and len(P._OP_SLOTS) == 1
+
+
 def test_parametrized_weights_are_read_through_the_parametrization():
     """The plan reads parameters from the modules' dicts; a parametrized weight (a property, not
     in _parameters) is read through getattr, so the block sees the parametrization's value."""

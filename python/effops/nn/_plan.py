@@ -320,13 +320,52 @@ def _prepare(key, src, ints, eps):
 
 
 # ------------------------------------------------------------------ the block as one op for torch.compile
-# Plans of the op, keyed as the modules' own (tensors' identity, version, shape, dtype; options).
-# A plan holds its tensors, so their memory is never reused while it is cached: a key cannot
-# match other weights; it also keeps a deleted model's weights alive until it is evicted.
-# Bounded: the least recently used plans go first.
+# Plans of the op, keyed as the modules' own (tensors' identity, version, shape, dtype; options;
+# not the input size: a plan serves every size). A plan holds its tensors, so their memory is
+# never reused while it is cached: a key cannot match other weights. One plan per block (its
+# "slot": the same tensors and options, any versions): a new version replaces the old plan, so
+# weights updated between compiled calls (training with a compiled evaluation) do not pile up
+# plans holding old copies. Bounded: the least recently used plans go first (a deleted model's
+# plans keep its weights alive until then).
 _OP_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
+_OP_SLOTS: dict = {}
 _OP_PLANS_MAX = 512
 _OP_LOCK = threading.Lock()
+
+
+def _slot(key):
+    tensors, ints, eps = key
+    return tuple(None if k is None else k[0] for k in tensors), ints, eps
+
+
+def _op_plan(src, ints, eps) -> "_Plan":
+    key = (_tensor_key(src), tuple(ints[:16]), tuple(eps))
+    with _OP_LOCK:
+        p = _OP_PLANS.get(key)
+        if p is not None:
+            _OP_PLANS.move_to_end(key)
+            return p
+    p = _prepare(key, src, ints, eps)
+    with _OP_LOCK:
+        slot = _slot(key)
+        old = _OP_SLOTS.get(slot)
+        if old is not None and old != key:
+            _OP_PLANS.pop(old, None)
+        _OP_SLOTS[slot] = key
+        _OP_PLANS[key] = p
+        while len(_OP_PLANS) > _OP_PLANS_MAX:
+            k, _ = _OP_PLANS.popitem(last=False)
+            if _OP_SLOTS.get(_slot(k)) == k:
+                del _OP_SLOTS[_slot(k)]
+    return p
+
+
+def _drop_op_plan(p: "_Plan") -> None:
+    with _OP_LOCK:
+        if _OP_PLANS.get(p.key) is p:
+            del _OP_PLANS[p.key]
+            if _OP_SLOTS.get(_slot(p.key)) == p.key:
+                del _OP_SLOTS[_slot(p.key)]
 
 
 @custom_op("effops::mbconv_block", "(Tensor x, Tensor?[] src, SymInt[] ints, float[] eps) -> Tensor")
@@ -334,17 +373,7 @@ def _block_op(x: Tensor, src: List[Optional[Tensor]], ints: List[int], eps: List
     """A whole inverted-residual block in inference (effops.nn._plan): x channels_last float32 or
     bfloat16 on the CPU; src / ints / eps as _structure makes them, ints followed by the depthwise
     conv's pads (top, bottom, left, right)."""
-    key = (_tensor_key(src), tuple(ints), tuple(eps))
-    with _OP_LOCK:
-        p = _OP_PLANS.get(key)
-        if p is not None:
-            _OP_PLANS.move_to_end(key)
-    if p is None:
-        p = _prepare(key, src, ints, eps)
-        with _OP_LOCK:
-            _OP_PLANS[key] = p
-            while len(_OP_PLANS) > _OP_PLANS_MAX:
-                _OP_PLANS.popitem(last=False)
+    p = _op_plan(src, ints, eps)
     if p.c is None:
         raise RuntimeError("effops::mbconv_block: these tensors cannot run as one block (not CPU contiguous)")
     pt, pb, pl, pr = ints[16:20]
@@ -353,8 +382,7 @@ def _block_op(x: Tensor, src: List[Optional[Tensor]], ints: List[int], eps: List
     out = torch.empty((x.shape[0], p.co, Ho, Wo), dtype=x.dtype, memory_format=torch.channels_last)
     if not p.c.run(_to_dlpack(xc.permute(0, 2, 3, 1)), _to_dlpack(out.permute(0, 2, 3, 1)), pt, pb, pl, pr,
                    _threads()):  # a source changed behind the version counter
-        with _OP_LOCK:
-            _OP_PLANS.pop(key, None)
+        _drop_op_plan(p)
         return _block_op(x, src, ints, eps)
     return out
 
