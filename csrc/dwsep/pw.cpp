@@ -85,30 +85,19 @@ EFFOPS_MICROKERNEL(microh_b_d, , HalfTile<TileFor<double EFFOPS_COMMA kBase>::ty
 EFFOPS_MICROKERNEL(microh_b_f, , HalfTile<TileFor<float EFFOPS_COMMA kBase>::type>, float, simd::splat<TileFor<float EFFOPS_COMMA kBase>::type::V>)
 EFFOPS_MICROKERNEL(microh_b_d, , HalfTile<TileFor<double EFFOPS_COMMA kBase>::type>, double, simd::splat<TileFor<double EFFOPS_COMMA kBase>::type::V>)
 #endif
-template <Isa I, class F>
-EFFOPS_INLINE void micro_half(int r, const F* ap, int64_t ars, int64_t aks, const F* bp, int64_t K, F* tile) {
-  constexpr bool f32 = std::is_same<F, float>::value;
-#if EFFOPS_X86
-  if constexpr (f32 && I == kV4) return microh_v4_f(r, ap, ars, aks, bp, K, tile);
-  else if constexpr (f32 && I == kV3) return microh_v3_f(r, ap, ars, aks, bp, K, tile);
-  else
-#endif
-  if constexpr (f32) return microh_b_f(r, ap, ars, aks, bp, K, tile);
-  else return microh_b_d(r, ap, ars, aks, bp, K, tile);
-}
-
-template <Isa I, class F>
+// The microkernel of ISA I for accumulation type F: the full tile's, or (HALF) the half tile's.
+template <Isa I, bool HALF = false, class F>
 EFFOPS_INLINE void micro(int r, const F* ap, int64_t ars, int64_t aks, const F* bp, int64_t K,
                          F* tile) {
   constexpr bool f32 = std::is_same<F, float>::value;
   static_assert(f32 || I == kBase, "float64 runs at the baseline level only");
 #if EFFOPS_X86
-  if constexpr (f32 && I == kV4) return micro_v4_f(r, ap, ars, aks, bp, K, tile);
-  else if constexpr (f32 && I == kV3) return micro_v3_f(r, ap, ars, aks, bp, K, tile);
+  if constexpr (f32 && I == kV4) return (HALF ? microh_v4_f : micro_v4_f)(r, ap, ars, aks, bp, K, tile);
+  else if constexpr (f32 && I == kV3) return (HALF ? microh_v3_f : micro_v3_f)(r, ap, ars, aks, bp, K, tile);
   else
 #endif
-  if constexpr (f32) return micro_b_f(r, ap, ars, aks, bp, K, tile);
-  else return micro_b_d(r, ap, ars, aks, bp, K, tile);
+  if constexpr (f32) return (HALF ? microh_b_f : micro_b_f)(r, ap, ars, aks, bp, K, tile);
+  else return (HALF ? microh_b_d : micro_b_d)(r, ap, ars, aks, bp, K, tile);
 }
 
 // Packs rows [m0, m0 + mr) of A (row stride lda, K columns, storage S) as ap[k * MR + i], in the
@@ -150,7 +139,7 @@ EFFOPS_INLINE void gemm_rows(const S* a, int64_t lda, int64_t m_begin, int64_t m
     if (!direct) pack_rows<G>(a, lda, m0, mr, K, cs, hw, ap.data());
     for (int64_t p = p_begin; p < panels; ++p) {
       if (Co - p * G::NR <= G::L) {  // a last panel of at most one vector of channels: half the work
-        micro_half<I>(mr, a_tile, ars, aks, bp + p * K * G::NR, K, tile);
+        micro<I, true>(mr, a_tile, ars, aks, bp + p * K * G::NR, K, tile);
         with_epilogue_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
           epilogue<HalfTile<G>, A()>(tile, mr, p * G::NR, Co, scale, bias,
                                      res ? res + (m0 - m_begin) * ldo : nullptr,
@@ -295,7 +284,7 @@ EFFOPS_INLINE void pwt_task_body(const PwArgs<T>& a, int64_t task) {
     }
     if (tl.half) {
       const int64_t m0 = tl.full_panels * G::NR;
-      micro_half<I>(mr, a.w + co0 * a.C, a.C, 1, a.apt + tl.full_panels * a.C * G::NR, a.C, tile);
+      micro<I, true>(mr, a.w + co0 * a.C, a.C, 1, a.apt + tl.full_panels * a.C * G::NR, a.C, tile);
       with_epilogue_act(a.act, [&](auto A) EFFOPS_LAMBDA_INLINE {
         epilogue_t<H, A()>(tile, mr, co0, tl.half, a.Co, a.scale, a.bias, a.res ? a.res + m0 * a.Co : nullptr,
                            a.out + m0 * a.Co, a.act);

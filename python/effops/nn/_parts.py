@@ -98,6 +98,16 @@ def _bn_training(bn: Optional[nn.BatchNorm2d]) -> bool:
     return bn is not None and bn.training
 
 
+def fold_bn_tensors(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float,
+                    conv_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(scale, bias) with BN(conv(x) + conv_bias) == conv(x) * scale + bias for a BN given by its
+    tensors (fold_bn's formula; effops.nn._plan folds from tensors alone)."""
+    inv = torch.rsqrt(var + eps)
+    scale = inv if weight is None else weight * inv
+    shift = -mean if conv_bias is None else conv_bias - mean
+    return scale, (shift * scale if bias is None else bias + shift * scale)
+
+
 def fold_bn(bn: Optional[nn.BatchNorm2d], conv_bias: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """(scale, bias) with BN(conv(x) + conv_bias) == conv(x) * scale + bias, from the running
     statistics. Differentiable in the BN affine parameters and the conv bias. Cached on the BN
@@ -115,10 +125,7 @@ def fold_bn(bn: Optional[nn.BatchNorm2d], conv_bias: Optional[Tensor]) -> Tuple[
             key = key + (bn.eps,)
             if cached is not None and cached[0] == key and _unchanged(*cached[3]):
                 return cached[1], cached[2]
-    inv = torch.rsqrt(bn.running_var + bn.eps)
-    scale = inv if bn.weight is None else bn.weight * inv
-    shift = -bn.running_mean if conv_bias is None else conv_bias - bn.running_mean
-    bias = shift * scale if bn.bias is None else bn.bias + shift * scale
+    scale, bias = fold_bn_tensors(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv_bias)
     if key is not None:
         src = [t for t in tensors if t is not None]
         bn._effops_fold = (key, scale, bias, (src, [t.detach().clone() for t in src]))

@@ -32,7 +32,7 @@ from torch.utils.dlpack import to_dlpack as _to_dlpack
 from .. import _backend
 from ..ops._common import custom_op, profiled
 from ..ops.dwsep import ACT_CODES, _dw_weights, _pw_weights, _threads, conv_geometry
-from ._parts import Unsupported, _global_hooks, act_of
+from ._parts import Unsupported, _global_hooks, act_of, fold_bn_tensors
 
 _FAST = (torch.float32, torch.bfloat16)
 
@@ -262,14 +262,11 @@ def block_forward(cache: dict, x: Tensor, expand_conv, expand_bn, expand_act, dw
 
 
 def _fold(src, at, has_bn, eps, conv_bias):
-    """(scale, bias) of the BN at src[at:at + 4] after a conv with conv_bias (fold_bn's formula)."""
+    """(scale, bias) of the BN at src[at:at + 4] after a conv with conv_bias."""
     if not has_bn:
         return None, conv_bias
     w, b, mean, var = (t.detach() if t is not None else None for t in src[at:at + 4])
-    inv = torch.rsqrt(var + eps)
-    scale = inv if w is None else w * inv
-    shift = -mean if conv_bias is None else conv_bias.detach() - mean
-    return scale, (shift * scale if b is None else b + shift * scale)
+    return fold_bn_tensors(w, b, mean, var, eps, None if conv_bias is None else conv_bias.detach())
 
 
 def _prepare(key, src, ints, eps):
