@@ -527,3 +527,36 @@ def test_parametrized_weights_are_read_through_the_parametrization():
     assert not torch.equal(got, plain)
     torch.testing.assert_close(got, eager_mbconv(m, x), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+
+def _op_args(m, x):
+    """effops::mbconv_block's arguments for block m on x, as block_forward makes them under compile."""
+    import effops.nn._plan as P
+    from effops.ops.dwsep import conv_geometry
+
+    src, ints, eps = P._structure(m.conv_pw, m.bn1, m._act, m.conv_dw, m.bn2, m._act, m.padding, m.se, m.conv_pwl,
+                                  m.bn3, None, m.skip)
+    cg = conv_geometry("MBConv", tuple(x.shape[2:]), tuple(m.conv_dw.kernel_size), tuple(m.conv_dw.stride),
+                       m.padding, tuple(m.conv_dw.dilation))
+    return x, [None if t is None else t.detach() for t in src], ints + list(cg.pad), eps
+
+
+def test_block_op_opcheck_and_eager_parity():
+    """The op passes torch.library.opcheck (schema, fake tensor, autograd registration, AOT
+    dispatch) and called directly gives the eager block's result."""
+    m = _small_block(14)
+    x = _cl(torch.randn(2, 8, 9, 9))
+    args = _op_args(m, x)
+    torch.library.opcheck(torch.ops.effops.mbconv_block.default, args)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.ops.effops.mbconv_block(*args), m(x), rtol=0, atol=0)
+
+
+def test_block_op_bad_tensors_are_a_clear_error():
+    m = _small_block(15)
+    x, src, ints, eps = _op_args(m, _cl(torch.randn(1, 8, 7, 7)))
+    import effops.nn._plan as P
+
+    src[P._PJ_W] = src[P._PJ_W].permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)  # not contiguous
+    with pytest.raises(RuntimeError, match="cannot run as one block"):
+        torch.ops.effops.mbconv_block(x, src, ints, eps)
