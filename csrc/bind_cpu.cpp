@@ -135,6 +135,10 @@ NB_MODULE(_C, m) {
   m.def("set_isa", &effops::set_isa, "level"_a,
         "Cap the CPU kernels' ISA level (0 baseline, 1 AVX2, 2 AVX-512); returns the level in use");
   m.def("isa", []() { return static_cast<int>(effops::isa()); });
+  m.def("set_amx", &effops::set_amx, "on"_a,
+        "Turn the AMX bf16 kernels on or off; returns whether they run now (CPU, OS and level allowing)");
+  m.def("amx", []() { return effops::amx(); });
+  m.def("has_amx", []() { return effops::cpu_has_amx_bf16(); });
   m.def("detected_isa", []() { return static_cast<int>(effops::detected_isa()); });
 
   m.def("build_info", []() {
@@ -142,7 +146,9 @@ NB_MODULE(_C, m) {
     d["version"] = EFFOPS_VERSION;
     d["compiler"] = EFFOPS_CXX_COMPILER;
     d["simd"] = std::string("per-ISA copies chosen at run time; in use: ") + effops::dwsep::cpu_isa_name() +
-                " (this CPU: " + effops::isa_name(effops::detected_isa()) + "; EFFOPS_ISA caps it)";
+                " (this CPU: " + effops::isa_name(effops::detected_isa()) + "; EFFOPS_ISA caps it)" +
+                (effops::cpu_has_amx_bf16() ? std::string("; AMX bf16 tiles: ") + (effops::amx() ? "in use" : "off")
+                                            : std::string("; no AMX"));
     return d;
   });
 }

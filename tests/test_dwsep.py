@@ -434,23 +434,26 @@ def test_kernel_entry_points_check_geometry():
                                torch.empty(1, 6, 3, 4), None, 1)
 
 
-@pytest.mark.parametrize("C,Co", [(2, 1), (7, 24), (64, 33), (96, 576), (1152, 192)])
+@pytest.mark.parametrize("C,Co", [(2, 1), (7, 24), (40, 72), (64, 33), (96, 576), (1152, 192)])
 @pytest.mark.parametrize("se", [False, True])
-@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("isa", ["native", "native-noamx", "avx2"])
 def test_pw_conv_bf16_gemm_paths(C, Co, se, isa):
-    """bf16 pw_conv: on CPUs with AVX512_BF16 the vdpbf16ps GEMM (bf16 rows read as pairs when K is
-    even and there is no SE scale, packed otherwise; odd K zero-padded; Co past whole 32-channel
-    panels), else the float GEMM; both within the 2x-eager rule of the float64 truth."""
+    """bf16 pw_conv: on CPUs with AMX the tile GEMM (32-row blocks: straight from the bf16 rows
+    without SE scale, packed with it and for the last 14 of the 110 rows; K past whole 32-k chunks
+    zero-padded: C = 2, 7, 40; Co past whole 32-channel panels); with AMX off (or absent) on CPUs
+    with AVX512_BF16 the vdpbf16ps GEMM (bf16 rows read as pairs when K is even and there is no
+    SE scale, packed otherwise; odd K zero-padded), else the float GEMM; all within the 2x-eager
+    rule of the float64 truth."""
     g = gen(C * 7 + Co)
     y = rnd(2, C, 5, 11, g=g)
     w = rnd(Co, C, 1, 1, g=g, scale=C ** -0.5)
     cs = torch.rand(2, C, generator=g, dtype=torch.float64) if se else None
     s, b, r = rnd(Co, g=g).abs() + 0.5, rnd(Co, g=g, scale=0.1), rnd(2, Co, 5, 11, g=g)
     bf = torch.bfloat16
-    level = effops.detected_isa() if isa == "native" else isa
+    level = effops.detected_isa() if isa.startswith("native") else isa
     if level not in effops._backend.ISA_LEVELS[: effops._backend.ISA_LEVELS.index(effops.detected_isa()) + 1]:
         pytest.skip(f"the CPU does not run {level}")
-    with effops.use_isa(level):
+    with effops.use_isa(level), effops.use_amx(isa == "native"):
         got = pw_conv(y.to(bf).contiguous(memory_format=torch.channels_last), w.float(),
                       channel_scale=None if cs is None else cs.to(bf), scale=s.float(), bias=b.float(), act="silu",
                       residual=r.to(bf).contiguous(memory_format=torch.channels_last))

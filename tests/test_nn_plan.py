@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import effops
 import effops.models.efficientnet as en
 import effops.nn.dwsep as nd
 from effops.models.efficientnet import DepthwiseSeparableBlock
@@ -106,6 +107,54 @@ def test_mbconv_plan_equals_the_op_path_and_the_oracle(case, dtype, op_path):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("case", MB_CASES[:4], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("amx", [True, False])
+def test_mbconv_plan_under_bf16_autocast(case, amx, op_path):
+    """Under CPU bf16 autocast the plan runs the block in bf16 (the input cast as conv2d's would
+    be, the output bf16), with the AMX tiles where the CPU has them (weights packed once per plan)
+    or without: what the op path gives under autocast, within bf16 roundings."""
+    cin, cout, k, s, e, se, act, pad, size = case
+    m = randomize(MBConv(cin, cout, k, s, expand_ratio=e, se_ratio=se, act=act, padding=pad), 11).eval()
+    x = _cl(torch.randn(2, cin, size, size))
+    with torch.no_grad(), effops.use_amx(amx), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x)
+        assert _planned(m) and got.dtype == torch.bfloat16
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        again = m(x.bfloat16())  # a bf16 input: the same call
+        with op_path():
+            want = m(x)
+    assert torch.equal(got, again)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    oracle = eager_mbconv(m, x)
+    assert (got.float() - oracle).abs().max() <= 0.05 * oracle.abs().max()
+
+
+def test_plan_amx_toggled_between_calls():
+    """A bf16 plan made with the AMX kernels on keeps its packed weights; turned off it runs the
+    other GEMM, turned on again the packed weights: the results stay within bf16 roundings of each
+    other, and each setting is deterministic."""
+    m = randomize(MBConv(16, 24, 3, 2, expand_ratio=6), 12).eval().bfloat16()
+    x = _cl(torch.randn(3, 16, 23, 17)).bfloat16()
+    with torch.no_grad():
+        a = m(x)
+        with effops.use_amx(False):
+            b = m(x)
+            assert torch.equal(m(x), b)
+        c = m(x)
+    assert _planned(m) and torch.equal(a, c)
+    torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_amx_api():
+    assert isinstance(effops.amx(), bool)
+    with effops.use_amx(False):
+        assert effops.amx() is False
+    with pytest.raises(TypeError, match="set_amx: on must be a bool"):
+        effops.set_amx(1)
+    with effops.use_isa("avx2"):
+        assert effops.amx() is False  # the AMX kernels run at the AVX-512 level only
+
+
 @pytest.mark.parametrize("se", [0, 4])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_separable_block_plan(se, stride, op_path):
@@ -163,13 +212,13 @@ def test_not_used_where_it_does_not_apply():
     assert out.grad_fn is not None and "plan" not in m._cache
     out.sum().backward()
     assert m.conv_dw.weight.grad is not None
-    # NCHW input, float64 (a float64 copy of the block), autocast: the op path
+    # NCHW input, float64 (a float64 copy of the block): the op path; float16 autocast: the op
+    # path's clear error (no float16 kernels on the CPU)
     with torch.no_grad():
         m(x.contiguous())
         copy.deepcopy(m).double()(x.double())
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = m(x)
-        assert y.dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.float16), pytest.raises(TypeError, match="float16 is supported on CUDA"):
+            m(x)
     assert "plan" not in m._cache
     # a BN in training mode inside an eval block: batch statistics, so no plan
     m.bn2.train()
@@ -457,6 +506,14 @@ def test_compiled_effops_model_runs_each_block_as_one_op():
         want3 = m(x)
         assert not torch.equal(want3, want2)
         torch.testing.assert_close(c(x), want3, rtol=0, atol=0)
+    # bf16 autocast: still one op per block (the input cast to bf16 in the graph), eager's result
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            want = m(x)
+        got, ops = _graph_ops(m, x)
+    assert sum("mbconv_block" in o for o in ops) == 16, ops
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_compiled_block_op_only_in_inference():

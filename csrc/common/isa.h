@@ -7,6 +7,13 @@
 // needs no -march flag.
 #pragma once
 #include <atomic>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define EFFOPS_X86 1
@@ -16,6 +23,14 @@
 #define EFFOPS_X86 0
 #define EFFOPS_TARGET_V4
 #define EFFOPS_TARGET_V3
+#endif
+// x86-64-v4 plus AVX512_BF16 (vdpbf16ps): the bf16 GEMM (gemm_bf16.h) and depthwise rows
+// (dw_rows_bf16.cpp); GCC >= 10 or clang knows the target.
+#if EFFOPS_X86 && (defined(__clang__) || __GNUC__ >= 10)
+#define EFFOPS_HAS_BF16_TARGET 1
+#define EFFOPS_TARGET_BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
+#else
+#define EFFOPS_HAS_BF16_TARGET 0
 #endif
 
 namespace effops {
@@ -58,8 +73,34 @@ inline bool cpu_has_avxvnni() {
 #endif
 }
 
+// AMX (tile matrix unit) with bf16 tiles: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7,
+// EDX bits 24 and 22) and Linux grants this process the tile data state (arch_prctl
+// ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA: without it the first tile instruction faults).
+// Asked once; EFFOPS_HAS_AMX_ASM: this compiler emits the tile instructions (inline assembly).
+#if EFFOPS_X86 && defined(__linux__)
+#define EFFOPS_HAS_AMX_ASM 1
+#else
+#define EFFOPS_HAS_AMX_ASM 0
+#endif
+inline bool cpu_has_amx_bf16() {
+#if EFFOPS_HAS_AMX_ASM
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;  // <asm/prctl.h>, the kernel's xfeature number
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 // The cap set by set_isa(); one definition across translation units (inline variable).
 inline std::atomic<int> g_isa_cap{kV4};
+// set_amx(false) (EFFOPS_AMX=0) turns the AMX kernels off, so one machine tests both paths.
+inline std::atomic<bool> g_amx_on{true};
 
 // The level kernels run at: the detected one, capped.
 inline Isa isa() {
@@ -72,6 +113,16 @@ inline Isa isa() {
 inline int set_isa(int level) {
   g_isa_cap.store(level < 0 ? 0 : (level > kV4 ? kV4 : level), std::memory_order_relaxed);
   return isa();
+}
+
+// The AMX bf16 kernels run: the CPU and OS allow them, they are on, and the level is AVX-512
+// (their epilogues are the AVX-512 ones; set_isa below it turns them off too).
+inline bool amx() {
+  return g_amx_on.load(std::memory_order_relaxed) && isa() == kV4 && cpu_has_amx_bf16();
+}
+inline bool set_amx(bool on) {
+  g_amx_on.store(on, std::memory_order_relaxed);
+  return amx();
 }
 
 inline const char* isa_name(Isa i) {

@@ -234,8 +234,8 @@ bool BlockPlan::run_banded(const T* x, T* y, float* sums, const ConvGeom& g, int
       if (rb.lo > blo) std::memmove(hb, hb + (rb.lo - blo) * g.W * mid_, sizeof(T) * (have - rb.lo) * g.W * mid_);
     }
     if (rb.hi > have)
-      pw_forward<T>(x + ((n * g.H + have) * g.W) * Cin_, ew_, nullptr, es_, eb_, eact_, nullptr,
-                    hb + (have - rb.lo) * g.W * mid_, 1, (rb.hi - have) * g.W, Cin_, mid_, 1);
+      pw<T>(true, x + ((n * g.H + have) * g.W) * Cin_, nullptr, eact_, nullptr, hb + (have - rb.lo) * g.W * mid_, 1,
+            (rb.hi - have) * g.W, 1);
     blo = rb.lo, bhi = rb.hi;
     ConvGeom gb = g;
     gb.N = 1, gb.H = rb.hi - rb.lo, gb.Ho = rb.oh1 - rb.oh0, gb.pt = g.pt + rb.lo - rb.oh0 * g.sh;
@@ -267,6 +267,28 @@ bool BlockPlan::run_banded(const T* x, T* y, float* sums, const ConvGeom& g, int
 }
 
 template <class T>
+void BlockPlan::pw(bool expand, const T* y, const float* cs, int act, const T* res, T* out, int64_t N, int64_t HW,
+                   int threads) const {
+  const float* w = expand ? ew_ : pw_;
+  const int64_t K = expand ? Cin_ : mid_, Co = expand ? mid_ : Co_;
+  const float* scale = expand ? es_ : ps_;
+  const float* bias = expand ? eb_ : pb_;
+  if constexpr (std::is_same<T, simd::bf16>::value) {
+    if (::effops::amx()) {
+      AmxPanels& p = *amx_;
+      std::call_once(p.once, [&] {
+        if (ew_) p.expand = pack_pw_amx(ew_, mid_, Cin_);
+        p.project = pack_pw_amx(pw_, Co_, mid_);
+      });
+      const std::vector<uint16_t>& panels = expand ? p.expand : p.project;
+      if (!panels.empty() && pw_forward_amx(y, panels.data(), cs, scale, bias, act, res, out, N, HW, K, Co, threads))
+        return;
+    }
+  }
+  pw_forward<T>(y, w, cs, scale, bias, act, res, out, N, HW, K, Co, threads);
+}
+
+template <class T>
 void BlockPlan::run_t(const T* x, T* out, const ConvGeom& g, int threads) const {
   Buffers& buf = t_buffers;
   const int64_t N = g.N, HWi = g.H * g.W, HWo = g.Ho * g.Wo;
@@ -281,7 +303,7 @@ void BlockPlan::run_t(const T* x, T* out, const ConvGeom& g, int threads) const 
     const T* h = x;
     if (ew_) {
       T* hb = static_cast<T*>(buf.h.get(sizeof(T) * N * HWi * mid_));
-      pw_forward<T>(x, ew_, nullptr, es_, eb_, eact_, nullptr, hb, N, HWi, Cin_, mid_, threads);
+      pw<T>(true, x, nullptr, eact_, nullptr, hb, N, HWi, threads);
       h = hb;
     }
     dw_forward<T>(h, taps_, ds_, db_, g, dact_, simd::kNone, y, sums, threads);
@@ -301,7 +323,7 @@ void BlockPlan::run_t(const T* x, T* out, const ConvGeom& g, int threads) const 
         gn[c] = round_to<T>(gate(dot(sew_ + c * R_, r, R_) + (seb_ ? seb_[c] : 0.f)));
     }
   }
-  pw_forward<T>(y, pw_, gates, ps_, pb_, pact_, residual_ ? x : nullptr, out, N, HWo, mid_, Co_, threads);
+  pw<T>(false, y, gates, pact_, residual_ ? x : nullptr, out, N, HWo, threads);
   buf.h.trim(), buf.y.trim();
 }
 

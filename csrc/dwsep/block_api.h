@@ -2,6 +2,8 @@
 // prepared once by python/effops/nn/_plan.py, and the call that runs the block on an input.
 #pragma once
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -52,6 +54,19 @@ class BlockPlan {
   template <class T>
   bool run_banded(const T* x, T* y, float* sums, const ConvGeom& g, int threads) const;
 
+  // The 1x1 conv y [M, K] -> out [M, Co] of the expand (w = ew_) or the projection (w = pw_):
+  // bf16 on the AMX tiles with the weights packed once (amx_), else pw_forward.
+  template <class T>
+  void pw(bool expand, const T* y, const float* cs, int act, const T* res, T* out, int64_t N, int64_t HW,
+          int threads) const;
+
+  // The expand and projection weights as AMX bf16 panels, packed at the first bf16 call with the
+  // AMX kernels on (a plan may run on several threads at once).
+  struct AmxPanels {
+    std::once_flag once;
+    std::vector<uint16_t> expand, project;
+  };
+  std::unique_ptr<AmxPanels> amx_ = std::make_unique<AmxPanels>();
   std::vector<Opt> arrays_;  // keeps every array alive
   std::vector<uintptr_t> sources_, copies_;
   std::vector<int64_t> nbytes_;

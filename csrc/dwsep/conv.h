@@ -5,6 +5,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "dwsep/simd.h"
 
@@ -48,6 +49,16 @@ template <class T>
 void pw_forward(const T* y, const Acc<T>* w, const Acc<T>* cs, const Acc<T>* scale,
                 const Acc<T>* bias, int act, const T* res, T* out, int64_t N, int64_t HW,
                 int64_t C, int64_t Co, int threads);
+
+// The AMX GEMM (gemm_amx.h) of bf16 activations with weights packed once: pack_pw_amx gives the
+// bf16-pair panels of w [Co][C] (empty while the AMX kernels are off: effops::amx()), and
+// pw_forward_amx runs pw_forward's bf16 GEMM on them (false, nothing written, when the AMX
+// kernels are off: the caller runs pw_forward). The SE scale cs scales the rows of y as they
+// are packed (never the weights).
+std::vector<uint16_t> pack_pw_amx(const float* w, int64_t Co, int64_t C);
+bool pw_forward_amx(const simd::bf16* y, const uint16_t* panels, const float* cs, const float* scale,
+                    const float* bias, int act, const simd::bf16* res, simd::bf16* out, int64_t N, int64_t HW,
+                    int64_t C, int64_t Co, int threads);
 
 // The fused depthwise-separable conv: depthwise stage (as dw_forward, with act applied to the
 // input when preact, else after the dw affine) straight into the pointwise stage (as pw_forward),

@@ -15,15 +15,15 @@
 // from bf16 activations with an even K and no SE scale, else from a packed [12][K2] tile. The tile (12 x 32 floats) and the epilogue are the float AVX-512 kernel's (gemm_core.h).
 #pragma once
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "dwsep/gemm_core.h"
 #include "dwsep/simd.h"
 
-#if EFFOPS_GEMM_X86 && (defined(__clang__) || __GNUC__ >= 10)
+#if EFFOPS_GEMM_X86 && EFFOPS_HAS_BF16_TARGET
 #define EFFOPS_HAS_BF16DOT 1
-#define EFFOPS_TARGET_BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
 #else
 #define EFFOPS_HAS_BF16DOT 0
 #endif
@@ -47,11 +47,12 @@ inline constexpr int kBfMR = 12;  // rows of A per tile
 inline constexpr int kBfNR = 32;  // output channels per panel (two zmm of float accumulators)
 
 // Weights [Co][K] float -> panels [P][K2][32][2] of bf16 bits, zero past Co and K (each k
-// scaled by cs[k] when given, see pack_panels).
+// scaled by cs[k] when given, see pack_panels). K2 = ceil(K / 2) pairs, or k2p >= that (the AMX
+// kernel's whole chunks, gemm_amx.h).
 template <class F>
 void pack_panels_bf16(const F* w, int64_t Co, int64_t K, int64_t p0, int64_t p1, uint16_t* bp,
-                      const F* cs = nullptr) {
-  const int64_t K2 = (K + 1) / 2;
+                      const F* cs = nullptr, int64_t k2p = 0) {
+  const int64_t K2 = std::max<int64_t>(k2p, (K + 1) / 2);
   constexpr int64_t kKB = 16;  // k's per block (8 pairs): blocked as pack_panels (gemm_core.h)
   for (int64_t p = p0; p < p1; ++p) {
     uint16_t* dst = bp + p * K2 * kBfNR * 2;

@@ -200,6 +200,9 @@ EFFOPS_INLINE void epilogue_fast(const F* tile, int mr, int64_t n0,
       if constexpr (std::is_same<T, F>::value) {
         if (r) val = val + G::load(r + n);
         std::memcpy(o + n, &val, sizeof val);
+      } else if constexpr (std::is_same<T, simd::bf16>::value) {
+        if (r) val = val + simd::loadv<V>(r + n);  // bf16 -> float exact, then one rounding
+        simd::storev(o + n, val);
       } else {
         for (int j = 0; j < G::L; ++j) {
           F s = val[j];

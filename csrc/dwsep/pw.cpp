@@ -16,6 +16,7 @@
 #include "common/parallel.h"
 #include "dwsep/conv.h"
 #include "dwsep/dw_core.h"
+#include "dwsep/gemm_amx.h"
 #include "dwsep/gemm_bf16.h"
 #include "dwsep/gemm_core.h"
 
@@ -196,6 +197,71 @@ EFFOPS_TARGET_BF16 void gemm_rows_bf16dot(const S* a, int64_t lda, int64_t m_beg
 }
 #endif
 
+#if EFFOPS_HAS_AMX
+// gemm_rows for bf16 rows with the AMX tiles (gemm_amx.h): blocks of 32 rows, A straight from
+// the activations (bf16 rows, no SE scale, 32 rows: only the K tail copied into a zero-padded
+// tile) or packed (SE scale, the last rows of a task: zero rows past them), the float tile
+// through the AVX-512 epilogue. bp: panels of k2p pairs (amx::panel_pairs(K)).
+template <class T>
+EFFOPS_TARGET_BF16 void gemm_rows_amx(const simd::bf16* a, int64_t lda, int64_t m_begin, int64_t m_end, int64_t K,
+                                      const float* cs, int64_t hw, const uint16_t* bp, int64_t k2p, int64_t Co,
+                                      const float* scale, const float* bias, int act, const T* res, T* out,
+                                      int64_t ldo, std::vector<uint16_t>& ap, int64_t p_begin = 0,
+                                      int64_t p_end = -1) {
+  using G = typename TileFor<float, kV4>::type;
+  static_assert(G::NR == kBfNR, "the AMX block is 32 channels: the float AVX-512 tile's width");
+  constexpr int64_t R = amx::kRows, KC = amx::kKChunk;
+  const int64_t kc = k2p * 2 / KC, kfull = K / KC, Kp = kc * KC;
+  alignas(64) float tile[R * kBfNR];
+  alignas(64) uint16_t tail[R * KC];
+  ap.resize(static_cast<size_t>(R * Kp));
+  const int64_t panels = p_end < 0 ? (Co + kBfNR - 1) / kBfNR : p_end;
+  amx::configure();
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += R) {
+    const int mr = static_cast<int>(std::min<int64_t>(R, m_end - m0));
+    const uint16_t* at;
+    int64_t as, kf;
+    if (!cs && mr == R) {
+      at = &(a + m0 * lda)->bits, as = lda * 2, kf = kfull;
+      if (kf < kc) {
+        for (int64_t i = 0; i < R; ++i) {
+          const uint16_t* row = at + i * lda + kf * KC;
+          uint16_t* d = tail + i * KC;
+          int64_t k = 0;
+          for (; k < K - kf * KC; ++k) d[k] = row[k];
+          for (; k < KC; ++k) d[k] = 0;
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < R; ++i) {
+        uint16_t* d = ap.data() + i * Kp;
+        int64_t k = 0;
+        if (i < mr) {
+          const simd::bf16* row = a + (m0 + i) * lda;
+          const float* c = cs ? cs + ((m0 + i) / hw) * K : nullptr;
+          for (; k + 16 <= K; k += 16) {
+            simd::vf v = simd::loadv<simd::vf>(row + k);
+            if (c) v = v * simd::loadv<simd::vf>(c + k);
+            simd::storev(reinterpret_cast<simd::bf16*>(d + k), v);
+          }
+          for (; k < K; ++k) d[k] = c ? bf16_bits_of(simd::to_f(row[k]) * c[k]) : row[k].bits;
+        }
+        for (; k < Kp; ++k) d[k] = 0;
+      }
+      at = ap.data(), as = Kp * 2, kf = kc;
+    }
+    for (int64_t p = p_begin; p < panels; ++p) {
+      amx::block(at, as, kf, tail, kc, bp + p * k2p * 2 * kBfNR, tile);
+      with_epilogue_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
+        epilogue_fast<G, A()>(tile, mr, p * kBfNR, Co, scale, bias, res ? res + (m0 - m_begin) * ldo : nullptr,
+                              out + (m0 - m_begin) * ldo, ldo, act);
+      });
+    }
+  }
+  amx::release();
+}
+#endif
+
 // ---------------------------------------------------------------- pointwise
 template <class T>
 struct PwArgs {
@@ -209,6 +275,7 @@ struct PwArgs {
   T* out;
   int64_t HW, C, Co, M, rpt;
   const uint16_t* bpb = nullptr;  // bf16-pair weight panels: the vdpbf16ps GEMM (gemm_bf16.h)
+  int64_t k2p = 0;                // > 0: bpb has k2p pairs per panel, for the AMX GEMM (gemm_amx.h)
   int64_t groups = 1, ppt = 0;    // a task: rows [rpt * (t / groups), ...) x panels ppt * (t % groups) + [0, ppt)
   // The transposed small-M GEMM (pwt_task_body): the weights as they are, the pixels packed.
   const Acc<T>* w = nullptr;
@@ -230,6 +297,11 @@ EFFOPS_INLINE void pw_task_body(const PwArgs<T>& a, int64_t task) {
   if constexpr (I == kV4 && std::is_same<T, simd::bf16>::value) {
     if (a.bpb) {
       thread_local std::vector<uint16_t> apb;
+#if EFFOPS_HAS_AMX
+      if (a.k2p)
+        return gemm_rows_amx(a.y, a.C, m0, m1, a.C, a.cs, a.HW, a.bpb, a.k2p, a.Co, a.scale, a.bias, a.act,
+                             a.res ? a.res + m0 * a.Co : nullptr, a.out + m0 * a.Co, a.Co, apb, p0, pe);
+#endif
       return gemm_rows_bf16dot(a.y, a.C, m0, m1, a.C, a.cs, a.HW, a.bpb, a.Co, a.scale, a.bias, a.act,
                                a.res ? a.res + m0 * a.Co : nullptr, a.out + m0 * a.Co, a.Co, apb, p0, pe);
     }
@@ -464,18 +536,19 @@ F* pack_parallel(const S* src, int64_t rows, int64_t K, int threads, std::vector
 // were over half the time of EfficientNet's late 1x1 convs (K = 1152, 49 pixels). The weights are
 // packed on every call, not cached: the parameters they come from may have been written in place
 // (cached copies would need a check that reads them all anyway).
+// k2p > 0: bf16 panels of k2p pairs (the AMX GEMM's whole chunks).
 template <Isa I, class T>
 void pack_gemm_weights(const Acc<T>* w, int64_t Co, int64_t K, int threads, const Acc<T>*& bp,
-                       const uint16_t*& bpb, const Acc<T>* cs = nullptr) {
+                       const uint16_t*& bpb, const Acc<T>* cs = nullptr, int64_t k2p = 0) {
   using F = Acc<T>;
   using G = typename TileFor<F, I>::type;
   if (use_bf16dot<I, T>()) {
-    const int64_t panels = (Co + kBfNR - 1) / kBfNR;
+    const int64_t panels = (Co + kBfNR - 1) / kBfNR, pairs = std::max<int64_t>(k2p, (K + 1) / 2);
     const int workers = K * Co < (int64_t(1) << 16) ? 1 : max_workers(panels, threads);
     thread_local std::vector<uint16_t> buf;
-    buf.resize(static_cast<size_t>(panels * ((K + 1) / 2) * kBfNR * 2));
+    buf.resize(static_cast<size_t>(panels * pairs * kBfNR * 2));
     uint16_t* d = buf.data();
-    parallel_for(panels, workers, [&](int64_t p, int) { pack_panels_bf16(w, Co, K, p, p + 1, d, cs); });
+    parallel_for(panels, workers, [&](int64_t p, int) { pack_panels_bf16(w, Co, K, p, p + 1, d, cs, pairs); });
     bpb = d, bp = nullptr;
   } else {
     thread_local std::vector<F> buf;
@@ -484,10 +557,12 @@ void pack_gemm_weights(const Acc<T>* w, int64_t Co, int64_t K, int threads, cons
 }
 
 template <Isa I, class T>
+void pw_launch(PwArgs<T> a, int threads);
+
+template <Isa I, class T>
 void pw_run(PwArgs<T> a, const Acc<T>* w, int threads) {
   using F = Acc<T>;
   using G = typename TileFor<F, I>::type;
-  std::vector<F> scale, bias;
   // The transposed GEMM packs the pixels (M * C) instead of the weights (Co * C) but stores the
   // output with stride Co (M * Co scattered stores): taken where that is less work and the
   // pixels' panels are L2-sized (at batch 1: 1152 -> 192 at 7x7 202 -> 151 us, 320 -> 1280 342 ->
@@ -509,14 +584,27 @@ void pw_run(PwArgs<T> a, const Acc<T>* w, int threads) {
   // One image: its SE channel scale goes into the weights (packed anyway), so the rows of A need
   // no packing pass (at batch 1 that pass cost about as much as the GEMM of a late 1x1 conv).
   const F* cs_w = a.cs && a.M == a.HW ? a.cs : nullptr;
-  pack_gemm_weights<I, T>(w, a.Co, a.C, threads, a.bp, a.bpb, cs_w);
+  if (use_bf16dot<I, T>() && ::effops::amx()) a.k2p = amx::panel_pairs(a.C);
+  pack_gemm_weights<I, T>(w, a.Co, a.C, threads, a.bp, a.bpb, cs_w, a.k2p);
   if (cs_w) a.cs = nullptr;
+  pw_launch<I>(a, threads);
+}
+
+// The packed-weight GEMM's tasks (weights in a.bp or a.bpb).
+template <Isa I, class T>
+void pw_launch(PwArgs<T> a, int threads) {
+  using F = Acc<T>;
+  using G = typename TileFor<F, I>::type;
+  std::vector<F> scale, bias;
+  const bool tiles = a.k2p > 0;
   pad_channels<G>(a.scale, a.Co, scale);
   pad_channels<G>(a.bias, a.Co, bias);
   a.scale = a.scale ? scale.data() : nullptr;
   a.bias = a.bias ? bias.data() : nullptr;
-  // ~8 microkernel tiles of rows per task
-  a.rpt = std::max<int64_t>(G::MR, std::min<int64_t>(8 * G::MR, (a.M + 4 * threads - 1) / (4 * threads)));
+  // ~8 microkernel tiles of rows per task (AMX: whole 32-row blocks, up to 8)
+  const int64_t mr = tiles ? int64_t(amx::kRows) : int64_t(G::MR);
+  a.rpt = std::max<int64_t>(mr, std::min<int64_t>(8 * mr, (a.M + 4 * threads - 1) / (4 * threads)));
+  if (tiles) a.rpt = (a.rpt + mr - 1) / mr * mr;
   const int64_t row_tasks = (a.M + a.rpt - 1) / a.rpt;
   // Few rows (batch 1, 7x7 or 14x14 maps: 5-17 row tiles): the output channels are split too, so
   // the threads get enough tasks to balance (5 tasks on 2 threads left one idle a fifth of the time).
@@ -574,6 +662,36 @@ void pw_forward(const T* y, const Acc<T>* w, const Acc<T>* cs, const Acc<T>* sca
     }
   }
   return pw_run<kBase>(a, w, threads);
+}
+
+std::vector<uint16_t> pack_pw_amx(const float* w, int64_t Co, int64_t C) {
+  std::vector<uint16_t> panels;
+#if EFFOPS_HAS_AMX
+  if (!::effops::amx()) return panels;
+  const int64_t np = (Co + kBfNR - 1) / kBfNR, pairs = amx::panel_pairs(C);
+  panels.resize(static_cast<size_t>(np * pairs * kBfNR * 2));
+  pack_panels_bf16(w, Co, C, 0, np, panels.data(), static_cast<const float*>(nullptr), pairs);
+#else
+  (void)w, (void)Co, (void)C;
+#endif
+  return panels;
+}
+
+bool pw_forward_amx(const simd::bf16* y, const uint16_t* panels, const float* cs, const float* scale,
+                    const float* bias, int act, const simd::bf16* res, simd::bf16* out, int64_t N, int64_t HW,
+                    int64_t C, int64_t Co, int threads) {
+#if EFFOPS_HAS_AMX
+  if (!::effops::amx()) return false;
+  PwArgs<simd::bf16> a{y, nullptr, cs, scale, bias, act, res, out, HW, C, Co, N * HW, 0};
+  if (a.M == 0 || Co == 0) return true;
+  a.bpb = panels, a.k2p = amx::panel_pairs(C);
+  pw_launch<kV4>(a, threads_for(double(a.M) * C * Co, threads));
+  return true;
+#else
+  (void)y, (void)panels, (void)cs, (void)scale, (void)bias, (void)act, (void)res, (void)out, (void)N, (void)HW;
+  (void)C, (void)Co, (void)threads;
+  return false;
+#endif
 }
 
 template <class T>

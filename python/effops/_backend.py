@@ -186,6 +186,39 @@ def use_isa(level: Optional[str]) -> Iterator[str]:
         set_isa(before)
 
 
+def amx() -> bool:
+    """Whether the bf16 pointwise GEMMs run on the AMX tiles now: the CPU has AMX-TILE and
+    AMX-BF16, Linux granted the tile state, the level is 'avx512', and ``set_amx`` has not turned
+    them off."""
+    return bool(_C_module.amx()) if _C is not None else False
+
+
+_AMX_ON = [True]  # what set_amx last asked for (amx() also depends on the CPU and the level)
+
+
+def set_amx(on: bool) -> bool:
+    """Turn the AMX bf16 kernels on or off (``EFFOPS_AMX=0`` turns them off at import); returns
+    whether they run now (never on a CPU without AMX). Off, bf16 1x1 convs run the AVX512_BF16
+    (vdpbf16ps) or float GEMM. Process-wide: call it between ops."""
+    if not isinstance(on, bool):
+        raise TypeError(f"set_amx: on must be a bool, got {type(on).__name__}")
+    _AMX_ON[0] = on
+    return bool(_C_module.set_amx(on)) if _C is not None else False
+
+
+@contextlib.contextmanager
+def use_amx(on: bool) -> Iterator[bool]:
+    """``with effops.use_amx(False):`` runs the block without the AMX kernels."""
+    before = _AMX_ON[0]
+    try:
+        yield set_amx(on)
+    finally:
+        set_amx(before)
+
+
+if _C is not None and os.environ.get("EFFOPS_AMX", "").strip() in ("0", "off", "false", "no"):
+    set_amx(False)
+
 if _C is not None and os.environ.get("EFFOPS_ISA", "").strip():
     try:
         set_isa(os.environ["EFFOPS_ISA"])

@@ -192,16 +192,22 @@ def _tensor_key(src):
 def block_forward(cache: dict, x: Tensor, expand_conv, expand_bn, expand_act, dw_conv, dw_bn, dw_act, padding,
                   se, proj_conv, proj_bn, proj_act, skip: bool) -> Optional[Tensor]:
     """The block's output via its plan, or None where the plan does not apply (the caller runs
-    its op-by-op path): not a plain CPU float32/bfloat16 channels_last inference call, a BN in
+    its op-by-op path): not a plain CPU float32/bfloat16 channels_last inference call (under CPU
+    bf16 autocast the input is cast to bf16 and the block runs in bf16, as the op path's casts
+    do; autocast to another dtype takes the op path), a BN in
     training mode, hooks on the SE convs (the op path calls them), an SE the C++ MLP does not
     reproduce. Under torch.compile (not torch.export) the block becomes one effops::mbconv_block
     op in the graph, so a compiled effops model runs the same one call per block as eager."""
     if torch.compiler.is_compiling():
         # exported programs keep the standard ops (ONNX, other runtimes); the op runs the CPU kernels
         if (torch.compiler.is_exporting() or not x.is_cpu or x.dtype not in _FAST or x.dim() != 4
-                or not x.is_contiguous(memory_format=torch.channels_last) or torch.is_autocast_enabled("cpu")
+                or not x.is_contiguous(memory_format=torch.channels_last)
                 or _backend._C is None or _backend.forced_backend() not in (None, "cpu")):
             return None
+        if torch.is_autocast_enabled("cpu"):
+            if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+                return None
+            x = x.to(torch.bfloat16)
         N, _, H, W = x.shape
         st = _structure(expand_conv, expand_bn, expand_act, dw_conv, dw_bn, dw_act, padding, se, proj_conv, proj_bn,
                         proj_act, skip)
@@ -215,10 +221,14 @@ def block_forward(cache: dict, x: Tensor, expand_conv, expand_bn, expand_act, dw
         return _block_op(x, src, ints + list(cg.pad), eps)
     # Eager: the cheap checks every call, the full validation (_structure) once per key.
     if (type(x) is not Tensor or not x.is_cpu or x.dtype not in _FAST or x.dim() != 4
-            or not x.is_contiguous(memory_format=torch.channels_last) or torch.is_autocast_enabled("cpu")
+            or not x.is_contiguous(memory_format=torch.channels_last)
             or _get_current_dispatch_mode() is not None or _backend._C is None
             or _backend.forced_backend() not in (None, "cpu")):
         return None
+    if torch.is_autocast_enabled("cpu"):  # bf16 autocast: the block in bf16, as the op path casts it
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+            return None
+        x = x.to(torch.bfloat16)
     N, _, H, W = x.shape
     for bn in (expand_bn, dw_bn, proj_bn):
         if bn is not None and bn.training:
