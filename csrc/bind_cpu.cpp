@@ -70,6 +70,8 @@ NB_MODULE(_C, m) {
            "threads"_a, release)
       .def("output_hw", &effops::dwsep::BlockPlan::output_hw, "H"_a, "W"_a, "pt"_a, "pb"_a, "pl"_a, "pr"_a)
       .def("unchanged", &effops::dwsep::BlockPlan::unchanged)
+      .def("watch_in_place", &effops::dwsep::BlockPlan::watch_in_place, "expand"_a, "project"_a,
+           "The expand / projection weights are parameters read in place: snapshot them when packed for AMX")
       .def_prop_rw("fuse_bytes", &effops::dwsep::BlockPlan::fuse_bytes, &effops::dwsep::BlockPlan::set_fuse_bytes,
                    "Band the expand and depthwise convs when one image's expanded map is over this (< 0: never)")
       .def_prop_rw("band_bytes", &effops::dwsep::BlockPlan::band_bytes, &effops::dwsep::BlockPlan::set_band_bytes,

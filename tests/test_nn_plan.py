@@ -145,6 +145,23 @@ def test_plan_amx_toggled_between_calls():
     torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("which", ["conv_pw", "conv_pwl"])
+def test_autocast_plan_sees_data_writes_to_float_weights(which, op_path):
+    """Under bf16 autocast a float32 block's plan packs its 1x1 weights for AMX once: a copy of
+    weights it otherwise reads in place. A write through .data (no version bump; timm's ModelEma)
+    must still reach the result: the plan watches those weights' bytes and prepares again."""
+    m = _small_block(13)
+    x = _cl(torch.randn(2, 8, 9, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = m(x)
+        getattr(m, which).weight.data.mul_(-1.5)
+        got = m(x)
+        with op_path():
+            want = m(x)
+    assert not torch.equal(got, first)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_amx_api():
     assert isinstance(effops.amx(), bool)
     with effops.use_amx(False):

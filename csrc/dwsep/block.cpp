@@ -175,6 +175,13 @@ bool BlockPlan::unchanged() const {
     if (nbytes_[i] && std::memcmp(reinterpret_cast<const void*>(sources_[i]), reinterpret_cast<const void*>(copies_[i]),
                                   static_cast<size_t>(nbytes_[i])) != 0)
       return false;
+  const AmxPanels& a = *amx_;
+  if (a.packed.load(std::memory_order_acquire)) {
+    if (!a.expand_snap.empty() && std::memcmp(ew_, a.expand_snap.data(), sizeof(float) * a.expand_snap.size()) != 0)
+      return false;
+    if (!a.project_snap.empty() && std::memcmp(pw_, a.project_snap.data(), sizeof(float) * a.project_snap.size()) != 0)
+      return false;
+  }
   return true;
 }
 
@@ -279,6 +286,9 @@ void BlockPlan::pw(bool expand, const T* y, const float* cs, int act, const T* r
       std::call_once(p.once, [&] {
         if (ew_) p.expand = pack_pw_amx(ew_, mid_, Cin_);
         p.project = pack_pw_amx(pw_, Co_, mid_);
+        if (ew_ && p.watch_expand && !p.expand.empty()) p.expand_snap.assign(ew_, ew_ + mid_ * Cin_);
+        if (p.watch_project && !p.project.empty()) p.project_snap.assign(pw_, pw_ + Co_ * mid_);
+        p.packed.store(true, std::memory_order_release);
       });
       const std::vector<uint16_t>& panels = expand ? p.expand : p.project;
       if (!panels.empty() && pw_forward_amx(y, panels.data(), cs, scale, bias, act, res, out, N, HW, K, Co, threads))

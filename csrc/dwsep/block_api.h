@@ -2,6 +2,7 @@
 // prepared once by python/effops/nn/_plan.py, and the call that runs the block on an input.
 #pragma once
 #include <cstdint>
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -38,6 +39,8 @@ class BlockPlan {
   // [Ho, Wo] of an H x W input with these pads.
   std::vector<int64_t> output_hw(int64_t H, int64_t W, int64_t pt, int64_t pb, int64_t pl, int64_t pr) const;
   bool unchanged() const;
+  // The expand / projection weights are the caller's parameters read in place (not copies).
+  void watch_in_place(bool expand, bool project) { amx_->watch_expand = expand, amx_->watch_project = project; }
   // The banded expand -> depthwise path (block.cpp): taken when one image's expanded map is over
   // fuse_bytes, with bands of about band_bytes of expanded rows. Tunable (the tests force many
   // small bands); fuse_bytes < 0 never bands.
@@ -61,10 +64,16 @@ class BlockPlan {
           int threads) const;
 
   // The expand and projection weights as AMX bf16 panels, packed at the first bf16 call with the
-  // AMX kernels on (a plan may run on several threads at once).
+  // AMX kernels on (a plan may run on several threads at once). A weight the plan reads in place
+  // (a float32 parameter, watch_in_place) is snapshotted when packed, and unchanged() compares
+  // it from then on: the panels are a copy, and a write through .data bypasses the version
+  // counter (timm's ModelEma writes so).
   struct AmxPanels {
     std::once_flag once;
     std::vector<uint16_t> expand, project;
+    bool watch_expand = false, watch_project = false;
+    std::vector<float> expand_snap, project_snap;
+    std::atomic<bool> packed{false};
   };
   std::unique_ptr<AmxPanels> amx_ = std::make_unique<AmxPanels>();
   std::vector<Opt> arrays_;  // keeps every array alive

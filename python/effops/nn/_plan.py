@@ -319,6 +319,9 @@ def _prepare(key, src, ints, eps):
         cap(se_args[0]), cap(se_args[1]), se_args[2], cap(se_args[3]), cap(se_args[4]), se_args[5], cap(pw), cap(ps),
         cap(pb), pa, bool(skip), [t.data_ptr() for t in sources], [t.data_ptr() for t in copies],
         [t.numel() * t.element_size() for t in sources])
+    # AMX panels of a weight read in place are a copy: the plan then watches that weight's bytes
+    src_ptrs = {t.data_ptr() for t in src if t is not None}
+    p.c.watch_in_place(ew is not None and ew.data_ptr() in src_ptrs, pw.data_ptr() in src_ptrs)
     p.keep = (arrays, sources, copies)
     p.geo = {}
     p.co = pw.shape[0]
