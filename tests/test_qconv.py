@@ -138,6 +138,29 @@ def test_q_pw_conv_bit_exact(case, level):
     assert ref.float().std() > 0 or PW_CASES[case][7] == "saturate"  # not a degenerate (constant) case
 
 
+AMX_PW_CASES = [  # big enough for 32-row blocks inside each task (the cases above give a task <= 32 rows)
+    # N, C, Co, H, W, x_zp, out_zp, mult, bias, act, gate, residual
+    (2, 40, 240, 14, 14, 7, 128, "rand", "int", "none", False, False),    # K < 64: the K tail only
+    (2, 144, 72, 14, 14, 128, 120, "rand", "int", "none", True, True),   # 2 chunks + a 16-k tail, SE, residual
+    (1, 96, 24, 28, 28, 3, 100, "rand", "int", "lut", False, False),     # the activation table
+    (1, 1152, 200, 20, 20, 90, 128, "rand", "wrap", "clamp", False, True),  # whole chunks, a partial panel
+    (3, 67, 33, 13, 11, 255, 0, "rand", "int", "none", True, False),      # odd K and Co, rows past whole blocks
+]
+
+
+@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("case", range(len(AMX_PW_CASES)))
+def test_q_pw_conv_amx_bit_exact(case, amx):
+    """On CPUs with AMX-INT8 the level-2 GEMM runs on the tiles (tdpbusd; with it off, or on other
+    CPUs, the vpdpbusd / scalar paths): the same integers as the reference either way."""
+    x, w, b, kw = _pw_case(case + 1, *AMX_PW_CASES[case])
+    ref = _run("reference", Q.q_pw_conv, x, w, b, **kw)
+    with effops.use_amx(amx):
+        out = _run("cpu", Q.q_pw_conv, x, w, b, **kw)
+    assert torch.equal(out, ref)
+    assert ref.float().std() > 0
+
+
 DWSEP_CASES = [
     # N, C, Co, H, W, k, stride, padding, residual
     (2, 1, 3, 5, 7, 3, 1, "same", False),

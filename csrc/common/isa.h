@@ -82,20 +82,22 @@ inline bool cpu_has_avxvnni() {
 #else
 #define EFFOPS_HAS_AMX_ASM 0
 #endif
-inline bool cpu_has_amx_bf16() {
+// CPUID leaf 7 EDX: bit 24 AMX-TILE, 22 AMX-BF16, 25 AMX-INT8 (0 without AMX or the permission).
+inline unsigned amx_features() {
 #if EFFOPS_HAS_AMX_ASM
-  static const bool has = [] {
+  static const unsigned f = [] {
     unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1u)) return 0u;
     constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;  // <asm/prctl.h>, the kernel's xfeature number
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0 ? d : 0u;
   }();
-  return has;
+  return f;
 #else
-  return false;
+  return 0;
 #endif
 }
+inline bool cpu_has_amx_bf16() { return (amx_features() >> 22) & 1u; }
+inline bool cpu_has_amx_int8() { return (amx_features() >> 25) & 1u; }
 
 // The cap set by set_isa(); one definition across translation units (inline variable).
 inline std::atomic<int> g_isa_cap{kV4};
@@ -119,6 +121,10 @@ inline int set_isa(int level) {
 // (their epilogues are the AVX-512 ones; set_isa below it turns them off too).
 inline bool amx() {
   return g_amx_on.load(std::memory_order_relaxed) && isa() == kV4 && cpu_has_amx_bf16();
+}
+// The AMX int8 GEMM (qconv/qpw.cpp) runs: as amx(), with AMX-INT8.
+inline bool amx_int8() {
+  return g_amx_on.load(std::memory_order_relaxed) && isa() == kV4 && cpu_has_amx_int8();
 }
 inline bool set_amx(bool on) {
   g_amx_on.store(on, std::memory_order_relaxed);

@@ -17,14 +17,13 @@
 // or from a packed buffer), two B tiles, four float accumulator tiles (tmm0-3), stored to a
 // [32][32] float tile for the float AVX-512 epilogue (gemm_core.h).
 //
-// The tile instructions are emitted as inline assembly (with a memory clobber: GCC's
-// <amxtileintrin.h> macros declare no memory effects, so the compiler could move the packing
-// stores past a tile load), so no compiler flag or target attribute is needed; the CPU check and
-// the Linux permission request (arch_prctl ARCH_REQ_XCOMP_PERM for the tile data state, without
-// which the first tile instruction faults) are in common/isa.h (cpu_has_amx_bf16, amx()).
+// The tile configuration and instructions: common/amx.h; the CPU check and the Linux permission
+// request (arch_prctl ARCH_REQ_XCOMP_PERM for the tile data state, without which the first tile
+// instruction faults): common/isa.h (cpu_has_amx_bf16, amx()).
 #pragma once
 #include <cstdint>
 
+#include "common/amx.h"
 #include "common/isa.h"
 #include "dwsep/gemm_bf16.h"
 
@@ -43,30 +42,8 @@ inline constexpr int kKChunk = 32; // k's per tile (16 bf16 pairs, 64 bytes a ro
 inline int64_t panel_pairs(int64_t K) { return (K + kKChunk - 1) / kKChunk * (kKChunk / 2); }
 
 #if EFFOPS_HAS_AMX
-#define EFFOPS_TILE_LOAD(t, base, stride) \
-  __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
-#define EFFOPS_TILE_STORE(t, base, stride) \
-  __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
-#define EFFOPS_TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
-// tmm c += tmm a (16 x 32 bf16) x tmm b (16 x 16 bf16 pairs)
-#define EFFOPS_TILE_DPBF16(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
-
-// The tile configuration (palette 1): tmm0-7 all 16 rows x 64 bytes.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Configure this thread's tiles (before a task's first block); release() after its last (a
-// thread holding tile state makes every context switch save 8 KB more).
-inline void configure() {
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
-  __asm__ volatile("ldtilecfg (%0)" ::"r"(&c) : "memory");
-}
-inline void release() { __asm__ volatile("tilerelease" ::: "memory"); }
+using ::effops::tiles::configure;
+using ::effops::tiles::release;
 
 // c[32][32] (row stride 32 floats) = the 32 rows of A times the panel b, over kc chunks of 32
 // k's: chunks [0, kf) from a (row stride as bytes), chunk kf (when kf < kc: the K tail) from
@@ -96,10 +73,6 @@ inline void block(const uint16_t* a, int64_t as, int64_t kf, const uint16_t* tai
   EFFOPS_TILE_STORE(2, c + 16 * 32, 128);
   EFFOPS_TILE_STORE(3, c + 16 * 32 + 16, 128);
 }
-#undef EFFOPS_TILE_LOAD
-#undef EFFOPS_TILE_STORE
-#undef EFFOPS_TILE_ZERO
-#undef EFFOPS_TILE_DPBF16
 #endif
 
 }  // namespace effops::dwsep::amx

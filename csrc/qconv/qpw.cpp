@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/parallel.h"
+#include "common/amx.h"
 #include "qconv/qcore.h"
 
 namespace effops::qconv {
@@ -107,6 +108,35 @@ void gemm_scalar(const PwPrep& p, const int8_t* w, const uint8_t* a, int64_t lda
 }
 
 #if EFFOPS_X86
+// The AVX-512 requantising epilogue's constants, and its 16 output channels of one row: acc (the
+// int32 sums with the bias) -> codes, masked to the channels below Co.
+struct Epi512 {
+  __m512i ozp, qmin, qmax, rzp;
+  __m512 lo, hi, rm;
+  Lut512 L;
+};
+QT512 inline Epi512 epi512(const Epilogue& e, const Residual& res) {
+  return {_mm512_set1_epi32(e.zp), _mm512_set1_epi32(e.qmin), _mm512_set1_epi32(e.qmax), _mm512_set1_epi32(res.zp),
+          _mm512_set1_ps(-kClamp), _mm512_set1_ps(kClamp), _mm512_set1_ps(res.mult),
+          e.lut ? lut512_load(e.lut) : Lut512{}};
+}
+QT512 inline void finish_512(const Epi512& c, const Epilogue& e, __m512i acc, __m512 mult, __mmask16 m,
+                             const uint8_t* rr, uint8_t* o) {
+  __m512 v = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(acc, kRne), mult);
+  v = _mm512_min_ps(_mm512_max_ps(v, c.lo), c.hi);
+  __m512i q = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, kRne), c.ozp);
+  if (rr) {
+    const __m512i r = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, rr)), c.rzp);
+    __m512 rv = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(r, kRne), c.rm);
+    rv = _mm512_min_ps(_mm512_max_ps(rv, c.lo), c.hi);
+    q = _mm512_add_epi32(q, _mm512_cvt_roundps_epi32(rv, kRne));
+  }
+  q = _mm512_min_epi32(_mm512_max_epi32(q, c.qmin), c.qmax);
+  __m128i b = _mm512_cvtepi32_epi8(q);
+  if (e.lut) b = lut512_apply(c.L, b);
+  _mm_mask_storeu_epi8(o, m, b);
+}
+
 template <int MR, int NJ>
 QT512 void tile_512(const PwPrep& p, int64_t panel, const uint8_t* a, int64_t lda, const Epilogue& e,
                     const Residual& res, const uint8_t* rr, uint8_t* out) {
@@ -134,33 +164,98 @@ QT512 void tile_512(const PwPrep& p, int64_t panel, const uint8_t* a, int64_t ld
       for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, b[j]);
     }
   }
-  const __m512i ozp = _mm512_set1_epi32(e.zp), qmin = _mm512_set1_epi32(e.qmin), qmax = _mm512_set1_epi32(e.qmax);
-  const __m512 lo = _mm512_set1_ps(-kClamp), hi = _mm512_set1_ps(kClamp);
-  const __m512i rzp = _mm512_set1_epi32(res.zp);
-  const __m512 rm = _mm512_set1_ps(res.mult);
-  const Lut512 L = e.lut ? lut512_load(e.lut) : Lut512{};
+  const Epi512 c = epi512(e, res);
   for (int j = 0; j < NJ; ++j) {
     const int64_t co = c0 + j * 16;
     if (co >= Co) break;
     const __mmask16 m = Co - co >= 16 ? __mmask16(0xffff) : __mmask16((1u << (Co - co)) - 1);
     const __m512 mult = _mm512_loadu_ps(&p.mult[co]);
-    for (int i = 0; i < MR; ++i) {
-      __m512 v = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(acc[i][j], kRne), mult);
-      v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-      __m512i q = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, kRne), ozp);
-      if (rr) {
-        const __m512i r = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, rr + i * Co + co)), rzp);
-        __m512 rv = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(r, kRne), rm);
-        rv = _mm512_min_ps(_mm512_max_ps(rv, lo), hi);
-        q = _mm512_add_epi32(q, _mm512_cvt_roundps_epi32(rv, kRne));
-      }
-      q = _mm512_min_epi32(_mm512_max_epi32(q, qmin), qmax);
-      __m128i b = _mm512_cvtepi32_epi8(q);
-      if (e.lut) b = lut512_apply(L, b);
-      _mm_mask_storeu_epi8(out + i * Co + co, m, b);
-    }
+    for (int i = 0; i < MR; ++i) finish_512(c, e, acc[i][j], mult, m, rr ? rr + i * Co + co : nullptr, out + i * Co + co);
   }
 }
+
+#if EFFOPS_HAS_AMX_ASM
+// Rows [0, M) on the AMX tiles (tdpbusd: 16 rows x 64 uint8 of A times 16 quads x 16 channels of
+// int8 B, 1024 x 16 multiply-adds per instruction), in blocks of 32 rows x 32 channels: two A
+// tiles (straight from the rows with their stride, or from a zero-padded copy for the last rows
+// of a call; the K tail past whole 64-k chunks always from a zero-padded copy), two B tiles
+// (the level-2 panels [K4 / 4][64][4] read as 16 quads x 64 bytes with a 256-byte stride; the
+// last chunk from a zero-padded copy of each panel's tail quads), four int32 tiles, stored to a
+// buffer and finished by the AVX-512 epilogue with the bias added there. int32 sums wrap as
+// vpdpbusd's do, in any order: the same integers as tile_512.
+QT512 void gemm_amx(const PwPrep& p, const uint8_t* a, int64_t lda, int64_t M, const Epilogue& e, const Residual& res,
+                    const uint8_t* rr, uint8_t* out) {
+  constexpr int64_t R = 32, KC = 64, QB = 256;  // rows per block, k's per chunk, bytes per quad row
+  const int64_t K = p.K, Co = p.Co, KQ = p.K4 / 4, kc = (K + KC - 1) / KC, kfull = K / KC;
+  thread_local std::vector<int8_t> btail;
+  thread_local std::vector<uint8_t> abuf;
+  if (kfull < kc) {
+    btail.assign(static_cast<size_t>(p.panels * 16 * QB), 0);
+    for (int64_t panel = 0; panel < p.panels; ++panel)
+      std::memcpy(btail.data() + panel * 16 * QB, p.packed + panel * p.K4 * 64 + kfull * 16 * QB,
+                  static_cast<size_t>((KQ - kfull * 16) * QB));
+  }
+  alignas(64) uint8_t atail[R * KC];
+  alignas(64) int32_t cbuf[R * 32];
+  const Epi512 c = epi512(e, res);
+  tiles::configure();
+  for (int64_t m0 = 0; m0 < M; m0 += R) {
+    const int mr = static_cast<int>(std::min<int64_t>(R, M - m0));
+    const uint8_t* at;
+    int64_t as, kf;
+    if (mr == R) {
+      at = a + m0 * lda, as = lda, kf = kfull;
+      if (kf < kc)
+        for (int64_t i = 0; i < R; ++i) {
+          std::memset(atail + i * KC, 0, KC);
+          std::memcpy(atail + i * KC, at + i * lda + kf * KC, static_cast<size_t>(K - kf * KC));
+        }
+    } else {
+      abuf.assign(static_cast<size_t>(R * kc * KC), 0);
+      for (int i = 0; i < mr; ++i) std::memcpy(abuf.data() + i * kc * KC, a + (m0 + i) * lda, static_cast<size_t>(K));
+      at = abuf.data(), as = kc * KC, kf = kc;
+    }
+    for (int64_t panel = 0; panel < p.panels; ++panel)
+      for (int64_t h = 0; h < 2; ++h) {
+        const int64_t c0 = panel * 64 + h * 32;
+        if (c0 >= Co) break;
+        EFFOPS_TILE_ZERO(0);
+        EFFOPS_TILE_ZERO(1);
+        EFFOPS_TILE_ZERO(2);
+        EFFOPS_TILE_ZERO(3);
+        for (int64_t k = 0; k < kc; ++k) {
+          const uint8_t* ak = k < kf ? at + k * KC : atail;
+          const int64_t s = k < kf ? as : KC;
+          const int8_t* bk = (k < kfull ? p.packed + panel * p.K4 * 64 + k * 16 * QB : btail.data() + panel * 16 * QB) +
+                             h * 128;
+          EFFOPS_TILE_LOAD(4, ak, s);
+          EFFOPS_TILE_LOAD(5, ak + 16 * s, s);
+          EFFOPS_TILE_LOAD(6, bk, QB);
+          EFFOPS_TILE_LOAD(7, bk + 64, QB);
+          EFFOPS_TILE_DPBUSD(0, 4, 6);
+          EFFOPS_TILE_DPBUSD(1, 4, 7);
+          EFFOPS_TILE_DPBUSD(2, 5, 6);
+          EFFOPS_TILE_DPBUSD(3, 5, 7);
+        }
+        EFFOPS_TILE_STORE(0, cbuf, 128);
+        EFFOPS_TILE_STORE(1, cbuf + 16, 128);
+        EFFOPS_TILE_STORE(2, cbuf + 16 * 32, 128);
+        EFFOPS_TILE_STORE(3, cbuf + 16 * 32 + 16, 128);
+        for (int64_t j = 0; j < 2; ++j) {
+          const int64_t co = c0 + j * 16;
+          if (co >= Co) break;
+          const __mmask16 m = Co - co >= 16 ? __mmask16(0xffff) : __mmask16((1u << (Co - co)) - 1);
+          const __m512 mult = _mm512_loadu_ps(&p.mult[co]);
+          const __m512i bias = _mm512_loadu_si512(&p.bias[co]);
+          for (int i = 0; i < mr; ++i)
+            finish_512(c, e, _mm512_add_epi32(_mm512_loadu_si512(cbuf + i * 32 + j * 16), bias), mult, m,
+                       rr ? rr + (m0 + i) * Co + co : nullptr, out + (m0 + i) * Co + co);
+        }
+      }
+  }
+  tiles::release();
+}
+#endif
 
 template <int MR, int NJ>
 QT256 void tile_256(const PwPrep& p, int64_t panel, const uint8_t* a, int64_t lda, const Epilogue& e,
@@ -232,6 +327,9 @@ const TileFn kTiles256[6][2] = {QROW256(1), QROW256(2), QROW256(3), QROW256(4), 
 void gemm_rows(const PwPrep& p, const int8_t* raw, const uint8_t* a, int64_t lda, int64_t M, int32_t,
                const Epilogue& e, const Residual& res, const uint8_t* rr, uint8_t* out) {
 #if EFFOPS_X86
+#if EFFOPS_HAS_AMX_ASM
+  if (p.lvl == 2 && ::effops::amx_int8()) return gemm_amx(p, a, lda, M, e, res, rr, out);
+#endif
   if (p.lvl > 0) {
     constexpr int MR = 6;
     const int64_t lanes = p.lvl == 2 ? 16 : 8;
