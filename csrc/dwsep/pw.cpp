@@ -585,6 +585,60 @@ EFFOPS_TARGET_V4 void pack_panels_v4(const S* w, int64_t Co, int64_t K, int64_t 
 }
 #endif
 
+// 8 x 8 floats transposed in registers (AVX2): row j of the result is column j of r.
+EFFOPS_TARGET_V3 EFFOPS_INLINE void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// pack_panels_v4 for the AVX2 float tile (NR = 16): blocks of 8 k's as two 8 x 8 transposes.
+template <class S>
+EFFOPS_TARGET_V3 void pack_panels_v3(const S* w, int64_t Co, int64_t K, int64_t p, float* bp, const float* cs,
+                                     int64_t cs_hw) {
+  using G = TileFor<float, kV3>::type;
+  using V8 = typename simd::Traits<float, 32>::V;
+  constexpr int64_t NR = G::NR;
+  static_assert(NR == 16, "two 8 x 8 transposes per block of the AVX2 float panel");
+  if ((p + 1) * NR > Co) return pack_panels<G>(w, Co, K, p, p + 1, bp, cs, cs_hw);
+  float* dst = bp + p * K * NR;
+  const int64_t KB = K / 8 * 8;
+  for (int64_t k0 = 0; k0 < KB; k0 += 8) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t j = p * NR + h * 8 + i;
+        V8 v = simd::loadv<V8>(w + j * K + k0);
+        if (cs && cs_hw) v = v * simd::loadv<V8>(cs + (j / cs_hw) * K + k0);
+        r[i] = (__m256)v;
+      }
+      transpose8(r);
+      for (int kk = 0; kk < 8; ++kk) {
+        __m256 o = r[kk];
+        if (cs && !cs_hw) o = _mm256_mul_ps(o, _mm256_set1_ps(cs[k0 + kk]));
+        _mm256_storeu_ps(dst + (k0 + kk) * NR + h * 8, o);
+      }
+    }
+  }
+  for (int64_t j = 0; j < NR && KB < K; ++j) {
+    const S* src = w + (p * NR + j) * K;
+    const float* c = cs ? cs + (cs_hw ? ((p * NR + j) / cs_hw) * K : 0) : nullptr;
+    for (int64_t k = KB; k < K; ++k) dst[k * NR + j] = c ? simd::to_f(src[k]) * c[k] : simd::to_f(src[k]);
+  }
+}
+
 // Panels of NR rows of src [rows][K] (pack_panels, SE scale cs / cs_hw as there) packed by the
 // threads together into buf, a buffer of the calling thread reused from call to call (a fresh
 // one page-faulted on every call); below ~64k elements one thread packs faster than a parallel
@@ -599,6 +653,10 @@ F* pack_parallel(const S* src, int64_t rows, int64_t K, int threads, std::vector
 #if EFFOPS_X86
   if constexpr (std::is_same<G, typename TileFor<float, kV4>::type>::value && std::is_same<F, float>::value) {
     parallel_for(panels, workers, [&](int64_t p, int) { pack_panels_v4(src, rows, K, p, d, cs, cs_hw); });
+    return d;
+  }
+  if constexpr (std::is_same<G, typename TileFor<float, kV3>::type>::value && std::is_same<F, float>::value) {
+    parallel_for(panels, workers, [&](int64_t p, int) { pack_panels_v3(src, rows, K, p, d, cs, cs_hw); });
     return d;
   }
 #endif
