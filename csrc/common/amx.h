@@ -39,4 +39,49 @@ inline void release() { __asm__ volatile("tilerelease" ::: "memory"); }
 #define EFFOPS_TILE_DPBF16(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
 // tmm c (int32) += tmm a (16 x 64 uint8) x tmm b (16 x 16 int8 quads)
 #define EFFOPS_TILE_DPBUSD(c, a, b) __asm__ volatile("tdpbusd %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+
+namespace effops::tiles {
+
+// The 2 x 2 block both AMX GEMMs run: tmm0-3 the accumulators of rows 0-15 / 16-31 x columns
+// 0-15 / 16-31, tmm4-5 the two A tiles, tmm6-7 the two B tiles.
+enum class Dot { kBf16, kU8S8 };  // tdpbf16ps (bf16 pairs, float sums) or tdpbusd (uint8 x int8, int32)
+
+inline void zero_block() {
+  EFFOPS_TILE_ZERO(0);
+  EFFOPS_TILE_ZERO(1);
+  EFFOPS_TILE_ZERO(2);
+  EFFOPS_TILE_ZERO(3);
+}
+// The accumulators += the A rows at a (16 rows, then 16 more, as bytes `as` apart) times the B
+// rows at b (the two 64-byte halves of rows `bs` bytes apart).
+template <Dot D>
+inline void dot_block(const void* a, int64_t as, const void* b, int64_t bs) {
+  const char* ac = static_cast<const char*>(a);
+  const char* bc = static_cast<const char*>(b);
+  EFFOPS_TILE_LOAD(4, ac, as);
+  EFFOPS_TILE_LOAD(5, ac + 16 * as, as);
+  EFFOPS_TILE_LOAD(6, bc, bs);
+  EFFOPS_TILE_LOAD(7, bc + 64, bs);
+  if constexpr (D == Dot::kBf16) {
+    EFFOPS_TILE_DPBF16(0, 4, 6);
+    EFFOPS_TILE_DPBF16(1, 4, 7);
+    EFFOPS_TILE_DPBF16(2, 5, 6);
+    EFFOPS_TILE_DPBF16(3, 5, 7);
+  } else {
+    EFFOPS_TILE_DPBUSD(0, 4, 6);
+    EFFOPS_TILE_DPBUSD(1, 4, 7);
+    EFFOPS_TILE_DPBUSD(2, 5, 6);
+    EFFOPS_TILE_DPBUSD(3, 5, 7);
+  }
+}
+// The accumulators to c, a [32][32] block of 4-byte floats or int32s.
+inline void store_block(void* c) {
+  char* cc = static_cast<char*>(c);
+  EFFOPS_TILE_STORE(0, cc, 128);
+  EFFOPS_TILE_STORE(1, cc + 64, 128);
+  EFFOPS_TILE_STORE(2, cc + 16 * 128, 128);
+  EFFOPS_TILE_STORE(3, cc + 16 * 128 + 64, 128);
+}
+
+}  // namespace effops::tiles
 #endif

@@ -50,28 +50,14 @@ using ::effops::tiles::release;
 // tail, 32 rows of 32 bf16 with zeros past K.
 inline void block(const uint16_t* a, int64_t as, int64_t kf, const uint16_t* tail, int64_t kc,
                   const uint16_t* b, float* c) {
-  EFFOPS_TILE_ZERO(0);
-  EFFOPS_TILE_ZERO(1);
-  EFFOPS_TILE_ZERO(2);
-  EFFOPS_TILE_ZERO(3);
+  using namespace ::effops::tiles;
+  zero_block();
   for (int64_t k = 0; k < kc; ++k) {
     const bool main = k < kf;
-    const char* ak = main ? reinterpret_cast<const char*>(a + k * kKChunk) : reinterpret_cast<const char*>(tail);
-    const int64_t s = main ? as : int64_t(kKChunk * 2);
-    const char* bk = reinterpret_cast<const char*>(b + k * (kKChunk / 2) * kBfNR * 2);
-    EFFOPS_TILE_LOAD(4, ak, s);
-    EFFOPS_TILE_LOAD(5, ak + 16 * s, s);
-    EFFOPS_TILE_LOAD(6, bk, kBfNR * 4);
-    EFFOPS_TILE_LOAD(7, bk + 64, kBfNR * 4);
-    EFFOPS_TILE_DPBF16(0, 4, 6);
-    EFFOPS_TILE_DPBF16(1, 4, 7);
-    EFFOPS_TILE_DPBF16(2, 5, 6);
-    EFFOPS_TILE_DPBF16(3, 5, 7);
+    dot_block<Dot::kBf16>(main ? a + k * kKChunk : tail, main ? as : int64_t(kKChunk * 2),
+                          b + k * (kKChunk / 2) * kBfNR * 2, kBfNR * 4);
   }
-  EFFOPS_TILE_STORE(0, c, 128);
-  EFFOPS_TILE_STORE(1, c + 16, 128);
-  EFFOPS_TILE_STORE(2, c + 16 * 32, 128);
-  EFFOPS_TILE_STORE(3, c + 16 * 32 + 16, 128);
+  store_block(c);
 }
 #endif
 

@@ -219,28 +219,15 @@ QT512 void gemm_amx(const PwPrep& p, const uint8_t* a, int64_t lda, int64_t M, c
       for (int64_t h = 0; h < 2; ++h) {
         const int64_t c0 = panel * 64 + h * 32;
         if (c0 >= Co) break;
-        EFFOPS_TILE_ZERO(0);
-        EFFOPS_TILE_ZERO(1);
-        EFFOPS_TILE_ZERO(2);
-        EFFOPS_TILE_ZERO(3);
+        tiles::zero_block();
         for (int64_t k = 0; k < kc; ++k) {
-          const uint8_t* ak = k < kf ? at + k * KC : atail;
-          const int64_t s = k < kf ? as : KC;
-          const int8_t* bk = (k < kfull ? p.packed + panel * p.K4 * 64 + k * 16 * QB : btail.data() + panel * 16 * QB) +
-                             h * 128;
-          EFFOPS_TILE_LOAD(4, ak, s);
-          EFFOPS_TILE_LOAD(5, ak + 16 * s, s);
-          EFFOPS_TILE_LOAD(6, bk, QB);
-          EFFOPS_TILE_LOAD(7, bk + 64, QB);
-          EFFOPS_TILE_DPBUSD(0, 4, 6);
-          EFFOPS_TILE_DPBUSD(1, 4, 7);
-          EFFOPS_TILE_DPBUSD(2, 5, 6);
-          EFFOPS_TILE_DPBUSD(3, 5, 7);
+          const int8_t* bk = k < kfull ? p.packed + panel * p.K4 * 64 + k * 16 * QB : btail.data() + panel * 16 * QB;
+          if (k < kf)
+            tiles::dot_block<tiles::Dot::kU8S8>(at + k * KC, as, bk + h * 128, QB);
+          else
+            tiles::dot_block<tiles::Dot::kU8S8>(atail, KC, bk + h * 128, QB);
         }
-        EFFOPS_TILE_STORE(0, cbuf, 128);
-        EFFOPS_TILE_STORE(1, cbuf + 16, 128);
-        EFFOPS_TILE_STORE(2, cbuf + 16 * 32, 128);
-        EFFOPS_TILE_STORE(3, cbuf + 16 * 32 + 16, 128);
+        tiles::store_block(cbuf);
         for (int64_t j = 0; j < 2; ++j) {
           const int64_t co = c0 + j * 16;
           if (co >= Co) break;
