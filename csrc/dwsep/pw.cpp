@@ -544,47 +544,6 @@ EFFOPS_TARGET_V4 EFFOPS_INLINE void transpose16(__m512 r[16]) {
   }
 }
 
-// pack_panels for the AVX-512 float tile (NR = 32), panel p: blocks of 16 k's of a whole panel
-// as two 16 x 16 transposes in registers (rows 0-15 and 16-31; the SE scale applied to the
-// loaded rows, or to the transposed k rows for a per-k scale), the K tail element by element, a
-// panel past Co by pack_panels. The same values as pack_panels (each element converted and
-// multiplied once, as there), ~10x fewer cycles: pack_panels, compiled at the baseline level,
-// moved one element at a time; at batch 1 the weights packed per call were 8% of
-// tf_efficientnet_b3's forward.
-template <class S>
-EFFOPS_TARGET_V4 void pack_panels_v4(const S* w, int64_t Co, int64_t K, int64_t p, float* bp, const float* cs,
-                                     int64_t cs_hw) {
-  using G = TileFor<float, kV4>::type;
-  constexpr int64_t NR = G::NR;
-  static_assert(NR == 32, "two 16 x 16 transposes per block of the AVX-512 float panel");
-  if ((p + 1) * NR > Co) return pack_panels<G>(w, Co, K, p, p + 1, bp, cs, cs_hw);
-  float* dst = bp + p * K * NR;
-  const int64_t KB = K / 16 * 16;
-  for (int64_t k0 = 0; k0 < KB; k0 += 16) {
-    for (int h = 0; h < 2; ++h) {
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) {
-        const int64_t j = p * NR + h * 16 + i;
-        simd::vf v = simd::loadv<simd::vf>(w + j * K + k0);
-        if (cs && cs_hw) v = v * simd::loadv<simd::vf>(cs + (j / cs_hw) * K + k0);
-        r[i] = (__m512)v;
-      }
-      transpose16(r);
-      for (int kk = 0; kk < 16; ++kk) {
-        __m512 o = r[kk];
-        if (cs && !cs_hw) o = _mm512_mul_ps(o, _mm512_set1_ps(cs[k0 + kk]));
-        _mm512_storeu_ps(dst + (k0 + kk) * NR + h * 16, o);
-      }
-    }
-  }
-  for (int64_t j = 0; j < NR && KB < K; ++j) {
-    const S* src = w + (p * NR + j) * K;
-    const float* c = cs ? cs + (cs_hw ? ((p * NR + j) / cs_hw) * K : 0) : nullptr;
-    for (int64_t k = KB; k < K; ++k) dst[k * NR + j] = c ? simd::to_f(src[k]) * c[k] : simd::to_f(src[k]);
-  }
-}
-#endif
-
 // 8 x 8 floats transposed in registers (AVX2): row j of the result is column j of r.
 EFFOPS_TARGET_V3 EFFOPS_INLINE void transpose8(__m256 r[8]) {
   __m256 t[8], u[8];
@@ -604,32 +563,42 @@ EFFOPS_TARGET_V3 EFFOPS_INLINE void transpose8(__m256 r[8]) {
   }
 }
 
-// pack_panels_v4 for the AVX2 float tile (NR = 16): blocks of 8 k's as two 8 x 8 transposes.
-template <class S>
-EFFOPS_TARGET_V3 void pack_panels_v3(const S* w, int64_t Co, int64_t K, int64_t p, float* bp, const float* cs,
-                                     int64_t cs_hw) {
-  using G = TileFor<float, kV3>::type;
-  using V8 = typename simd::Traits<float, 32>::V;
-  constexpr int64_t NR = G::NR;
-  static_assert(NR == 16, "two 8 x 8 transposes per block of the AVX2 float panel");
+// The register transpose of the level whose float vectors are V (L lanes): r[j] becomes column j.
+EFFOPS_TARGET_V4 inline void transpose_lanes(typename simd::Traits<float, 64>::V (&r)[16]) {
+  transpose16(reinterpret_cast<__m512*>(r));
+}
+EFFOPS_TARGET_V3 inline void transpose_lanes(typename simd::Traits<float, 32>::V (&r)[8]) {
+  transpose8(reinterpret_cast<__m256*>(r));
+}
+
+// pack_panels for the float tile of the level with W-byte vectors (AVX-512: NR = 32 = 2 x 16
+// lanes; AVX2: NR = 16 = 2 x 8), panel p: blocks of L k's of a whole panel as two L x L
+// transposes in registers (the SE scale applied to the loaded rows, or to the transposed k rows
+// for a per-k scale), the K tail element by element, a panel past Co by pack_panels. The same
+// values as pack_panels (each element converted and multiplied once, as there), several times
+// fewer cycles: pack_panels, compiled at the baseline level, moved one element at a time; at
+// batch 1 the weights packed per call were 8% of tf_efficientnet_b3's forward (AVX-512).
+template <int W, class S>
+EFFOPS_INLINE void pack_panels_tr(const S* w, int64_t Co, int64_t K, int64_t p, float* bp, const float* cs,
+                                  int64_t cs_hw) {
+  using G = typename TileFor<float, W == 64 ? kV4 : kV3>::type;
+  using V = typename simd::Traits<float, W>::V;
+  constexpr int64_t L = simd::Traits<float, W>::L, NR = G::NR;
+  static_assert(NR == 2 * L, "two L x L transposes per block of a panel");
   if ((p + 1) * NR > Co) return pack_panels<G>(w, Co, K, p, p + 1, bp, cs, cs_hw);
   float* dst = bp + p * K * NR;
-  const int64_t KB = K / 8 * 8;
-  for (int64_t k0 = 0; k0 < KB; k0 += 8) {
-    for (int h = 0; h < 2; ++h) {
-      __m256 r[8];
-      for (int i = 0; i < 8; ++i) {
-        const int64_t j = p * NR + h * 8 + i;
-        V8 v = simd::loadv<V8>(w + j * K + k0);
-        if (cs && cs_hw) v = v * simd::loadv<V8>(cs + (j / cs_hw) * K + k0);
-        r[i] = (__m256)v;
+  const int64_t KB = K / L * L;
+  for (int64_t k0 = 0; k0 < KB; k0 += L) {
+    for (int64_t h = 0; h < 2; ++h) {
+      V r[L];
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t j = p * NR + h * L + i;
+        r[i] = simd::loadv<V>(w + j * K + k0);
+        if (cs && cs_hw) r[i] = r[i] * simd::loadv<V>(cs + (j / cs_hw) * K + k0);
       }
-      transpose8(r);
-      for (int kk = 0; kk < 8; ++kk) {
-        __m256 o = r[kk];
-        if (cs && !cs_hw) o = _mm256_mul_ps(o, _mm256_set1_ps(cs[k0 + kk]));
-        _mm256_storeu_ps(dst + (k0 + kk) * NR + h * 8, o);
-      }
+      transpose_lanes(r);
+      for (int64_t kk = 0; kk < L; ++kk)
+        simd::storev(dst + (k0 + kk) * NR + h * L, cs && !cs_hw ? r[kk] * cs[k0 + kk] : r[kk]);
     }
   }
   for (int64_t j = 0; j < NR && KB < K; ++j) {
@@ -638,6 +607,17 @@ EFFOPS_TARGET_V3 void pack_panels_v3(const S* w, int64_t Co, int64_t K, int64_t 
     for (int64_t k = KB; k < K; ++k) dst[k * NR + j] = c ? simd::to_f(src[k]) * c[k] : simd::to_f(src[k]);
   }
 }
+template <class S>
+EFFOPS_TARGET_V4 void pack_panels_v4(const S* w, int64_t Co, int64_t K, int64_t p, float* bp, const float* cs,
+                                     int64_t cs_hw) {
+  pack_panels_tr<64>(w, Co, K, p, bp, cs, cs_hw);
+}
+template <class S>
+EFFOPS_TARGET_V3 void pack_panels_v3(const S* w, int64_t Co, int64_t K, int64_t p, float* bp, const float* cs,
+                                     int64_t cs_hw) {
+  pack_panels_tr<32>(w, Co, K, p, bp, cs, cs_hw);
+}
+#endif
 
 // Panels of NR rows of src [rows][K] (pack_panels, SE scale cs / cs_hw as there) packed by the
 // threads together into buf, a buffer of the calling thread reused from call to call (a fresh
