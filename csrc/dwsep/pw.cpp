@@ -232,22 +232,10 @@ EFFOPS_TARGET_BF16 void gemm_rows_amx(const simd::bf16* a, int64_t lda, int64_t 
           for (; k < KC; ++k) d[k] = 0;
         }
       }
-    } else {
-      for (int64_t i = 0; i < R; ++i) {
-        uint16_t* d = ap.data() + i * Kp;
-        int64_t k = 0;
-        if (i < mr) {
-          const simd::bf16* row = a + (m0 + i) * lda;
-          const float* c = cs ? cs + ((m0 + i) / hw) * K : nullptr;
-          for (; k + 16 <= K; k += 16) {
-            simd::vf v = simd::loadv<simd::vf>(row + k);
-            if (c) v = v * simd::loadv<simd::vf>(c + k);
-            simd::storev(reinterpret_cast<simd::bf16*>(d + k), v);
-          }
-          for (; k < K; ++k) d[k] = c ? bf16_bits_of(simd::to_f(row[k]) * c[k]) : row[k].bits;
-        }
-        for (; k < Kp; ++k) d[k] = 0;
-      }
+    } else {  // the vdpbf16ps kernel's row packing (SE scale, bf16 rounding), zeros past K and mr
+      pack_rows_bf16(a, lda, m0, mr, K, cs, hw, ap.data(), Kp);
+      for (int64_t i = 0; i < R; ++i)
+        std::fill(ap.data() + i * Kp + (i < mr ? K : 0), ap.data() + (i + 1) * Kp, uint16_t(0));
       at = ap.data(), as = Kp * 2, kf = kc;
     }
     for (int64_t p = p_begin; p < panels; ++p) {
