@@ -138,9 +138,11 @@ NB_MODULE(_C, m) {
         "Cap the CPU kernels' ISA level (0 baseline, 1 AVX2, 2 AVX-512); returns the level in use");
   m.def("isa", []() { return static_cast<int>(effops::isa()); });
   m.def("set_amx", &effops::set_amx, "on"_a,
-        "Turn the AMX bf16 kernels on or off; returns whether they run now (CPU, OS and level allowing)");
+        "Turn the AMX kernels (bf16 and int8) on or off; returns whether the bf16 ones run now (CPU, OS and "
+        "level allowing)");
   m.def("amx", []() { return effops::amx(); });
-  m.def("has_amx", []() { return effops::cpu_has_amx_bf16(); });
+  m.def("amx_on", []() { return effops::g_amx_on.load(std::memory_order_relaxed); },
+        "What set_amx last asked for (amx() also depends on the CPU and the level)");
   m.def("detected_isa", []() { return static_cast<int>(effops::detected_isa()); });
 
   m.def("build_info", []() {

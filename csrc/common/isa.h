@@ -24,8 +24,8 @@
 #define EFFOPS_TARGET_V4
 #define EFFOPS_TARGET_V3
 #endif
-// x86-64-v4 plus AVX512_BF16 (vdpbf16ps): the bf16 GEMM (gemm_bf16.h) and depthwise rows
-// (dw_rows_bf16.cpp); GCC >= 10 or clang knows the target.
+// x86-64-v4 plus AVX512_BF16 (vdpbf16ps): the bf16 GEMMs (gemm_bf16.h, pw.cpp); GCC >= 10 or
+// clang knows the target.
 #if EFFOPS_X86 && (defined(__clang__) || __GNUC__ >= 10)
 #define EFFOPS_HAS_BF16_TARGET 1
 #define EFFOPS_TARGET_BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))

@@ -193,23 +193,20 @@ def amx() -> bool:
     return bool(_C_module.amx()) if _C is not None else False
 
 
-_AMX_ON = [True]  # what set_amx last asked for (amx() also depends on the CPU and the level)
-
-
 def set_amx(on: bool) -> bool:
-    """Turn the AMX bf16 kernels on or off (``EFFOPS_AMX=0`` turns them off at import); returns
-    whether they run now (never on a CPU without AMX). Off, bf16 1x1 convs run the AVX512_BF16
-    (vdpbf16ps) or float GEMM. Process-wide: call it between ops."""
+    """Turn the AMX kernels on or off (``EFFOPS_AMX=0`` turns them off at import): the bf16 1x1
+    convs' tile GEMM and the int8 pointwise GEMM's. Returns whether the bf16 ones run now (never on
+    a CPU without AMX). Off, bf16 1x1 convs run the AVX512_BF16 (vdpbf16ps) or float GEMM and
+    int8 the VNNI one. Process-wide: call it between ops."""
     if not isinstance(on, bool):
         raise TypeError(f"set_amx: on must be a bool, got {type(on).__name__}")
-    _AMX_ON[0] = on
     return bool(_C_module.set_amx(on)) if _C is not None else False
 
 
 @contextlib.contextmanager
 def use_amx(on: bool) -> Iterator[bool]:
     """``with effops.use_amx(False):`` runs the block without the AMX kernels."""
-    before = _AMX_ON[0]
+    before = bool(_C_module.amx_on()) if _C is not None else True
     try:
         yield set_amx(on)
     finally:
