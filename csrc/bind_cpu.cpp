@@ -16,6 +16,7 @@
 #include "dwsep/dwsep_api.h"
 #include "losses/losses_api.h"
 #include "nms/nms_api.h"
+#include "norm/bn_act_api.h"
 #include "qconv/qconv_api.h"
 
 namespace nb = nanobind;
@@ -81,6 +82,13 @@ NB_MODULE(_C, m) {
         "out"_a.noconvert(), "threads"_a, release);
   m.def("fuse_backward", &effops::bifpn::fuse_backward_api, "grad"_a, "inputs"_a, "weights"_a, "modes"_a,
         "act"_a, "grads"_a.noconvert(), "grad_weights"_a.noconvert(), "threads"_a, release);
+
+  m.def("bn_act_forward", &effops::norm::bn_act_forward_api, "x"_a, "images"_a, "weight"_a.none(), "bias"_a.none(),
+        "eps"_a, "act"_a, "y"_a.noconvert(), "mean"_a.noconvert(), "invstd"_a.noconvert(), "var"_a.noconvert(),
+        "pooled"_a.none().noconvert(), "threads"_a, release);
+  m.def("bn_act_backward", &effops::norm::bn_act_backward_api, "grad"_a, "x"_a, "images"_a, "weight"_a.none(),
+        "bias"_a.none(), "mean"_a, "invstd"_a, "grad_pooled"_a.none(), "act"_a, "grad_x"_a.noconvert(),
+        "grad_weight"_a.noconvert(), "grad_bias"_a.noconvert(), "threads"_a, release);
 
   m.def("q_dw_forward", &effops::qconv::q_dw_forward_api, "x"_a, "taps"_a, "bias"_a.none(), "mult"_a,
         "lut"_a.none(), "stride"_a, "pad"_a, "x_zp"_a, "out_zp"_a, "qmin"_a, "qmax"_a, "y"_a.noconvert(),

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules import module as _module_mod
 
+from .. import _backend
+from ..ops.norm import batch_norm_act
 from ..ops.dwsep import PreparedDW, PreparedDWSep, PreparedPW, apply_act, dw_conv_act, dwsep_conv, pw_conv
 
 
@@ -171,6 +173,52 @@ def se_gate_of(se: Optional[nn.Module]) -> Optional[Callable[[Tensor], Tensor]]:
     raise Unsupported(f"squeeze-excite module {type(se).__name__}")
 
 
+# ----------------------------------------------------------------------------- training BN + act
+def _plain_bn(bn: nn.Module) -> bool:
+    """nn.BatchNorm2d itself, or timm's BatchNormAct2d (whose drop bn_act checked is Identity):
+    the classes whose forward bn_act_train reproduces (subclasses, e.g. SyncBatchNorm, keep theirs)."""
+    return type(bn) is nn.BatchNorm2d or (type(bn).__name__ == "BatchNormAct2d" and isinstance(bn, nn.BatchNorm2d))
+
+
+def _hooked(*mods: Optional[nn.Module]) -> bool:
+    return _global_hooks() or any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in mods)
+
+
+def bn_act_train(bn: nn.BatchNorm2d, act: Optional[nn.Module], t: Tensor, act_in_bn: bool = False,
+                 pool: bool = False):
+    """act(bn(t)) for a BatchNorm in training mode as one fused op (effops.ops.batch_norm_act);
+    act_in_bn: act is the BN's own (timm BatchNormAct2d), else a BatchNormAct2d must carry none:
+    nn.BatchNorm2d.forward's semantics (num_batches_tracked, momentum None = cumulative average,
+    running statistics updated). None where the modules' own forwards must run: eval mode, hooks,
+    other BN classes or activations, tensors the CPU kernel does not take (the reference would
+    only repeat what the modules do). pool: (output, its means over H, W [N, C, 1, 1])."""
+    if not bn.training or not _plain_bn(bn) or t.dim() != 4 or t.device.type != "cpu":
+        return None
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float64) or t.shape[1] != bn.num_features:
+        return None
+    own_act = getattr(bn, "act", None) if type(bn) is not nn.BatchNorm2d else None
+    drop = getattr(bn, "drop", None) if type(bn) is not nn.BatchNorm2d else None
+    if drop is not None and type(drop) is not nn.Identity:
+        return None
+    if act_in_bn:
+        act = own_act
+    elif own_act is not None and type(own_act) is not nn.Identity:
+        return None  # BN's own activation, then another one: the modules run
+    if _hooked(bn, act, own_act, drop):
+        return None
+    name = _ACT_BY_CLASS.get(type(act).__name__, None) if act is not None else "none"
+    if name is None or _backend.forced_backend() not in (None, "cpu") or _backend._C is None:
+        return None
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    track = bn.track_running_stats
+    return batch_norm_act(t, bn.weight, bn.bias, bn.running_mean if track else None,
+                          bn.running_var if track else None, training=True, momentum=factor, eps=bn.eps, act=name,
+                          pool=pool)
+
+
 # ----------------------------------------------------------------------------- fused forwards
 @dataclass
 class ConvStage:
@@ -186,12 +234,25 @@ class ConvStage:
     def act_name(self) -> str:
         return act_of(self.act)
 
+    def post_pooled(self, t: Tensor) -> Tuple[Tensor, Tensor]:
+        """(post(t), its means over H, W): with a training BN, both from one fused op."""
+        if self.bn is not None:
+            fused = bn_act_train(self.bn, self.act, t, act_in_bn=self.bn_has_act, pool=True)
+            if fused is not None:
+                return fused
+        y = self.post(t)
+        return y, y.mean((2, 3), keepdim=True)
+
     def affine(self):
         return fold_bn(self.bn, self.conv.bias)
 
     def post(self, t: Tensor) -> Tensor:
-        """BN (batch statistics when training) then the activation, as the original module."""
+        """BN (batch statistics when training) then the activation, as the original module. A
+        training BN with its activation runs as one fused ``batch_norm_act`` (bn_act_train)."""
         if self.bn is not None:
+            fused = bn_act_train(self.bn, self.act, t, act_in_bn=self.bn_has_act)
+            if fused is not None:
+                return fused
             t = self.bn(t)
             if self.bn_has_act:
                 return t
@@ -341,9 +402,11 @@ def mbconv_forward(x: Tensor, expand: Optional[ConvStage], dw: ConvStage, se: Op
         h = expand.post(pw_conv(x, expand.conv.weight, bias=expand.conv.bias)) if expand is not None else x
         d, _ = dw_conv_act(h, dw.conv.weight, stride=dw.conv.stride, padding=padding_of(dw.conv),
                            dilation=dw.conv.dilation, bias=dw.conv.bias, act=None)
-        d = dw.post(d)
         if se is not None:
-            d = d * se(d.mean((2, 3), keepdim=True))
+            d, means = dw.post_pooled(d)
+            d = d * se(means)
+        else:
+            d = dw.post(d)
         out = project.post(pw_conv(d, project.conv.weight, bias=project.conv.bias))
     else:
         fast = cache is not None and _inference(x, stages)

@@ -5,11 +5,12 @@ from .bifpn import weighted_fuse
 from .dwsep import dw_conv_act, dwsep_conv, pw_conv
 from .losses import box_loss, match_anchors, sigmoid_focal_loss, split_levels
 from .nms import MultiClassNMSResult, batched_nms, matrix_nms, multiclass_nms, nms, soft_nms
+from .norm import batch_norm_act
 
 __all__ = [
     "nms", "batched_nms", "multiclass_nms", "soft_nms", "matrix_nms", "MultiClassNMSResult",
     "dwsep_conv", "dw_conv_act", "pw_conv", "weighted_fuse", "EffopsInputError", "EffopsTypeError",
-    "sigmoid_focal_loss", "box_loss", "match_anchors", "split_levels",
+    "sigmoid_focal_loss", "box_loss", "match_anchors", "split_levels", "batch_norm_act",
     "q_dw_conv_act", "q_pw_conv", "q_dwsep_conv", "q_weighted_fuse",
 ]
 

@@ -563,10 +563,11 @@ def _grad_for(t: Tensor, like: Optional[Tensor]) -> Tensor:
     return _nograd(t.device) if like is None else t.to(like.dtype)
 
 
-def _pw_backward_core(gp_aff: Tensor, a: Tensor, weight2d: Tensor, scale: Optional[Tensor]):
+def _pw_backward_core(gp_aff: Tensor, a: Tensor, weight2d: Tensor, scale: Optional[Tensor], need_bias: bool = True):
     """Gradients of p_aff = (a @ W^T) * scale + bias (NCHW logical tensors, any layout) with
     respect to a, W, scale, bias, given gp_aff = dL/dp_aff. With H = gp_aff^T a:
-    dW = scale[:, None] * H, dscale = rowsum(W * H), dbias = colsum(gp_aff)."""
+    dW = scale[:, None] * H, dscale = rowsum(W * H), dbias = colsum(gp_aff). dscale without a
+    scale and dbias without need_bias are empty placeholders (not computed)."""
     acc = gp_aff.dtype
     Co, C = weight2d.shape
     g2 = gp_aff.permute(0, 2, 3, 1).reshape(-1, Co)
@@ -575,17 +576,18 @@ def _pw_backward_core(gp_aff: Tensor, a: Tensor, weight2d: Tensor, scale: Option
     w = weight2d.to(acc)
     s = None if scale is None else scale.to(acc)
     dW = H if s is None else H * s[:, None]
-    dscale = (w * H).sum(1)
-    dbias = g2.sum(0)
+    dscale = (w * H).sum(1) if s is not None else g2.new_empty(0)
+    dbias = g2.sum(0) if need_bias else g2.new_empty(0)  # a pass over the gradient: only when asked
     gp_raw = g2 if s is None else g2 * s
     da = (gp_raw @ w).reshape(a.shape[0], a.shape[2], a.shape[3], C).permute(0, 3, 1, 2)
     return da, dW, dscale, dbias
 
 
-def _affine_backward(gpre: Tensor, raw: Tensor, scale: Optional[Tensor]):
-    """For pre = raw * scale + bias: (d raw, d scale, d bias)."""
-    dscale = (gpre * raw).sum((0, 2, 3))
-    dbias = gpre.sum((0, 2, 3))
+def _affine_backward(gpre: Tensor, raw: Optional[Tensor], scale: Optional[Tensor], need_bias: bool = True):
+    """For pre = raw * scale + bias: (d raw, d scale, d bias); d scale without a scale (raw may
+    then be None) and d bias without need_bias are empty placeholders (not computed)."""
+    dscale = (gpre * raw).sum((0, 2, 3)) if scale is not None else gpre.new_empty(0)
+    dbias = gpre.sum((0, 2, 3)) if need_bias else gpre.new_empty(0)
     graw = gpre if scale is None else gpre * _chan(scale, gpre.dtype)
     return graw, dscale, dbias
 
@@ -614,9 +616,9 @@ def _dwsep_bwd_op(grad: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
         gp_aff = grad_acc * act_grad(_affine(P.pw_raw(d, pw_weight), pw_scale, pw_bias), pw_act)
     else:
         gp_aff = grad_acc
-    dd, dW, dps, dpb = _pw_backward_core(gp_aff, d, pw_weight.reshape(Co, C), pw_scale)
+    dd, dW, dps, dpb = _pw_backward_core(gp_aff, d, pw_weight.reshape(Co, C), pw_scale, pw_bias is not None)
     gd_pre = dd if preact else dd * act_grad(dpre, act)
-    gd_raw, ddws, ddwb = _affine_backward(gd_pre, raw, dw_scale)
+    gd_raw, ddws, ddwb = _affine_backward(gd_pre, raw, dw_scale, dw_bias is not None)
     ga, gw = P.dw_bwd(a, dw_weight, g, gd_raw)
     gx = ga * act_grad(xa, act) if preact else ga
     return (
@@ -640,21 +642,27 @@ def _(grad, x, dw_weight, pw_weight, dw_scale, dw_bias, pw_scale, pw_bias, has_r
 
 @custom_op(
     "effops::dw_conv_act_backward",
-    "(Tensor grad_y, Tensor grad_means, Tensor x, Tensor weight, Tensor? scale, Tensor? bias, SymInt[] stride, "
+    "(Tensor grad_y, Tensor? grad_means, Tensor x, Tensor weight, Tensor? scale, Tensor? bias, SymInt[] stride, "
     "SymInt[] pad, SymInt[] dilation, str act) -> (Tensor, Tensor, Tensor, Tensor)",
 )
-def _dw_bwd_op(grad_y: Tensor, grad_means: Tensor, x: Tensor, weight: Tensor, scale: Optional[Tensor],
+def _dw_bwd_op(grad_y: Tensor, grad_means: Optional[Tensor], x: Tensor, weight: Tensor, scale: Optional[Tensor],
                bias: Optional[Tensor], stride: List[int], pad: List[int], dilation: List[int],
                act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """grad_means None: the pooled means were not used. The forward's depthwise conv is recomputed
+    only where the backward needs it (an activation's gradient, d scale): a conv followed by a
+    training BatchNorm (act 'none', no scale) goes straight to the depthwise backward."""
     g = _geometry_from(x, weight, stride, pad, dilation)
     P = _Prims(_select("dw_conv_act", x))
     acc = _acc_dtype(x)
     xa = x.to(acc)
-    raw = P.dw_raw(xa, weight, g)
-    pre = _affine(raw, scale, bias)
-    hw = g.out_hw[0] * g.out_hw[1]
-    gy = grad_y.to(acc) + (grad_means.to(acc) / hw)[:, :, None, None]
-    graw, dscale, dbias = _affine_backward(gy * act_grad(pre, act), raw, scale)
+    raw = P.dw_raw(xa, weight, g) if act != "none" or scale is not None else None
+    gy = grad_y.to(acc)
+    if grad_means is not None:
+        hw = g.out_hw[0] * g.out_hw[1]
+        gy = gy + (grad_means.to(acc) / hw)[:, :, None, None]
+    if act != "none":
+        gy = gy * act_grad(_affine(raw, scale, bias), act)
+    graw, dscale, dbias = _affine_backward(gy, raw, scale, bias is not None)
     gx, gw = P.dw_bwd(xa, weight, g, graw)
     return (_strided_like(_like_input(gx.to(x.dtype), x), x),
             _strided_like(gw.reshape(weight.shape).to(weight.dtype), weight),
@@ -685,7 +693,7 @@ def _pw_bwd_op(grad: Tensor, y: Tensor, weight: Tensor, channel_scale: Optional[
     gp = grad.to(acc)
     if act != "none":
         gp = gp * act_grad(_affine(P.pw_raw(ys, weight), scale, bias), act)
-    dys, dW, dscale, dbias = _pw_backward_core(gp, ys, weight.reshape(Co, C), scale)
+    dys, dW, dscale, dbias = _pw_backward_core(gp, ys, weight.reshape(Co, C), scale, bias is not None)
     if channel_scale is not None:
         dcs = _grad_for((dys * ya).sum((2, 3)), channel_scale)
         dy = dys * channel_scale.to(acc)[:, :, None, None]
@@ -738,8 +746,6 @@ def _dw_backward(ctx, grad_y, grad_means):
     stride, pad, dilation, act, y_shape = ctx.cfg
     if grad_y is None:
         grad_y = x.new_zeros(y_shape)
-    if grad_means is None:
-        grad_means = x.new_zeros(x.shape[:2])
     gx, gw, gs, gb = torch.ops.effops.dw_conv_act_backward(
         grad_y, grad_means, x, weight, scale, bias, stride, pad, dilation, act)
     return gx, gw, (gs if scale is not None else None), (gb if bias is not None else None), None, None, None, None
