@@ -23,13 +23,13 @@ def keep_threads():
 def test_bench_quick_all_families_writes_rows_and_table(tmp_path, capsys, keep_threads):
     assert main(["bench", "--quick", "--time", "0.02", "--threads", "1", "--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for fam in ("nms", "dwsep_conv", "weighted_fuse", "bifpn", "model"):
+    for fam in ("nms", "dwsep_conv", "weighted_fuse", "bifpn", "batch_norm_act", "model"):
         assert f"\n{fam} " in out, fam
     (path,) = tmp_path.glob("*.csv")
     rows = list(csv.DictReader(open(path)))
     ops = {r["op"] for r in rows}
     assert {"nms", "batched_nms", "multiclass_nms", "soft_nms", "matrix_nms", "dwsep_conv", "weighted_fuse",
-            "bifpn", "model"} <= ops
+            "bifpn", "batch_norm_act", "model"} <= ops
     for r in rows:
         assert float(r["median_ms"]) > 0 and float(r["ratio"]) > 0
         assert r["threads"] == "1"

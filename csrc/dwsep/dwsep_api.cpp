@@ -1,5 +1,6 @@
 #include "dwsep/dwsep_api.h"
 
+#include "common/memory.h"
 #include "dwsep/conv.h"
 
 namespace effops::dwsep {
@@ -82,6 +83,7 @@ void dw_forward_api(const CpuArray& x, const CpuArray& taps, Opt scale, Opt bias
       check_dtype(*sums, nb::dtype<Acc<T>>(), op, "sums");
       s = data_of<Acc<T>>(*sums);
     }
+    advise_huge(y.data(), static_cast<int64_t>(y.nbytes()));
     dw_forward<T>(data_of<const T>(x), data_of<const Acc<T>>(taps), vec<T>(scale, g.C, op, "scale"),
                   vec<T>(bias, g.C, op, "bias"), g, act, in_act, data_of<T>(y), s, threads);
   });
@@ -101,6 +103,7 @@ void dw_backward_api(const CpuArray& a, const CpuArray& taps, const CpuArray& gd
   dispatch_float(a, op, "a", [&](auto t) {
     using F = decltype(t);
     for (const CpuArray* arr : {&taps, &gd, &ga, &gw}) check_dtype(*arr, nb::dtype<F>(), op, "all arrays");
+    advise_huge(ga.data(), static_cast<int64_t>(ga.nbytes()));
     dw_backward<F>(data_of<const F>(a), data_of<const F>(taps), data_of<const F>(gd), g,
                    data_of<F>(ga), data_of<F>(gw), threads);
   });
@@ -130,6 +133,7 @@ void pw_forward_api(const CpuArray& y, const CpuArray& w, Opt cs, Opt scale, Opt
       check_dtype(*residual, dtype_of<T>(), op, "residual");
       r = data_of<const T>(*residual);
     }
+    advise_huge(out.data(), static_cast<int64_t>(out.nbytes()));
     pw_forward<T>(data_of<const T>(y), data_of<const Acc<T>>(w), c, vec<T>(scale, Co, op, "scale"),
                   vec<T>(bias, Co, op, "bias"), act, r, data_of<T>(out), N, H * W, C, Co, threads);
   });
@@ -158,6 +162,7 @@ void dwsep_forward_api(const CpuArray& x, const CpuArray& taps, const CpuArray& 
       check_dtype(*residual, dtype_of<T>(), op, "residual");
       r = data_of<const T>(*residual);
     }
+    advise_huge(out.data(), static_cast<int64_t>(out.nbytes()));
     dwsep_forward<T>(data_of<const T>(x), data_of<const Acc<T>>(taps), data_of<const Acc<T>>(pw),
                      vec<T>(dw_scale, g.C, op, "dw_scale"), vec<T>(dw_bias, g.C, op, "dw_bias"),
                      vec<T>(pw_scale, Co, op, "pw_scale"), vec<T>(pw_bias, Co, op, "pw_bias"), r, g,

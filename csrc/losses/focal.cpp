@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/isa.h"
+#include "common/memory.h"
 #include "common/parallel.h"
 #include "losses/losses.h"
 #include "losses/vmath.h"
@@ -230,21 +231,6 @@ void run_t(const FocalArgs& a, int threads) {
 }
 
 }  // namespace
-
-// Fresh multi-megabyte outputs (torch maps them anew for every call) would take one page fault
-// per 4 KiB on first write - measured 250 ms for the 141 MB gradient of D0's head outputs on the
-// 2-core VM, longer than the kernel. Transparent huge pages are usually enabled in 'madvise'
-// mode: ask for them on the whole 2 MiB pages inside the buffer (a hint; errors are ignored).
-void advise_huge(void* p, int64_t bytes) {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
-  if (bytes >= static_cast<int64_t>(4 * kHuge) && e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
-#else
-  (void)p, (void)bytes;
-#endif
-}
 
 int64_t focal_rows_per_task(int64_t C) { return std::max<int64_t>(1, kTaskElems / std::max<int64_t>(C, 1)); }
 

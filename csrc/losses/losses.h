@@ -31,8 +31,6 @@ enum Storage : int { kStoreF32 = 0, kStoreBF16 = 1, kStoreF16 = 2 };
 
 // Number of tasks (rows per task) focal_forward splits N x C into.
 int64_t focal_rows_per_task(int64_t C);
-// madvise(MADV_HUGEPAGE) on the 2 MiB pages inside a large fresh output buffer.
-void advise_huge(void* p, int64_t bytes);
 void focal_forward(const FocalArgs& a, int storage, int threads);
 // dst = src * factor over n elements of one storage type (the focal backward for a reduced loss:
 // the saved gradient times the incoming scalar, into a fresh - huge-page advised - buffer).

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/isa.h"
+#include "common/memory.h"
 #include "common/parallel.h"
 #include "dwsep/simd.h"
 #include "norm/bn_act_api.h"
@@ -372,6 +373,7 @@ void forward(const CpuArray& x, int64_t N, const Opt& weight, const Opt& bias, d
   }
   a.p[0] = sa.data();
   a.p[1] = sb.data();
+  advise_huge(a.out, M * C * static_cast<int64_t>(sizeof(T)));
   const std::vector<double> part = run_tasks<T>(
       a, split, threads, pooled.has_value(),
       [](const Rows<T>& r, int64_t, int64_t r0, int64_t r1) { run_apply(r, r0, r1); });
@@ -435,6 +437,7 @@ void backward(const CpuArray& grad, const CpuArray& x, int64_t N, const Opt& wei
   }
   a.p[3] = sp.data();
   a.p[4] = sq.data();
+  advise_huge(a.out, M * C * static_cast<int64_t>(sizeof(T)));
   run_tasks<T>(a, split, threads, false,
                [&](const Rows<T>& r, int64_t t, int64_t r0, int64_t r1) { run_bapply(with_image(r, t), r0, r1); });
 }

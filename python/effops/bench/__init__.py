@@ -6,6 +6,7 @@ FAMILIES = {
     "dwsep": "effops.bench.bench_dwsep",
     "bifpn": "effops.bench.bench_bifpn",
     "losses": "effops.bench.bench_losses",
+    "norm": "effops.bench.bench_norm",
     "prune": "effops.bench.bench_prune",
     "qconv": "effops.bench.bench_qconv",
     "train": "effops.bench.bench_train",  # a whole D0 training step vs effdet's DetBenchTrain (minutes at 512)
