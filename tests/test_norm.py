@@ -287,3 +287,20 @@ def test_timm_batchnormact2d():
     assert bn_act_train(bn2, nn.ReLU(), x) is None
     torch.testing.assert_close(ConvStage(nn.Conv2d(6, 6, 1), bn2, nn.ReLU()).post(x), F.relu(ref2(x)))
     assert timm is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_activation_kinks(dtype):
+    """Pre-activations exactly at the kinks (weight 0, bias = the kink): effops's act_grad
+    conventions, shared by every fused op's backward: relu' = relu6' = 0 at 0, relu6' = 0 at 6,
+    hardswish' = x / 3 + 0.5 on [-3, 3] (-0.5 at -3, 1.5 at 3; torch 2.14's own hardswish
+    backward gives 0 and 1 there, older releases x / 3 + 0.5)."""
+    x, _, _ = make((2, 3, 4, 4), dtype=dtype, seed=17)
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    for act, kink, slope in (("relu", 0.0, 0.0), ("relu6", 0.0, 0.0), ("relu6", 6.0, 0.0), ("relu6", 3.0, 1.0),
+                             ("hardswish", 3.0, 1.5), ("hardswish", -3.0, -0.5), ("hardswish", -3.5, 0.0)):
+        w = torch.zeros(3, dtype=pdt, requires_grad=True)
+        b = torch.full((3,), kink, dtype=pdt, requires_grad=True)
+        y = batch_norm_act(x, w, b, act=act)
+        gb, = torch.autograd.grad(y.sum(), (b,))
+        torch.testing.assert_close(gb, torch.full_like(gb, slope * x[:, 0].numel()), msg=f"{act} at {kink}")

@@ -91,8 +91,20 @@ EFFOPS_INLINE V act_deriv(V z, int act) {
   switch (ACT == simd::kActRuntime ? act : ACT) {
     case simd::kRelu:
       return z > S(0) ? one : zero;
-    case simd::kRelu6:
-      return ((z > S(0)) & (z < S(6))) ? one : zero;
+    case simd::kRelu6: {
+      // 0 < z < 6 as one unsigned compare of the bits: bits(z) - 1 < bits(6) - 1 holds exactly
+      // for positive z below 6 (+-0, negatives, 6 and up, NaN all fail). GCC 12 lowered every
+      // two-comparison form ((z > 0) & (z < 6), nested or multiplied selects) lane by lane here.
+      if constexpr (std::is_same<S, float>::value) {
+        using U = typename simd::VecOf<uint32_t, sizeof(V)>::type;
+        U u;
+        std::memcpy(&u, &z, sizeof u);
+        return (u - 1u) < (0x40c00000u - 1u) ? one : zero;
+      } else {
+        const V lo = z > S(0) ? one : zero;
+        return z < S(6) ? lo : zero;
+      }
+    }
     case simd::kSilu: {
       const V s = S(1) / (S(1) + simd::vexp(-z));
       return s * (S(1) + z * (S(1) - s));

@@ -133,6 +133,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sp.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                     help="models: fp32 and/or bf16 (autocast) (default both)")
     sp.add_argument("--train", action="store_true", help="models: also a training step per model (batch 8)")
+    sp.add_argument("--train-only", action="store_true",
+                    help="models: only the training step rows (no inference rows; implies --train)")
     sp.add_argument("--cold", action="store_true", help="models: also time to first result (fresh compile cache)")
     sp.add_argument("--profile", metavar="MODEL", default=None,
                     help="models: print where a converted MODEL's time goes, per op (torch.profiler), and exit")

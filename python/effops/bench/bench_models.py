@@ -563,8 +563,10 @@ def _fmt_cold(case: Case, rows) -> str:
 def run(models: Sequence[str] = (), batches: Sequence[int] = (1, 8), threads: Sequence[int] = (1, 2),
         dtypes: Sequence[str] = ("fp32", "bf16"), *, quick: bool = False, train: bool = False, cold: bool = False,
         target_s: float = 1.0, results_dir: Optional[str] = None, log=print,
-        wrong: Optional[Dict[str, nn.Module]] = None) -> List[Dict[str, object]]:
-    """Run the whole-network benchmark; returns the rows (appended to results_dir's CSV too)."""
+        wrong: Optional[Dict[str, nn.Module]] = None, train_only: bool = False) -> List[Dict[str, object]]:
+    """Run the whole-network benchmark; returns the rows (appended to results_dir's CSV too).
+    train_only: the training step rows alone (batches and cold do not apply)."""
+    train = train or train_only
     validate(models, batches, threads, dtypes)
     if quick:
         specs, batches, threads, dtypes, target_s = [QUICK], [1], [1], [d for d in dtypes if d == "fp32"] or ["fp32"], \
@@ -581,7 +583,7 @@ def run(models: Sequence[str] = (), batches: Sequence[int] = (1, 8), threads: Se
             for t in threads:
                 torch.set_num_threads(t)
                 for dt in dtypes:
-                    for b in batches:
+                    for b in () if train_only else batches:
                         cfg = Config(spec, b, t, dt)
                         torch._dynamo.reset()  # each configuration compiles afresh (and under the recompile limit)
                         case, variants = inference_case(cfg, compile_=not quick, target_s=target_s, wrong=wrong)
@@ -629,7 +631,8 @@ def from_args(args) -> int:
           f"'effops x' = variant time / effops time (effops' speed-up over it); 'x compute' / 'x traffic' = "
           f"time / floor")
     run(models, args.batch, threads, args.dtype, quick=args.quick, train=args.train, cold=args.cold,
-        target_s=args.time, results_dir=None if args.no_save else args.results)
+        target_s=args.time, results_dir=None if args.no_save else args.results,
+        train_only=getattr(args, "train_only", False))
     if not args.no_save:
         print(f"rows appended to {args.results}/")
     return 0
