@@ -27,7 +27,7 @@ DYNAMIC_SHAPES_BY_ITSELF = (2, 10)
 # Public ops with a case below; a new public op must get one (test_every_public_op_is_covered).
 COVERED = {"nms", "batched_nms", "multiclass_nms", "soft_nms", "matrix_nms", "dwsep_conv", "dw_conv_act",
            "pw_conv", "weighted_fuse", "sigmoid_focal_loss", "box_loss", "match_anchors", "split_levels",
-           "q_dw_conv_act", "q_pw_conv", "q_dwsep_conv", "q_weighted_fuse"}
+           "q_dw_conv_act", "q_pw_conv", "q_dwsep_conv", "q_weighted_fuse", "batch_norm_act"}
 NOT_OPS = {"MultiClassNMSResult", "EffopsInputError", "EffopsTypeError"}
 
 
@@ -128,6 +128,21 @@ def test_weighted_fuse_vs_reference():
     y = ops.weighted_fuse(xs, w, **kw)
     assert y.shape == (2, 8, 10, 10)
     torch.testing.assert_close(y, _reference(ops.weighted_fuse, xs, w, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_act_vs_reference_with_backward():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 20, 6, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(20, generator=g) + 0.5, torch.randn(20, generator=g)
+    res = []
+    for backend in ("cpu", "reference"):
+        xa = x.clone().requires_grad_()
+        with effops.use_backend(backend):
+            y, m = ops.batch_norm_act(xa, w, b, act="silu", pool=True)
+            gx, = torch.autograd.grad((y * y).sum() + m.sum(), (xa,))
+        res.append((y, m, gx))
+    for a, c in zip(*res):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
 
 
 def test_int8_family_bit_identical_to_reference():
