@@ -304,3 +304,28 @@ def test_activation_kinks(dtype):
         y = batch_norm_act(x, w, b, act=act)
         gb, = torch.autograd.grad(y.sum(), (b,))
         torch.testing.assert_close(gb, torch.full_like(gb, slope * x[:, 0].numel()), msg=f"{act} at {kink}")
+
+
+@pytest.mark.parametrize("act", ["silu", "relu6", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_backend_matches_float64(backend_device, act, dtype):
+    """cpu, reference and Triton (interpreted on CPU tensors; on CUDA when a GPU is present) give
+    the float64 truth's outputs, pooled means and gradients within the storage precision."""
+    backend, device = backend_device
+    if backend not in effops._backend.capabilities()["batch_norm_act"]:
+        pytest.skip(f"batch_norm_act has no {backend} backend (torch's batch norm runs there)")
+    x, w, b = make((2, 19, 5, 7), dtype=dtype, seed=23)
+    x, w, b = (t.to(device) for t in (x, w, b))
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    y, m = batch_norm_act(x, w, b, act=act, pool=True)
+    assert y.is_contiguous(memory_format=CL) and y.dtype == dtype
+    gy = torch.randn(y.shape, generator=gen(3)).to(device, dtype)
+    gm = torch.randn(m.shape, generator=gen(4)).to(device, dtype)
+    grads = torch.autograd.grad((y * gy).float().sum() + (m * gm).float().sum(), (x, w, b))
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yr, mr = truth(xr, wr, br, act)
+    ref = torch.autograd.grad((yr * gy.double()).sum() + (mr * gm.double()).sum(), (xr, wr, br))
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert rel(y, yr) < tol and rel(m, mr) < tol
+    for a, r in zip(grads, ref):
+        assert rel(a, r) < tol

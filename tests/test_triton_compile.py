@@ -142,3 +142,31 @@ BIFPN_KERNELS = [
 def test_bifpn_kernels_compile(kernel, dtype, arch):
     fn, sig, consts = kernel
     assert ".entry" in compile_ptx(fn, sig, consts, dtype, arch)
+
+
+# --------------------------------------------------------------------------- training BatchNorm + act
+from effops.triton import norm as tnorm  # noqa: E402
+
+_BN = {"BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+NORM_KERNELS = [
+    (tnorm._stats_kernel, {"x_ptr": "*{f}", "shift_ptr": "*fp32", "part_ptr": "*fp32", "HW": "i32", "C": "i32", **_BN},
+     dict(BLOCK_P=64, BLOCK_C=64)),
+    (tnorm._apply_kernel, {"x_ptr": "*{f}", "a_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*{f}", "part_ptr": "*fp32",
+                           "HW": "i32", "C": "i32", "ACT": "constexpr", "POOL": "constexpr", **_BN},
+     dict(ACT=3, POOL=True, BLOCK_P=64, BLOCK_C=64)),
+    (tnorm._bstats_kernel, {"gy_ptr": "*{f}", "x_ptr": "*{f}", "a_ptr": "*fp32", "b_ptr": "*fp32", "mean_ptr": "*fp32",
+                            "gp_ptr": "*fp32", "part_ptr": "*fp32", "HW": "i32", "C": "i32", "ACT": "constexpr",
+                            "HAS_GP": "constexpr", **_BN}, dict(ACT=2, HAS_GP=True, BLOCK_P=64, BLOCK_C=64)),
+    (tnorm._bapply_kernel, {"gy_ptr": "*{f}", "x_ptr": "*{f}", "a_ptr": "*fp32", "b_ptr": "*fp32", "mean_ptr": "*fp32",
+                            "gp_ptr": "*fp32", "p_ptr": "*fp32", "q_ptr": "*fp32", "gx_ptr": "*{f}", "HW": "i32",
+                            "C": "i32", "ACT": "constexpr", "HAS_GP": "constexpr", **_BN},
+     dict(ACT=3, HAS_GP=False, BLOCK_P=64, BLOCK_C=64)),
+]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("kernel", NORM_KERNELS, ids=lambda k: k[0].fn.__name__)
+def test_norm_kernels_compile(kernel, dtype, arch):
+    fn, sig, consts = kernel
+    assert ".entry" in compile_ptx(fn, sig, consts, dtype, arch)

@@ -15,9 +15,10 @@ x is saved for the backward (csrc/norm/bn_act.cpp). Statistics are summed in flo
 fixed split of the rows: the result does not depend on the thread count.
 
 Backends: ``cpu`` (float32 / bfloat16 storage computed in float32, float64; NHWC rows, i.e.
-channels_last tensors - others are copied to that layout and back) and ``reference`` (PyTorch
-ops, any device; what runs on CUDA, where cuDNN's batch norm is already one kernel). ``training=
-False`` (running statistics) runs as PyTorch's batch_norm + the activation.
+channels_last tensors - others are copied to that layout and back), ``triton`` (the same two
+passes each way, float32 / bfloat16 / float16 storage, float32 compute; CUDA tensors, or CPU
+tensors under TRITON_INTERPRET=1) and ``reference`` (PyTorch ops, any device and dtype).
+``training=False`` (running statistics) runs as PyTorch's batch_norm + the activation.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .. import _backend
 from ._common import EffopsInputError, EffopsTypeError, check_real, check_tensor, custom_op
 from .dwsep import ACT_CODES, _from_nhwc, act_grad, act_name, apply_act
 
-_backend.register_op("batch_norm_act", ("cpu", "reference"))
+_backend.register_op("batch_norm_act", ("cpu", "triton", "reference"))
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
@@ -56,9 +57,20 @@ def _like(out_rows: Tensor, x: Tensor) -> Tensor:
     return out if cl else out.contiguous()
 
 
-def _use_cpu(x: Tensor) -> bool:
+def _select(x: Tensor) -> str:
     b = _backend.select("batch_norm_act", x.device)
-    return b == "cpu" and x.dtype in _CPU_DTYPES
+    if (b == "cpu" and x.dtype not in _CPU_DTYPES) or (b == "triton" and x.dtype == torch.float64):
+        return "reference"  # fp16 on the CPU; the Triton kernels compute in float32 at most
+    return b
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+
+def _like_x(out_nhwc: Tensor, x: Tensor) -> Tensor:
+    out = _from_nhwc(out_nhwc)
+    return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
 def _threads() -> int:
@@ -133,8 +145,14 @@ def _backward_cpu(grad, x, weight, bias, mean, invstd, grad_pooled, act):
 def _bn_act_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, act: str,
                pool: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, invstd, var, pooled): pooled the [N, C] means of y over H, W when pool, else empty."""
-    if _use_cpu(x):
+    backend = _select(x)
+    if backend == "cpu":
         return _forward_cpu(x, weight, bias, eps, act, pool)
+    if backend == "triton":
+        from ..triton import norm as tn
+
+        y, mean, invstd, var, pooled = tn.forward(_nhwc(x), weight, bias, eps, ACT_CODES[act], pool)
+        return _like_x(y, x), mean, invstd, var, pooled
     with torch.no_grad():
         y, mean, invstd, var = batch_norm_act_reference(x, weight, bias, eps, act)
         pooled = y.to(_acc(x)).mean((2, 3)) if pool else y.new_empty(0, dtype=_acc(x))
@@ -160,8 +178,15 @@ def _(x, weight, bias, eps, act, pool):
            "str act) -> (Tensor, Tensor, Tensor)")
 def _bn_act_bwd_op(grad: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                    invstd: Tensor, grad_pooled: Optional[Tensor], act: str) -> Tuple[Tensor, Tensor, Tensor]:
-    if _use_cpu(x):
+    backend = _select(x)
+    if backend == "cpu":
         gx, gw, gb = _backward_cpu(grad, x, weight, bias, mean, invstd, grad_pooled, act)
+    elif backend == "triton":
+        from ..triton import norm as tn
+
+        gx, gw, gb = tn.backward(_nhwc(grad.to(x.dtype)), _nhwc(x), weight, bias, mean, invstd, grad_pooled,
+                                 ACT_CODES[act])
+        gx = _like_x(gx, x)
     else:
         gx, gw, gb = _backward_reference(grad, x, weight, bias, mean, invstd, grad_pooled, act)
         cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
