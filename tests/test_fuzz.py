@@ -32,8 +32,8 @@ import pytest
 import torch
 
 CHILD = os.environ.get("EFFOPS_FUZZ_CHILD") == "1"
-FAMILIES = ("nms", "multiclass", "soft_matrix", "dwsep", "bifpn", "modules", "bifpn_module", "convert", "losses",
-            "qconv")
+FAMILIES = ("nms", "multiclass", "soft_matrix", "dwsep", "bifpn", "norm", "modules", "bifpn_module", "convert",
+            "losses", "qconv")
 
 
 def test_fuzz_suite_in_a_child_process():
@@ -360,6 +360,51 @@ if CHILD:
             want = BF.weighted_fuse_reference([x.double() for x in xs], wn.double(), modes,
                                               DW.act_name("t", "a", act), out_hw)
             _close(y, want.to(xs[0].dtype), xs[0].dtype)
+
+    # -------------------------------------------------------------------------- training BN + act
+    @st.composite
+    def bn_args(draw):
+        N, C, H, W = (draw(st.sampled_from(v)) for v in ([0, 1, 2, 3], [0, 1, 5, 17], [0, 1, 3], [1, 2, 5]))
+        x = draw(layout(values(draw, maybe_wrong_shape(draw, (N, C, H, W)), dtype(draw))))
+        wdt = dtype(draw, [torch.float32, torch.float64])
+
+        def vec():
+            if sometimes(draw, 8):
+                return draw(st.sampled_from([None, [1.0] * C, 2.0]))
+            return draw(layout(values(draw, maybe_wrong_shape(draw, (C,)), wdt, lo=0.5, hi=1.5, specials=False)))
+
+        w, b = vec(), vec()
+        running = (vec(), vec()) if draw(st.booleans()) else (None, None)
+        if running[1] is not None and isinstance(running[1], torch.Tensor) and running[1].dtype.is_floating_point:
+            running = (running[0], running[1].abs() + 0.5)
+        act = draw(st.sampled_from(["gelu", ["silu"], 3])) if sometimes(draw, 20) else draw(
+            st.sampled_from(["silu", None, "relu", "relu6", "hardswish", "sigmoid", "swish"]))
+        eps = real_value(draw, (0.0, 1e-2))
+        momentum = real_value(draw, (0.0, 1.0))
+        training = draw(st.sampled_from([1, "yes", None])) if sometimes(draw, 20) else draw(st.booleans())
+        pool = draw(st.sampled_from([1, None])) if sometimes(draw, 20) else draw(st.booleans())
+        return x, w, b, running, act, eps, momentum, training, pool
+
+    @fuzz
+    @given(bn_args())
+    def test_fuzz_norm(args):
+        x, w, b, (rm, rv), act, eps, momentum, training, pool = args
+        rm0, rv0 = (t.clone() if isinstance(t, torch.Tensor) else t for t in (rm, rv))
+        ok, out = named_error("batch_norm_act", lambda: E.batch_norm_act(
+            x, w, b, rm, rv, training=training, momentum=momentum, eps=eps, act=act, pool=pool))
+        if not ok or is_meta(x, w, b, rm, rv):
+            return
+        y, m = out if pool else (out, None)
+        if _empty(x):
+            assert y.shape == x.shape and y.dtype == x.dtype
+            return
+        a = DW.act_name("t", "a", act)
+        d = lambda t: None if t is None else t.double()  # noqa: E731
+        want = DW.apply_act(torch.nn.functional.batch_norm(
+            x.double(), d(rm0), d(rv0), d(w), d(b), training, momentum, eps), a)
+        _close(y, want.to(x.dtype), x.dtype)
+        if pool:
+            _close(m, want.mean((2, 3), keepdim=True).to(x.dtype), x.dtype)
 
     # -------------------------------------------------------------------------- module constructors
     CTOR_INT = st.one_of(st.integers(0, 9), st.sampled_from(BIG_INTS + [True, 2.5, None, "3", (3, 3)]))

@@ -284,7 +284,11 @@ def batch_norm_act(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Te
     if not training:
         if running_mean is None:
             raise EffopsInputError(f"{op}: training=False needs running_mean and running_var")
-        y = apply_act(torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps), a)
+        if x.numel() == 0:  # torch's batch_norm indexes its (empty) input's first channel
+            y = x.clone()
+        else:
+            y = apply_act(torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, momentum,
+                                                         eps), a)
         return (y, y.mean((2, 3), keepdim=True)) if pool else y
     m = x.numel() // max(x.shape[1], 1)
     if m <= 1:
