@@ -126,6 +126,12 @@ def test_running_statistics_like_batchnorm2d():
     # training=False: the running statistics, as F.batch_norm
     torch.testing.assert_close(batch_norm_act(x, bn.weight, bn.bias, rm, rv, training=False, eps=bn.eps, act="silu"),
                                F.silu(ref.eval()(x)), rtol=1e-6, atol=1e-6)
+    # float64 parameters with float32 x (torch's batch_norm refuses the mix), and an empty batch
+    y64 = batch_norm_act(x, bn.weight.double(), bn.bias.double(), rm.double(), rv.double(), training=False,
+                         eps=bn.eps, act="silu")
+    assert y64.dtype == torch.float32
+    torch.testing.assert_close(y64, F.silu(ref.eval()(x)), rtol=1e-6, atol=1e-6)
+    assert batch_norm_act(x[:0], bn.weight, bn.bias, rm, rv, training=False).shape == (0, 6, 5, 4)
 
 
 def test_threads_do_not_change_the_result():
@@ -189,6 +195,7 @@ def test_opcheck_and_compile():
     (lambda x, w: batch_norm_act(x, w, w, act="gelu"), "act must be one of"),
     (lambda x, w: batch_norm_act(x, w, w, eps=-1.0), "eps must be >= 0"),
     (lambda x, w: batch_norm_act(x, w, w, eps=float("nan")), "eps must not be NaN"),
+    (lambda x, w: batch_norm_act(x, w, w, eps=0.0), "eps must be > 0 when training"),
     (lambda x, w: batch_norm_act(x, w, w, training=1), "training must be a bool"),
     (lambda x, w: batch_norm_act(x, w, w, pool="yes"), "pool must be a bool"),
     (lambda x, w: batch_norm_act(x, w, w, training=False), "training=False needs running_mean"),

@@ -284,12 +284,19 @@ def batch_norm_act(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Te
     if not training:
         if running_mean is None:
             raise EffopsInputError(f"{op}: training=False needs running_mean and running_var")
-        if x.numel() == 0:  # torch's batch_norm indexes its (empty) input's first channel
-            y = x.clone()
-        else:
-            y = apply_act(torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, momentum,
-                                                         eps), a)
+        # torch's batch_norm, written out: it refuses parameters of a wider dtype than x ("mixed
+        # dtype") and indexes an empty input's first channel
+        dt, shape = _acc(x), (1, x.shape[1], 1, 1)
+        scale = torch.rsqrt(running_var.to(dt) + eps)
+        if weight is not None:
+            scale = scale * weight.to(dt)
+        shift = -running_mean.to(dt) * scale
+        if bias is not None:
+            shift = shift + bias.to(dt)
+        y = apply_act(x.to(dt) * scale.view(shape) + shift.view(shape), a).to(x.dtype)
         return (y, y.mean((2, 3), keepdim=True)) if pool else y
+    if eps <= 0:
+        raise EffopsInputError(f"{op}: eps must be > 0 when training (batch statistics), got {eps}")
     m = x.numel() // max(x.shape[1], 1)
     if m <= 1:
         raise EffopsInputError(f"{op}: expected more than 1 value per channel when training, got input size "
