@@ -737,6 +737,9 @@ _dwsep_op.register_autograd(_dwsep_backward, setup_context=_dwsep_setup)
 
 def _dw_setup(ctx, inputs, output):
     x, weight, scale, bias, stride, pad, dilation, act = inputs
+    # An unused output's gradient stays None instead of a zero tensor: the means of a block
+    # without squeeze-excite cost a full-size broadcast add in the backward otherwise.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, scale, bias)
     ctx.cfg = (stride, pad, dilation, act, tuple(output[0].shape))
 
