@@ -535,6 +535,40 @@ def test_pw_conv_gemm_path_choice(N, HW, C, Co, se, dtype, isa):
             assert_close_to_truth(got, truth, eager, dtype)
 
 
+@pytest.mark.parametrize("N, HW, C, Co", [
+    (2, (9, 7), 24, 40),       # small: torch.mm on the pixel rows
+    (1, (256, 256), 16, 130),  # output over 32 MiB: effops's kernel (huge-page advice)
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pw_conv_plain_float32_gemm(N, HW, C, Co, channels_last):
+    """A float32 pw_conv with nothing fused (the conv before a training BatchNorm) runs a plain
+    GEMM (dwsep._plain_gemm): both of its branches give the reference's values in the input's
+    layout, and the same gradients as the reference."""
+    from effops.ops import dwsep as D
+    g = gen(C + Co)
+    y = rnd(N, C, *HW, g=g)
+    w = rnd(Co, C, 1, 1, g=g, scale=C ** -0.5)
+    assert D._plain_gemm(y.float(), None, None, None, "none", None)
+    yf = y.float()
+    if channels_last:
+        yf = yf.contiguous(memory_format=torch.channels_last)
+    yf.requires_grad_(True)
+    wf = w.float().requires_grad_(True)
+    got = pw_conv(yf, wf)
+    truth = R.pw_conv_reference(y, w)
+    assert got.dtype == torch.float32 and got.shape == (N, Co, *HW)
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_close_to_truth(got.detach(), truth, R.pw_conv_reference(y.float(), w.float()), torch.float32)
+    if N * HW[0] * HW[1] > 1000:
+        return  # the backward is the same op for both branches; keep the large case fast
+    gout = rnd(*got.shape, g=g).float()
+    gy, gw = torch.autograd.grad(got, [yf, wf], gout)
+    y64, w64 = y.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ty, tw = torch.autograd.grad(R.pw_conv_reference(y64, w64), [y64, w64], gout.double())
+    assert (gy.double() - ty).abs().max() <= 1e-4 * (ty.abs().max() + 1)
+    assert (gw.double() - tw).abs().max() <= 1e-4 * (tw.abs().max() + 1)
+
+
 @pytest.mark.parametrize("C", [4, 8, 12, 20, 24, 40, 44])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("isa", ["native", "avx2", "baseline"])
