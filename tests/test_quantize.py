@@ -122,6 +122,55 @@ def test_module_tree_and_report():
     assert q.blocks[0].dw_weight.dtype == torch.int8 and q.blocks[0].dw_bias.dtype == torch.int32
 
 
+class _Staged(nn.Module):
+    """Blocks in nested stages: run as one Sequential (a classifier) or stage by stage, keeping
+    every stage's output (a features backbone)."""
+
+    def __init__(self, features: bool):
+        super().__init__()
+        self.features = features
+        self.blocks = nn.Sequential(
+            nn.Sequential(MBConv(8, 16, 3, 2, expand_ratio=4, se_ratio=0.25), MBConv(16, 16, 3, 1, se_ratio=0.25)),
+            nn.Sequential(MBConv(16, 24, 5, 2, expand_ratio=3, se_ratio=0.0)),
+            nn.Sequential(MBConv(24, 24, 3, 1, se_ratio=0.25), MBConv(24, 24, 3, 1, se_ratio=0.0)))
+
+    def forward(self, x):
+        if not self.features:
+            return self.blocks(x)
+        feats = []
+        for stage in self.blocks:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_codes_pass_across_stages_only_inside_one_call(features):
+    """A Sequential of stages run as a whole passes uint8 codes across the stage boundaries too
+    (dequantising and quantising again would give the same codes: the outputs are bit-identical
+    with the boundaries unchained); a backbone that keeps each stage's output gets floats there."""
+    import copy
+
+    from effops.compress.quantize import _chain
+
+    torch.manual_seed(0)
+    m = _Staged(features).eval()
+    x = torch.randn(8, 8, 32, 32, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=torch.channels_last)
+    q = quantize(m, x)
+    chained = [b.chain_out.item() for stage in q.blocks for b in stage]
+    assert chained == ([True, False, False, True, False] if features else [True, True, True, True, False])
+    unchained = copy.deepcopy(q)
+    for b in unchained.modules():
+        if isinstance(b, QMBConv):
+            b.set_chain_out(False)
+    _chain(unchained)  # the children of one Sequential only
+    assert [b.chain_out.item() for stage in unchained.blocks for b in stage] == [True, False, False, True, False]
+    with torch.no_grad():
+        got, ref = q(x[:2]), unchained(x[:2])
+    for g, r in zip(got if features else [got], ref if features else [ref]):
+        assert g.dtype == torch.float32 and torch.equal(g, r)
+
+
 @pytest.mark.parametrize("observer", ["minmax", "percentile"])
 def test_calibration_is_deterministic(observer):
     m = _untrained()

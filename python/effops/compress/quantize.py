@@ -25,7 +25,8 @@ channel means; its gates rescale the codes inside the projection kernel.
 Boundaries: a quantized block takes a float tensor (quantised at its calibrated input
 parameters) and returns a float tensor (dequantised), so everything that is not quantised -
 the stem, the head, other layers - runs unchanged in float32. Between two quantized blocks
-that follow each other in one ``nn.Sequential`` and share the calibrated parameters (the second
+that follow each other in one ``nn.Sequential`` (or across the nested Sequentials of one that the
+model runs as a whole, as the stages of a classifier's ``blocks``) and share the calibrated parameters (the second
 block's input is the first one's output) the uint8 codes are passed on directly
 (``chain_out``): dequantising and quantising again would give the same codes.
 
@@ -322,6 +323,10 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
                 plan.residual_used = True
             _observe(plan, args[0], out, observer, float(percentile))
         hooks.append(q.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
+    called = set()  # the plain Sequentials run as a whole (their children back to back, nothing in between)
+    for m in q.modules():
+        if _plain_sequential(m):
+            hooks.append(m.register_forward_pre_hook(lambda mod, args: called.add(id(mod))))
     try:
         with torch.no_grad():
             for i, b in enumerate(batches):
@@ -349,17 +354,32 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
             setattr(q.get_submodule(parent) if parent else q, child, new)
     if "" in built:  # the model itself is one block
         q = built[""]
-    _chain(q)
+    _chain(q, called)
     q.quantization_report = sorted(report)
     return q
 
 
-def _chain(model: nn.Module) -> None:
-    """Consecutive quantized blocks of one Sequential with matching parameters pass uint8 codes."""
+def _plain_sequential(m: nn.Module) -> bool:
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _run_order(seq: nn.Sequential) -> List[nn.Module]:
+    """The modules a plain Sequential runs one after the other, nested plain Sequentials opened."""
+    out: List[nn.Module] = []
+    for m in seq.children():
+        out.extend(_run_order(m) if _plain_sequential(m) else [m])
+    return out
+
+
+def _chain(model: nn.Module, called=frozenset()) -> None:
+    """Consecutive quantized blocks with matching parameters pass uint8 codes: the children of one
+    Sequential, and across the nested Sequentials of one that ran as a whole during calibration
+    (``called``: ids; e.g. the stages of ``blocks`` in a classifier). A Sequential whose children a
+    model iterates itself (a features backbone that keeps every stage's output) is not opened."""
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        kids = list(seq.children())
+        kids = _run_order(seq) if id(seq) in called and _plain_sequential(seq) else list(seq.children())
         for a, b in zip(kids, kids[1:]):
             if (isinstance(a, (QMBConv, QDWSeparableConv2d)) and isinstance(b, (QMBConv, QDWSeparableConv2d))
                     and a.out_qparams() == b.in_qparams()):

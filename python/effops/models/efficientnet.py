@@ -254,6 +254,8 @@ class _Trunk(nn.Module):
         return F.silu(F.conv2d(x, w, b.to(w.dtype), conv.stride, conv.padding))
 
     def forward_blocks(self, x: Tensor, upto: Optional[int] = None, taps: Sequence[int] = ()) -> Tuple[Tensor, list]:
+        if upto is None and not taps:  # one call: quantize() passes int8 codes across the stages then
+            return self.blocks(x), []
         feats = []
         for i, stage in enumerate(self.blocks):
             if upto is not None and i > upto:
