@@ -63,6 +63,11 @@ DW_CASES = [
     (2, 40, 13, 13, 5, 2, "same", 3, 7, "rand", "int", "clamp", "uniform"),
     (1, 96, 8, 8, 3, 1, "same", 200, 90, "rand", "int", "lut", "uniform"),
     (1, 17, 1, 1, 1, 1, 0, 9, 100, "wrap", "wrap", "none", "uniform"),
+    # the AVX-512 quad kernel: 7x7 (two quads per row, run-time sizes) with a channel tail, an even
+    # kernel at stride 2, and 5x5 without padding on a row of 26 pixels (4-pixel blocks + a tail)
+    (1, 20, 11, 23, 7, 1, "same", 77, 10, "small", "int", "lut", "uniform"),
+    (2, 33, 10, 19, 4, 2, 1, 250, 5, "rand", "int", "clamp", "extreme"),
+    (1, 48, 9, 30, 5, 1, 0, 1, 128, "rand", "int", "none", "uniform"),
 ]
 
 

@@ -13,6 +13,7 @@
 #include <immintrin.h>
 #define QT512 __attribute__((target("arch=x86-64-v4,avx512vnni,avx512vbmi")))
 #define QT256 __attribute__((target("arch=x86-64-v3,avxvnni")))
+#define EFFOPS_QLAMBDA __attribute__((always_inline, target("arch=x86-64-v4,avx512vnni,avx512vbmi")))
 #endif
 
 namespace effops::qconv::detail {
@@ -70,6 +71,8 @@ QT512 inline __m128i lut512_apply(const Lut512& L, __m128i codes) {
 struct DwPrep {
   int64_t Cp = 0;                 // C rounded up to 16
   std::vector<int32_t> taps32;    // [KH * KW][Cp]: w as the low int16 of an int32 lane (high half 0)
+  int64_t NG = 0;                 // groups of 4 taps per kernel row: (KW + 3) / 4
+  std::vector<int32_t> quads;     // [KH * NG][Cp]: taps kw = 4q..4q+3 of row kh as 4 int8 bytes (0 past KW)
   std::vector<int32_t> bias;      // [Cp] bias (0 when none)
   std::vector<int32_t> bias_int;  // [Cp] bias - x_zp * sum of the taps (interior pixels)
   std::vector<float> mult;        // [Cp]

@@ -1,9 +1,11 @@
-// Int8 depthwise convolution (NHWC): per output pixel, each block of channels accumulates its
-// taps in int32 lanes with vpdpwssd (a 16 x 16 -> 32 bit multiply-add: the code x or x - x_zp in
-// the low int16 of a lane, the weight in the low int16 of the other operand's lane with a zero
-// high half, so the pair sum is the one exact product). Interior pixels multiply the raw codes
-// and take the zero point out through the bias (bias - x_zp * sum of the taps); border pixels,
-// whose out-of-range taps read real zeros, subtract x_zp from each code instead.
+// Int8 depthwise convolution (NHWC). AVX-512 (VNNI + VBMI): 4 taps per vpdpbusd on "quad rows"
+// (rows_512 below). AVX-VNNI: per output pixel, each block of channels accumulates its taps in
+// int32 lanes with vpdpwssd (a 16 x 16 -> 32 bit multiply-add: the code x or x - x_zp in the low
+// int16 of a lane, the weight in the low int16 of the other operand's lane with a zero high half,
+// so the pair sum is the one exact product); interior pixels multiply the raw codes and take the
+// zero point out through the bias (bias - x_zp * sum of the taps), border pixels, whose
+// out-of-range taps read real zeros, subtract x_zp from each code instead. Integer arithmetic:
+// every level gives the reference's codes exactly.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -22,6 +24,8 @@ DwPrep prep_dw(const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue
   p.bias.assign(static_cast<size_t>(p.Cp), 0);
   p.bias_int.assign(static_cast<size_t>(p.Cp), 0);
   p.mult.assign(static_cast<size_t>(p.Cp), 0.0f);
+  p.NG = (g.KW + 3) / 4;
+  p.quads.assign(static_cast<size_t>(g.KH * p.NG * p.Cp), 0);
   for (int64_t c = 0; c < C; ++c) {
     int32_t sum = 0;
     for (int64_t t = 0; t < T; ++t) {
@@ -31,6 +35,9 @@ DwPrep prep_dw(const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue
     }
     p.bias[c] = e.bias ? e.bias[c] : 0;
     p.bias_int[c] = wadd(p.bias[c], -x_zp * sum);  // |x_zp * sum| <= 255 * 128 * T < 2^30
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t kw = 0; kw < g.KW; ++kw)
+        reinterpret_cast<int8_t*>(&p.quads[(kh * p.NG + kw / 4) * p.Cp + c])[kw % 4] = taps[c * T + kh * g.KW + kw];
     p.mult[c] = e.mult[c];
   }
   if (e.lut) {
@@ -70,40 +77,58 @@ void rows_scalar(const uint8_t* xi, const int8_t* taps, const DwGeom& g, int64_t
 }
 
 #if EFFOPS_X86
-// AVX-512: the input rows a task reads are widened once each into a ring of KH rows of int32
-// lanes holding x - x_zp (the padding and the channels past C as zeros), so every tap is one
-// vpdpwssd with a memory operand - no bounds checks, no per-tap byte widening. For each block
-// of 16 channels the taps' weights stay in registers across the row's output pixels.
-QT512 void widen_row_512(const uint8_t* xi, const DwGeom& g, int64_t Cp, int64_t ih, int64_t Wp, int32_t x_zp,
-                         int32_t* row) {
-  std::memset(row, 0, static_cast<size_t>(Wp * Cp) * 4);
-  if (ih < 0 || ih >= g.H) return;
-  const __m512i zp = _mm512_set1_epi32(x_zp);
+// AVX-512: 4 taps per vpdpbusd (u8 codes x s8 weights, 4 products summed into an int32 lane).
+// The input rows a task reads are rewritten once each into a ring of KH "quad rows": lane (j, c)
+// of a quad row holds the codes of padded columns j, j+1, j+2, j+3 of channel c, so the taps
+// kw = 4q..4q+3 of output pixel ow are one lane of column ow * sw + 4q against the weights' bytes
+// (zero past KW). Padding is the code x_zp and the raw codes are multiplied: the zero point comes
+// out through the bias (bias - x_zp * sum of the taps) for every pixel, borders included. A 3x3
+// conv is 3 instructions per 16 channels of a pixel (9 vpdpwssd before), a 5x5 10 (25).
+constexpr int64_t kQuadRingMax = int64_t{64} << 20;
+
+QT512 void quad_row_512(const uint8_t* xi, const DwGeom& g, int64_t Cp, int64_t ih, int64_t Wq, int32_t x_zp,
+                        int32_t* row) {
+  // byte 4c + k of the result = byte 16k + c of the four columns' 16 bytes
+  alignas(64) static constexpr uint8_t kIdx[64] = {
+      0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53,
+      6, 22, 38, 54, 7, 23, 39, 55, 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
+      12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  const __m128i zpv = _mm_set1_epi8(static_cast<char>(x_zp));
+  const bool inside = ih >= 0 && ih < g.H;
   const int64_t C = g.C;
-  const int64_t iw1 = std::min(g.W, Wp - g.pl);  // columns no tap reads (past the last window) are skipped
-  for (int64_t iw = 0; iw < iw1; ++iw) {
-    const uint8_t* src = xi + (ih * g.W + iw) * C;
-    int32_t* dst = row + (iw + g.pl) * Cp;
-    for (int64_t c0 = 0; c0 < C; c0 += 16) {
-      const __mmask16 m = C - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c0)) - 1);
-      const __m512i v = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, src + c0)), zp);
-      _mm512_storeu_si512(dst + c0, _mm512_maskz_mov_epi32(m, v));
+  const uint8_t* src = xi + (inside ? ih : 0) * g.W * C;
+  for (int64_t c0 = 0; c0 < C; c0 += 16) {
+    const __mmask16 m = C - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c0)) - 1);
+    auto col = [&](int64_t j) EFFOPS_QLAMBDA {
+      const int64_t iw = j - g.pl;
+      return inside && iw >= 0 && iw < g.W ? _mm_mask_loadu_epi8(zpv, m, src + iw * C + c0) : zpv;
+    };
+    __m128i a = col(0), b = col(1), c = col(2);
+    for (int64_t j = 0; j < Wq; ++j) {
+      const __m128i d = col(j + 3);
+      __m512i v = _mm512_castsi128_si512(a);
+      v = _mm512_inserti32x4(v, b, 1);
+      v = _mm512_inserti32x4(v, c, 2);
+      v = _mm512_inserti32x4(v, d, 3);
+      _mm512_storeu_si512(row + j * Cp + c0, _mm512_permutexvar_epi8(idx, v));
+      a = b, b = c, c = d;
     }
   }
 }
 
-// KH_ x KW_ > 0: the kernel size known at compile time, the taps' weights held in registers across
-// the row (0: any size, the weights read from L1 per tap).
-template <int KH_, int KW_>
+// KH_, NG_ > 0: the kernel height and the quads per row known at compile time (3x3: 3 x 1, 5x5:
+// 5 x 2), the weights held in registers; 0: any size, the weights read from L1.
+template <int KH_, int NG_>
 QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t oh0, int64_t oh1, int32_t x_zp,
                     const Epilogue& e, uint8_t* y, int32_t* sums) {
-  const int64_t C = g.C, Cp = p.Cp, KH = KH_ ? KH_ : g.KH, KW = KW_ ? KW_ : g.KW;
-  const int64_t Wp = (g.Wo - 1) * g.sw + KW;  // widened row: from the left padding to the last tap
+  const int64_t C = g.C, Cp = p.Cp, KH = KH_ ? KH_ : g.KH, NG = NG_ ? NG_ : p.NG;
+  const int64_t Wq = (g.Wo - 1) * g.sw + 4 * (NG - 1) + 1;  // quad columns the taps read
   // Per-thread storage, used through local pointers: a thread_local in a shared library is reached
   // through __tls_get_addr, which in the tap loop made this kernel 4x slower.
   thread_local std::vector<int32_t> ring_store;
   thread_local std::vector<const int32_t*> rows_store;
-  ring_store.resize(static_cast<size_t>(KH * Wp * Cp));
+  ring_store.resize(static_cast<size_t>(KH * Wq * Cp));
   rows_store.resize(static_cast<size_t>(KH));
   int32_t* const ring = ring_store.data();
   const int32_t** const rows = rows_store.data();
@@ -116,34 +141,17 @@ QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     const int64_t ih0 = oh * g.sh - g.pt;
     for (int64_t ih = std::max(filled + 1, ih0); ih < ih0 + KH; ++ih)
-      widen_row_512(xi, g, Cp, ih, Wp, x_zp, ring + ((ih % KH + KH) % KH) * Wp * Cp);
+      quad_row_512(xi, g, Cp, ih, Wq, x_zp, ring + ((ih % KH + KH) % KH) * Wq * Cp);
     filled = ih0 + KH - 1;
-    for (int64_t kh = 0; kh < KH; ++kh) rows[kh] = ring + (((ih0 + kh) % KH + KH) % KH) * Wp * Cp;
+    for (int64_t kh = 0; kh < KH; ++kh) rows[kh] = ring + (((ih0 + kh) % KH + KH) % KH) * Wq * Cp;
     uint8_t* yrow = y + (oh - oh0) * g.Wo * C;
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
       const __mmask16 m = C - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c0)) - 1);
-      const __m512i bias = _mm512_loadu_si512(&p.bias[c0]);
+      const __m512i bias = _mm512_loadu_si512(&p.bias_int[c0]);
       const __m512 mult = _mm512_loadu_ps(&p.mult[c0]);
       __m512i rsum = _mm512_setzero_si512();
-      constexpr int kT = KH_ * KW_ > 0 ? KH_ * KW_ : 1;
-      __m512i wv[kT];
-      if constexpr (KH_ * KW_ > 0)
-        for (int t = 0; t < kT; ++t) wv[t] = _mm512_loadu_si512(&p.taps32[t * Cp + c0]);
-      for (int64_t ow = 0; ow < g.Wo; ++ow) {
-        __m512i acc = bias;
-        const int64_t col = ow * g.sw * Cp + c0;
-        if constexpr (KH_ * KW_ > 0) {
-          for (int kh = 0; kh < KH_; ++kh)
-            for (int kw = 0; kw < KW_; ++kw)
-              acc = _mm512_dpwssd_epi32(acc, _mm512_loadu_si512(rows[kh] + col + kw * Cp), wv[kh * KW_ + kw]);
-        } else {
-          for (int64_t kh = 0; kh < KH; ++kh) {
-            const int32_t* r = rows[kh] + col;
-            const int32_t* w = &p.taps32[kh * KW * Cp + c0];
-            for (int64_t kw = 0; kw < KW; ++kw)
-              acc = _mm512_dpwssd_epi32(acc, _mm512_loadu_si512(r + kw * Cp), _mm512_loadu_si512(w + kw * Cp));
-          }
-        }
+      // the requantisation epilogue of one pixel's 16 channels
+      auto finish = [&](__m512i acc, int64_t ow) EFFOPS_QLAMBDA {
         __m512 v = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(acc, kRne), mult);
         v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
         __m512i q = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, kRne), ozp);
@@ -152,6 +160,44 @@ QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t
         if (lut) b = lut512_apply(L, b);
         _mm_mask_storeu_epi8(yrow + ow * C + c0, m, b);
         rsum = _mm512_add_epi32(rsum, _mm512_cvtepu8_epi32(b));
+      };
+      constexpr int kW = KH_ * NG_;
+      __m512i wv[kW > 0 ? kW : 1];
+      if constexpr (kW > 0)
+        for (int t = 0; t < kW; ++t) wv[t] = _mm512_loadu_si512(&p.quads[t * Cp + c0]);
+      const int64_t step = g.sw * Cp;
+      int64_t ow = 0;
+      // PB pixels at once: PB independent accumulation chains
+      constexpr int PB = 4;
+      for (; ow + PB <= g.Wo; ow += PB) {
+        __m512i acc[PB];
+        for (int j = 0; j < PB; ++j) acc[j] = bias;
+        const int64_t col = ow * step + c0;
+        if constexpr (kW > 0) {
+          for (int kh = 0; kh < KH_; ++kh)
+            for (int q = 0; q < NG_; ++q) {
+              const int32_t* r = rows[kh] + col + 4 * q * Cp;
+              for (int j = 0; j < PB; ++j)
+                acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512(r + j * step), wv[kh * NG_ + q]);
+            }
+        } else {
+          for (int64_t kh = 0; kh < KH; ++kh)
+            for (int64_t q = 0; q < NG; ++q) {
+              const int32_t* r = rows[kh] + col + 4 * q * Cp;
+              const __m512i w = _mm512_loadu_si512(&p.quads[(kh * NG + q) * Cp + c0]);
+              for (int j = 0; j < PB; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512(r + j * step), w);
+            }
+        }
+        for (int j = 0; j < PB; ++j) finish(acc[j], ow + j);
+      }
+      for (; ow < g.Wo; ++ow) {
+        __m512i acc = bias;
+        const int64_t col = ow * step + c0;
+        for (int64_t kh = 0; kh < KH; ++kh)
+          for (int64_t q = 0; q < NG; ++q)
+            acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(rows[kh] + col + 4 * q * Cp),
+                                      _mm512_loadu_si512(&p.quads[(kh * NG + q) * Cp + c0]));
+        finish(acc, ow);
       }
       if (sums) {
         const __m512i s = _mm512_maskz_loadu_epi32(m, sums + c0);
@@ -210,11 +256,11 @@ QT256 void rows_256(const uint8_t* xi, const int8_t* taps, const DwPrep& p, cons
 void dw_rows(int lvl, const uint8_t* xi, const int8_t* taps, const DwPrep& p, const DwGeom& g, int64_t oh0,
              int64_t oh1, int32_t x_zp, const Epilogue& e, uint8_t* y, int32_t* sums) {
 #if EFFOPS_X86
-  // the ring of widened rows: KH rows of (Wo - 1) * sw + KW pixels of Cp int32 (at most 64 MiB)
-  const int64_t ring = g.KH * ((g.Wo - 1) * g.sw + g.KW) * p.Cp * 4;
-  if (lvl == 2 && ring <= (int64_t{64} << 20)) {
-    if (g.KH == 3 && g.KW == 3) return rows_512<3, 3>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
-    if (g.KH == 5 && g.KW == 5) return rows_512<5, 5>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
+  // the ring of quad rows: KH rows of (Wo - 1) * sw + 4 * (NG - 1) + 1 columns of Cp int32
+  const int64_t ring = g.KH * ((g.Wo - 1) * g.sw + 4 * (p.NG - 1) + 1) * p.Cp * 4;
+  if (lvl == 2 && ring <= kQuadRingMax) {
+    if (g.KH == 3 && g.KW == 3) return rows_512<3, 1>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
+    if (g.KH == 5 && g.KW == 5) return rows_512<5, 2>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
     return rows_512<0, 0>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
   }
   if (lvl == 1) return rows_256(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums);
