@@ -65,6 +65,12 @@ QT512 inline __m128i lut512_apply(const Lut512& L, __m128i codes) {
   const __m512i hi = _mm512_permutex2var_epi8(L.t2, idx, L.t3);
   return _mm512_castsi512_si128(_mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hi));
 }
+// The table on 64 codes at once.
+QT512 inline __m512i lut512_apply64(const Lut512& L, __m512i codes) {
+  const __m512i lo = _mm512_permutex2var_epi8(L.t0, codes, L.t1);
+  const __m512i hi = _mm512_permutex2var_epi8(L.t2, codes, L.t3);
+  return _mm512_mask_blend_epi8(_mm512_movepi8_mask(codes), lo, hi);
+}
 #endif
 
 // Depthwise weights in the kernels' layouts, made once per call.
