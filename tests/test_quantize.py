@@ -199,6 +199,16 @@ def test_state_dict_round_trip():
     assert [b.chain_out.item() for b in q2.blocks] == [b.chain_out.item() for b in q1.blocks]
 
 
+def test_eager_cpu_path_is_profiled_by_op_name():
+    """Eager CPU calls skip the dispatcher (compress._qmodules._direct) but still show in
+    torch.profiler under the custom ops' names."""
+    q = quantize(_untrained(), _data(1))
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        q(_data(8, n=2))
+    names = {e.key for e in prof.key_averages()}
+    assert {"effops::q_pw_conv", "effops::q_dw_conv_act", "effops::q_dwsep_conv"} <= names, names
+
+
 def test_torch_compile():
     m = _untrained()
     q = quantize(m, _data(7))
