@@ -68,6 +68,9 @@ DW_CASES = [
     (1, 20, 11, 23, 7, 1, "same", 77, 10, "small", "int", "lut", "uniform"),
     (2, 33, 10, 19, 4, 2, 1, 250, 5, "rand", "int", "clamp", "extreme"),
     (1, 48, 9, 30, 5, 1, 0, 1, 128, "rand", "int", "none", "uniform"),
+    # quad rows stored at every stride-th column (stride 4), and every column (stride 3)
+    (1, 19, 13, 17, 3, 4, 1, 60, 20, "rand", "int", "lut", "uniform"),
+    (2, 18, 11, 14, 5, 3, "same", 5, 9, "rand", "int", "none", "uniform"),
 ]
 
 

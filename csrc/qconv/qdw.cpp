@@ -86,8 +86,10 @@ void rows_scalar(const uint8_t* xi, const int8_t* taps, const DwGeom& g, int64_t
 // conv is 3 instructions per 16 channels of a pixel (9 vpdpwssd before), a 5x5 10 (25).
 constexpr int64_t kQuadRingMax = int64_t{64} << 20;
 
-QT512 void quad_row_512(const uint8_t* xi, const DwGeom& g, int64_t Cp, int64_t ih, int64_t Wq, int32_t x_zp,
-                        int32_t* row) {
+// Only every cs-th quad column is stored (cs = the stride when it divides 4: a stride-2 conv reads
+// the even columns only), as Wn consecutive columns.
+QT512 void quad_row_512(const uint8_t* xi, const DwGeom& g, int64_t Cp, int64_t ih, int64_t Wn, int64_t cs,
+                        int32_t x_zp, int32_t* row) {
   // byte 4c + k of the result = byte 16k + c of the four columns' 16 bytes
   alignas(64) static constexpr uint8_t kIdx[64] = {
       0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53,
@@ -104,15 +106,23 @@ QT512 void quad_row_512(const uint8_t* xi, const DwGeom& g, int64_t Cp, int64_t 
       const int64_t iw = j - g.pl;
       return inside && iw >= 0 && iw < g.W ? _mm_mask_loadu_epi8(zpv, m, src + iw * C + c0) : zpv;
     };
-    __m128i a = col(0), b = col(1), c = col(2);
-    for (int64_t j = 0; j < Wq; ++j) {
-      const __m128i d = col(j + 3);
+    __m128i a = col(0), b = col(1), c = col(2), d = col(3);
+    for (int64_t i = 0; i < Wn; ++i) {
+      if (i > 0) {  // the window moves cs columns: the codes still inside it are kept
+        const int64_t j = i * cs;
+        if (cs == 1) {
+          a = b, b = c, c = d, d = col(j + 3);
+        } else if (cs == 2) {
+          a = c, b = d, c = col(j + 2), d = col(j + 3);
+        } else {
+          a = col(j), b = col(j + 1), c = col(j + 2), d = col(j + 3);
+        }
+      }
       __m512i v = _mm512_castsi128_si512(a);
       v = _mm512_inserti32x4(v, b, 1);
       v = _mm512_inserti32x4(v, c, 2);
       v = _mm512_inserti32x4(v, d, 3);
-      _mm512_storeu_si512(row + j * Cp + c0, _mm512_permutexvar_epi8(idx, v));
-      a = b, b = c, c = d;
+      _mm512_storeu_si512(row + i * Cp + c0, _mm512_permutexvar_epi8(idx, v));
     }
   }
 }
@@ -124,11 +134,14 @@ QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t
                     const Epilogue& e, uint8_t* y, int32_t* sums) {
   const int64_t C = g.C, Cp = p.Cp, KH = KH_ ? KH_ : g.KH, NG = NG_ ? NG_ : p.NG;
   const int64_t Wq = (g.Wo - 1) * g.sw + 4 * (NG - 1) + 1;  // quad columns the taps read
+  const int64_t cs = 4 % g.sw == 0 ? g.sw : 1;              // of which every cs-th (all taps' columns)
+  const int64_t Wn = (Wq - 1) / cs + 1;                     // stored per ring row
+  const int64_t ps = g.sw / cs, qs = 4 / cs;                // stored columns per pixel / per quad
   // Per-thread storage, used through local pointers: a thread_local in a shared library is reached
   // through __tls_get_addr, which in the tap loop made this kernel 4x slower.
   thread_local std::vector<int32_t> ring_store;
   thread_local std::vector<const int32_t*> rows_store;
-  ring_store.resize(static_cast<size_t>(KH * Wq * Cp));
+  ring_store.resize(static_cast<size_t>(KH * Wn * Cp));
   rows_store.resize(static_cast<size_t>(KH));
   int32_t* const ring = ring_store.data();
   const int32_t** const rows = rows_store.data();
@@ -141,9 +154,9 @@ QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     const int64_t ih0 = oh * g.sh - g.pt;
     for (int64_t ih = std::max(filled + 1, ih0); ih < ih0 + KH; ++ih)
-      quad_row_512(xi, g, Cp, ih, Wq, x_zp, ring + ((ih % KH + KH) % KH) * Wq * Cp);
+      quad_row_512(xi, g, Cp, ih, Wn, cs, x_zp, ring + ((ih % KH + KH) % KH) * Wn * Cp);
     filled = ih0 + KH - 1;
-    for (int64_t kh = 0; kh < KH; ++kh) rows[kh] = ring + (((ih0 + kh) % KH + KH) % KH) * Wq * Cp;
+    for (int64_t kh = 0; kh < KH; ++kh) rows[kh] = ring + (((ih0 + kh) % KH + KH) % KH) * Wn * Cp;
     uint8_t* yrow = y + (oh - oh0) * g.Wo * C;
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
       const __mmask16 m = C - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c0)) - 1);
@@ -165,7 +178,7 @@ QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t
       __m512i wv[kW > 0 ? kW : 1];
       if constexpr (kW > 0)
         for (int t = 0; t < kW; ++t) wv[t] = _mm512_loadu_si512(&p.quads[t * Cp + c0]);
-      const int64_t step = g.sw * Cp;
+      const int64_t step = ps * Cp;
       int64_t ow = 0;
       // PB pixels at once: PB independent accumulation chains
       constexpr int PB = 4;
@@ -176,14 +189,14 @@ QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t
         if constexpr (kW > 0) {
           for (int kh = 0; kh < KH_; ++kh)
             for (int q = 0; q < NG_; ++q) {
-              const int32_t* r = rows[kh] + col + 4 * q * Cp;
+              const int32_t* r = rows[kh] + col + q * qs * Cp;
               for (int j = 0; j < PB; ++j)
                 acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512(r + j * step), wv[kh * NG_ + q]);
             }
         } else {
           for (int64_t kh = 0; kh < KH; ++kh)
             for (int64_t q = 0; q < NG; ++q) {
-              const int32_t* r = rows[kh] + col + 4 * q * Cp;
+              const int32_t* r = rows[kh] + col + q * qs * Cp;
               const __m512i w = _mm512_loadu_si512(&p.quads[(kh * NG + q) * Cp + c0]);
               for (int j = 0; j < PB; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512(r + j * step), w);
             }
@@ -195,7 +208,7 @@ QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t
         const int64_t col = ow * step + c0;
         for (int64_t kh = 0; kh < KH; ++kh)
           for (int64_t q = 0; q < NG; ++q)
-            acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(rows[kh] + col + 4 * q * Cp),
+            acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(rows[kh] + col + q * qs * Cp),
                                       _mm512_loadu_si512(&p.quads[(kh * NG + q) * Cp + c0]));
         finish(acc, ow);
       }
