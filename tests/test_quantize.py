@@ -200,7 +200,7 @@ def test_state_dict_round_trip():
 
 
 def test_eager_cpu_path_is_profiled_by_op_name():
-    """Eager CPU calls skip the dispatcher (compress._qmodules._direct) but still show in
+    """Eager CPU calls skip the dispatcher (compress._qmodules._q_call) but still show in
     torch.profiler under the custom ops' names."""
     q = quantize(_untrained(), _data(1))
     with torch.no_grad(), torch.profiler.profile() as prof:

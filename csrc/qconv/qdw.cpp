@@ -86,8 +86,19 @@ void rows_scalar(const uint8_t* xi, const int8_t* taps, const DwGeom& g, int64_t
 // conv is 3 instructions per 16 channels of a pixel (9 vpdpwssd before), a 5x5 10 (25).
 constexpr int64_t kQuadRingMax = int64_t{64} << 20;
 
-// Only every cs-th quad column is stored (cs = the stride when it divides 4: a stride-2 conv reads
-// the even columns only), as Wn consecutive columns.
+// Which quad columns a ring row stores: the taps read columns ow * sw + 4q (q < NG), Wq of them;
+// when the stride divides 4 every one of those is a multiple of cs = sw, so only every cs-th
+// column is kept, Wn in all; a pixel then moves ps stored columns and a quad qs.
+struct QuadCols {
+  int64_t cs, Wn, ps, qs;
+};
+inline QuadCols quad_cols(const DwGeom& g, int64_t NG) {
+  const int64_t Wq = (g.Wo - 1) * g.sw + 4 * (NG - 1) + 1;
+  const int64_t cs = 4 % g.sw == 0 ? g.sw : 1;
+  return {cs, (Wq - 1) / cs + 1, g.sw / cs, 4 / cs};
+}
+
+// Stores Wn quad columns, every cs-th (quad_cols).
 QT512 void quad_row_512(const uint8_t* xi, const DwGeom& g, int64_t Cp, int64_t ih, int64_t Wn, int64_t cs,
                         int32_t x_zp, int32_t* row) {
   // byte 4c + k of the result = byte 16k + c of the four columns' 16 bytes
@@ -133,10 +144,8 @@ template <int KH_, int NG_>
 QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t oh0, int64_t oh1, int32_t x_zp,
                     const Epilogue& e, uint8_t* y, int32_t* sums) {
   const int64_t C = g.C, Cp = p.Cp, KH = KH_ ? KH_ : g.KH, NG = NG_ ? NG_ : p.NG;
-  const int64_t Wq = (g.Wo - 1) * g.sw + 4 * (NG - 1) + 1;  // quad columns the taps read
-  const int64_t cs = 4 % g.sw == 0 ? g.sw : 1;              // of which every cs-th (all taps' columns)
-  const int64_t Wn = (Wq - 1) / cs + 1;                     // stored per ring row
-  const int64_t ps = g.sw / cs, qs = 4 / cs;                // stored columns per pixel / per quad
+  const QuadCols qc = quad_cols(g, NG);
+  const int64_t cs = qc.cs, Wn = qc.Wn, ps = qc.ps, qs = qc.qs;
   // Per-thread storage, used through local pointers: a thread_local in a shared library is reached
   // through __tls_get_addr, which in the tap loop made this kernel 4x slower.
   thread_local std::vector<int32_t> ring_store;
@@ -269,8 +278,8 @@ QT256 void rows_256(const uint8_t* xi, const int8_t* taps, const DwPrep& p, cons
 void dw_rows(int lvl, const uint8_t* xi, const int8_t* taps, const DwPrep& p, const DwGeom& g, int64_t oh0,
              int64_t oh1, int32_t x_zp, const Epilogue& e, uint8_t* y, int32_t* sums) {
 #if EFFOPS_X86
-  // the ring of quad rows: KH rows of (Wo - 1) * sw + 4 * (NG - 1) + 1 columns of Cp int32
-  const int64_t ring = g.KH * ((g.Wo - 1) * g.sw + 4 * (p.NG - 1) + 1) * p.Cp * 4;
+  // the ring of quad rows: KH rows of quad_cols' Wn columns of Cp int32
+  const int64_t ring = g.KH * quad_cols(g, p.NG).Wn * p.Cp * 4;
   if (lvl == 2 && ring <= kQuadRingMax) {
     if (g.KH == 3 && g.KW == 3) return rows_512<3, 1>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
     if (g.KH == 5 && g.KW == 5) return rows_512<5, 2>(xi, p, g, oh0, oh1, x_zp, e, y, sums);

@@ -122,48 +122,44 @@ QT512 inline Epi512 epi512(const Epilogue& e, const Residual& res) {
           e.lut ? lut512_load(e.lut) : Lut512{}};
 }
 
+// One vector of 16 output channels: acc -> requantised int32 codes with the output zero point
+// and, when rr is set, the requantised residual added (before the clamp); m: the valid channels.
+QT512 inline __m512i requant_512(const Epi512& c, __m512i acc, __m512 mult, __mmask16 m, const uint8_t* rr) {
+  __m512 v = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(acc, kRne), mult);
+  v = _mm512_min_ps(_mm512_max_ps(v, c.lo), c.hi);
+  __m512i q = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, kRne), c.ozp);
+  if (rr) {
+    const __m512i r = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, rr)), c.rzp);
+    __m512 rv = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(r, kRne), c.rm);
+    rv = _mm512_min_ps(_mm512_max_ps(rv, c.lo), c.hi);
+    q = _mm512_add_epi32(q, _mm512_cvt_roundps_epi32(rv, kRne));
+  }
+  return q;
+}
+
 // NV (<= 4) vectors of 16 consecutive output channels of one row at once, the first `valid` of
 // them stored: requantised to int32 per vector, then packed to bytes with
 // saturation (exact: qmin >= 0 and qmax <= 255, and the clamp to [qmin, qmax] follows on the
 // bytes), and the table and the clamp applied to 64 codes per instruction instead of 16.
 QT512 inline void finish_v512(const Epi512& c, const Epilogue& e, int nv, const __m512i* acc, const float* mult,
                               int64_t valid, const uint8_t* rr, uint8_t* o) {
-  __m512i q[4];
+  auto mask16 = [valid](int j) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, valid - j * 16));
+    return left == 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+  };
   if (nv == 1) {  // one vector: the 16-code path (packing four would cost more than it saves)
-    __m512 v = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(acc[0], kRne), _mm512_loadu_ps(mult));
-    v = _mm512_min_ps(_mm512_max_ps(v, c.lo), c.hi);
-    __m512i q1 = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, kRne), c.ozp);
-    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, valid));
-    const __mmask16 m = left == 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-    if (rr) {
-      const __m512i r = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, rr)), c.rzp);
-      __m512 rv = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(r, kRne), c.rm);
-      rv = _mm512_min_ps(_mm512_max_ps(rv, c.lo), c.hi);
-      q1 = _mm512_add_epi32(q1, _mm512_cvt_roundps_epi32(rv, kRne));
-    }
-    q1 = _mm512_min_epi32(_mm512_max_epi32(q1, c.qmin), c.qmax);
-    __m128i b = _mm512_cvtepi32_epi8(q1);
+    const __mmask16 m = mask16(0);
+    __m512i q = requant_512(c, acc[0], _mm512_loadu_ps(mult), m, rr);
+    q = _mm512_min_epi32(_mm512_max_epi32(q, c.qmin), c.qmax);
+    __m128i b = _mm512_cvtepi32_epi8(q);
     if (e.lut) b = lut512_apply(c.L, b);
     _mm_mask_storeu_epi8(o, m, b);
     return;
   }
-  for (int j = 0; j < 4; ++j) {
-    if (j >= nv) {
-      q[j] = _mm512_setzero_si512();
-      continue;
-    }
-    __m512 v = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(acc[j], kRne), _mm512_loadu_ps(mult + j * 16));
-    v = _mm512_min_ps(_mm512_max_ps(v, c.lo), c.hi);
-    q[j] = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, kRne), c.ozp);
-    if (rr) {
-      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, valid - j * 16));
-      const __mmask16 m = left == 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-      const __m512i r = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, rr + j * 16)), c.rzp);
-      __m512 rv = _mm512_mul_ps(_mm512_cvt_roundepi32_ps(r, kRne), c.rm);
-      rv = _mm512_min_ps(_mm512_max_ps(rv, c.lo), c.hi);
-      q[j] = _mm512_add_epi32(q[j], _mm512_cvt_roundps_epi32(rv, kRne));
-    }
-  }
+  __m512i q[4];
+  for (int j = 0; j < 4; ++j)
+    q[j] = j < nv ? requant_512(c, acc[j], _mm512_loadu_ps(mult + j * 16), mask16(j), rr ? rr + j * 16 : nullptr)
+                  : _mm512_setzero_si512();
   // packs/packus work per 128-bit lane: lane l holds q0[4l..4l+3], q1[4l..], q2[4l..], q3[4l..];
   // dword k of the result comes from dword 4 * (k % 4) + k / 4
   const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);

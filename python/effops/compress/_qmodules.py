@@ -25,28 +25,14 @@ from ..ops.dwsep import conv_geometry
 from ..ops.qconv import pack_pw
 
 
-def _direct(op: str, x: Tensor) -> bool:
-    """Eager on the CPU backend: call the kernel without the dispatcher (~15 us of a custom-op
-    call, x3 per block: ~0.7 ms of int8 efficientnet_b0 at batch 1), under the op's profiler name."""
-    return not torch.compiler.is_compiling() and x.device.type == "cpu" and _backend.select(op, x.device) == "cpu"
-
-
-def _q_pw(*args):
-    if _direct("q_pw_conv", args[0]):
-        return profiled("effops::q_pw_conv", _qc._pw_impl, "cpu", *args)
-    return torch.ops.effops.q_pw_conv(*args)
-
-
-def _q_dw(*args):
-    if _direct("q_dw_conv_act", args[0]):
-        return profiled("effops::q_dw_conv_act", _qc._dw_impl, "cpu", *args)
-    return torch.ops.effops.q_dw_conv_act(*args)
-
-
-def _q_dwsep(*args):
-    if _direct("q_dwsep_conv", args[0]):
-        return profiled("effops::q_dwsep_conv", _qc._dwsep_impl, "cpu", *args)
-    return torch.ops.effops.q_dwsep_conv(*args)
+def _q_call(op: str, impl, *args):
+    """torch.ops.effops.<op>(*args); in eager on the CPU backend the kernel itself (``impl``, the
+    op's CPU body) without the dispatcher (~15 us of a custom-op call, x3 per block: ~0.7 ms of
+    int8 efficientnet_b0 at batch 1), under the op's profiler name."""
+    x = args[0]
+    if not torch.compiler.is_compiling() and x.device.type == "cpu" and _backend.select(op, x.device) == "cpu":
+        return profiled(f"effops::{op}", impl, "cpu", *args)
+    return getattr(torch.ops.effops, op)(*args)
 
 
 def quantize_tensor(x: Tensor, scale: float, zp: int) -> Tensor:
@@ -154,7 +140,8 @@ class _QBlock(nn.Module):
         stride, pad = self._geometry(h)
         d, p = self._cfg["dw"], self._cfg["project"]
         res_mult = self._in[0] / p[4]
-        return _q_dwsep(
+        return _q_call(
+            "q_dwsep_conv", _qc._dwsep_impl,
             h, self.dw_weight, self.dw_bias, self.dw_mult, self.dw_lut, self.project_weight, self.project_bias,
             self.project_mult, self.project_lut, residual, stride, pad, h_zp, d[0], d[1], d[2], d[3], p[0], p[1],
             p[2], self._in[1], res_mult, self._packed["project"])
@@ -184,21 +171,21 @@ class QMBConv(_QBlock):
         h, h_zp = xq, self._in[1]
         if "expand" in self._cfg:
             e = self._cfg["expand"]
-            h = _q_pw(h, self.expand_weight, self.expand_bias, self.expand_mult, self.expand_lut,
-                                           None, None, h_zp, e[0], e[1], e[2], 0, 1.0, self._packed["expand"])
+            h = _q_call("q_pw_conv", _qc._pw_impl, h, self.expand_weight, self.expand_bias, self.expand_mult,
+                        self.expand_lut, None, None, h_zp, e[0], e[1], e[2], 0, 1.0, self._packed["expand"])
             h_zp = e[3]
         residual = xq if self.skip else None
         if self.se is None:
             return self._out(self._dwsep(h, h_zp, residual))
         stride, pad = self._geometry(h)
         d, p = self._cfg["dw"], self._cfg["project"]
-        y, sums = _q_dw(h, self.dw_weight, self.dw_bias, self.dw_mult, self.dw_lut, stride,
-                                                 pad, h_zp, d[0], d[1], d[2])
+        y, sums = _q_call("q_dw_conv_act", _qc._dw_impl, h, self.dw_weight, self.dw_bias, self.dw_mult, self.dw_lut,
+                          stride, pad, h_zp, d[0], d[1], d[2])
         means = (sums.to(torch.float32) / float(y.shape[2] * y.shape[3]) - d[3]) * d[4]
         gates = se_gate_of(self.se)(means[:, :, None, None])[:, :, 0, 0].to(torch.float32).contiguous()
-        out = _q_pw(y, self.project_weight, self.project_bias, self.project_mult, self.project_lut, gates,
-                                         residual, d[3], p[0], p[1], p[2], self._in[1], self._in[0] / p[4],
-                                         self._packed["project"])
+        out = _q_call("q_pw_conv", _qc._pw_impl, y, self.project_weight, self.project_bias, self.project_mult,
+                      self.project_lut, gates, residual, d[3], p[0], p[1], p[2], self._in[1], self._in[0] / p[4],
+                      self._packed["project"])
         return self._out(out)
 
 

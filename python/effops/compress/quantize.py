@@ -26,9 +26,9 @@ Boundaries: a quantized block takes a float tensor (quantised at its calibrated 
 parameters) and returns a float tensor (dequantised), so everything that is not quantised -
 the stem, the head, other layers - runs unchanged in float32. Between two quantized blocks
 that follow each other in one ``nn.Sequential`` (or across the nested Sequentials of one that the
-model runs as a whole, as the stages of a classifier's ``blocks``) and share the calibrated parameters (the second
-block's input is the first one's output) the uint8 codes are passed on directly
-(``chain_out``): dequantising and quantising again would give the same codes.
+model runs as a whole, as the stages of a classifier's ``blocks``) and share the calibrated
+parameters (the second block's input is the first one's output) the uint8 codes are passed on
+directly (``chain_out``): dequantising and quantising again would give the same codes.
 
 The quantized modules keep every parameter in buffers (``state_dict`` / ``load_state_dict``
 round-trip) and run under ``torch.compile``. ``model.quantization_report`` lists what was
@@ -374,12 +374,13 @@ def _run_order(seq: nn.Sequential) -> List[nn.Module]:
 def _chain(model: nn.Module, called=frozenset()) -> None:
     """Consecutive quantized blocks with matching parameters pass uint8 codes: the children of one
     Sequential, and across the nested Sequentials of one that ran as a whole during calibration
-    (``called``: ids; e.g. the stages of ``blocks`` in a classifier). A Sequential whose children a
-    model iterates itself (a features backbone that keeps every stage's output) is not opened."""
+    (``called``: ids of plain Sequentials; e.g. the stages of ``blocks`` in a classifier). A
+    Sequential whose children a model iterates itself (a features backbone that keeps every
+    stage's output) is not opened."""
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        kids = _run_order(seq) if id(seq) in called and _plain_sequential(seq) else list(seq.children())
+        kids = _run_order(seq) if id(seq) in called else list(seq.children())
         for a, b in zip(kids, kids[1:]):
             if (isinstance(a, (QMBConv, QDWSeparableConv2d)) and isinstance(b, (QMBConv, QDWSeparableConv2d))
                     and a.out_qparams() == b.in_qparams()):
