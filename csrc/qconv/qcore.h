@@ -21,6 +21,23 @@ namespace effops::qconv::detail {
 constexpr float kClamp = 8388608.0f;  // 2^23
 #if EFFOPS_X86
 constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+// acc += the dot products of 4 unsigned bytes of a with 4 signed bytes of b per int32 lane
+// (vpdpbusd), written as asm: with the intrinsic GCC 12 copies the accumulator into a scratch
+// register and back around every instruction and spills a 6 x 4 tile to the stack (twice the
+// instructions of the loop); the asm keeps each accumulator in its register.
+QT512 inline __m512i dpbusd512(__m512i acc, __m512i a, __m512i b) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+QT256 inline __m256i dpbusd256(__m256i acc, __m256i a, __m256i b) {
+  __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b));
+  return acc;
+}
+QT256 inline __m256i dpwssd256(__m256i acc, __m256i a, __m256i b) {  // pairs of int16, vpdpwssd
+  __asm__("%{vex%} vpdpwssd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b));
+  return acc;
+}
 #endif
 
 inline int32_t wadd(int32_t a, int32_t b) {  // int32 addition with two's complement wrap-around

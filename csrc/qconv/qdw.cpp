@@ -200,14 +200,14 @@ QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t
             for (int q = 0; q < NG_; ++q) {
               const int32_t* r = rows[kh] + col + q * qs * Cp;
               for (int j = 0; j < PB; ++j)
-                acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512(r + j * step), wv[kh * NG_ + q]);
+                acc[j] = dpbusd512(acc[j], _mm512_loadu_si512(r + j * step), wv[kh * NG_ + q]);
             }
         } else {
           for (int64_t kh = 0; kh < KH; ++kh)
             for (int64_t q = 0; q < NG; ++q) {
               const int32_t* r = rows[kh] + col + q * qs * Cp;
               const __m512i w = _mm512_loadu_si512(&p.quads[(kh * NG + q) * Cp + c0]);
-              for (int j = 0; j < PB; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512(r + j * step), w);
+              for (int j = 0; j < PB; ++j) acc[j] = dpbusd512(acc[j], _mm512_loadu_si512(r + j * step), w);
             }
         }
         for (int j = 0; j < PB; ++j) finish(acc[j], ow + j);
@@ -217,7 +217,7 @@ QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t
         const int64_t col = ow * step + c0;
         for (int64_t kh = 0; kh < KH; ++kh)
           for (int64_t q = 0; q < NG; ++q)
-            acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(rows[kh] + col + q * qs * Cp),
+            acc = dpbusd512(acc, _mm512_loadu_si512(rows[kh] + col + q * qs * Cp),
                                       _mm512_loadu_si512(&p.quads[(kh * NG + q) * Cp + c0]));
         finish(acc, ow);
       }
@@ -252,7 +252,7 @@ QT256 void rows_256(const uint8_t* xi, const int8_t* taps, const DwPrep& p, cons
           for (int64_t kw = kw0; kw < kw1; ++kw) {
             __m256i xv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(xr + kw * C)));
             if (!interior) xv = _mm256_sub_epi32(xv, zp);
-            acc = _mm256_dpwssd_avx_epi32(acc, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + kw * Cp)));
+            acc = dpwssd256(acc, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + kw * Cp)));
           }
         }
         __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(&p.mult[c0]));

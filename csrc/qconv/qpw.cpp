@@ -187,7 +187,7 @@ QT512 void tile_512(const PwPrep& p, int64_t panel, const uint8_t* a, int64_t ld
     for (int j = 0; j < NJ; ++j) b[j] = _mm512_loadu_si512(bp + kq * 256 + j * 64);
     for (int i = 0; i < MR; ++i) {
       const __m512i av = _mm512_set1_epi32(load4(a + i * lda + 4 * kq));
-      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, b[j]);
+      for (int j = 0; j < NJ; ++j) acc[i][j] = dpbusd512(acc[i][j], av, b[j]);
     }
   }
   if (K & 3) {
@@ -195,7 +195,7 @@ QT512 void tile_512(const PwPrep& p, int64_t panel, const uint8_t* a, int64_t ld
     for (int j = 0; j < NJ; ++j) b[j] = _mm512_loadu_si512(bp + kfull * 256 + j * 64);
     for (int i = 0; i < MR; ++i) {
       const __m512i av = _mm512_set1_epi32(load_tail(a + i * lda + 4 * kfull, K & 3));
-      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, b[j]);
+      for (int j = 0; j < NJ; ++j) acc[i][j] = dpbusd512(acc[i][j], av, b[j]);
     }
   }
   const Epi512 c = epi512(e, res);
@@ -281,14 +281,22 @@ QT256 void tile_256(const PwPrep& p, int64_t panel, const uint8_t* a, int64_t ld
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&p.bias[c0 + j * 8]));
     for (int i = 0; i < MR; ++i) acc[i][j] = b;
   }
-  for (int64_t kq = 0; kq <= kfull; ++kq) {
-    if (kq == kfull && !(K & 3)) break;
+  // whole quads, then the K tail (one loop with the tail inside kept the accumulators in memory)
+  for (int64_t kq = 0; kq < kfull; ++kq) {
     __m256i b[NJ];
     for (int j = 0; j < NJ; ++j) b[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + kq * 64 + j * 32));
     for (int i = 0; i < MR; ++i) {
-      const uint8_t* ap = a + i * lda + 4 * kq;
-      const __m256i av = _mm256_set1_epi32(kq < kfull ? load4(ap) : load_tail(ap, K & 3));
-      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm256_dpbusd_avx_epi32(acc[i][j], av, b[j]);
+      const __m256i av = _mm256_set1_epi32(load4(a + i * lda + 4 * kq));
+      for (int j = 0; j < NJ; ++j) acc[i][j] = dpbusd256(acc[i][j], av, b[j]);
+    }
+  }
+  if (K & 3) {
+    __m256i b[NJ];
+    for (int j = 0; j < NJ; ++j)
+      b[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + kfull * 64 + j * 32));
+    for (int i = 0; i < MR; ++i) {
+      const __m256i av = _mm256_set1_epi32(load_tail(a + i * lda + 4 * kfull, K & 3));
+      for (int j = 0; j < NJ; ++j) acc[i][j] = dpbusd256(acc[i][j], av, b[j]);
     }
   }
   const __m256i ozp = _mm256_set1_epi32(e.zp), qmin = _mm256_set1_epi32(e.qmin), qmax = _mm256_set1_epi32(e.qmax);
