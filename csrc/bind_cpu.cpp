@@ -104,6 +104,8 @@ NB_MODULE(_C, m) {
   m.def("q_pw_pack", &effops::qconv::q_pw_pack_api, "w"_a, "bias"_a.none(), "x_zp"_a, "blob"_a.noconvert(), release);
   m.def("q_fuse_forward", &effops::qconv::q_fuse_forward_api, "inputs"_a, "zps"_a, "mults"_a, "modes"_a, "out_zp"_a,
         "qmin"_a, "qmax"_a, "lut"_a.none(), "out"_a.noconvert(), "threads"_a, release);
+  m.def("q_quantize", &effops::qconv::q_quantize_api, "x"_a, "out"_a.noconvert(), "scale"_a, "zp"_a, "threads"_a,
+        release);
   m.def("q_isa", &effops::qconv::q_isa_name, "The level the int8 (qconv) kernels run at now");
 
   namespace ls = effops::losses;

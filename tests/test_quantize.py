@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from effops.compress.quantize import QDWSeparableConv2d, QMBConv, quantize
+import effops
+from effops.compress.quantize import QDWSeparableConv2d, QMBConv, quantize, quantize_tensor
 from effops.nn import DWSeparableConv2d, MBConv
 
 
@@ -206,7 +207,7 @@ def test_eager_cpu_path_is_profiled_by_op_name():
     with torch.no_grad(), torch.profiler.profile() as prof:
         q(_data(8, n=2))
     names = {e.key for e in prof.key_averages()}
-    assert {"effops::q_pw_conv", "effops::q_dw_conv_act", "effops::q_dwsep_conv"} <= names, names
+    assert {"effops::q_pw_conv", "effops::q_dw_conv_act", "effops::q_dwsep_conv", "effops::quantize_tensor"} <= names, names
 
 
 def test_torch_compile():
@@ -282,3 +283,45 @@ def test_converted_timm_model():
     with torch.no_grad():
         out = q(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+LEVELS = [lvl for lvl in effops._backend.ISA_LEVELS
+          if effops._backend.ISA_LEVELS.index(lvl) <= effops._backend.ISA_LEVELS.index(effops._backend.detected_isa())]
+
+
+def _quantize_ops(x, scale, zp):  # the definition: torch ops, float32 division
+    return torch.div(x, scale).round_().add_(zp).clamp_(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_quantize_tensor_kernel_equals_the_torch_ops(level):
+    """The CPU kernel behind quantize_tensor (one pass) gives the torch ops' codes exactly: ties
+    half to even, saturation, +-inf, -0, huge values, NaN -> 0, every length around the vector
+    widths and the task chunk, contiguous and channels_last (kept), other layouts by the ops."""
+    g = torch.Generator().manual_seed(7)
+    with effops.use_isa(level):
+        for n in (0, 1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 1000, 65535, 65536 + 17, 200003):
+            scale = float(torch.rand(1, generator=g)) * 0.3 + 1e-3
+            zp = int(torch.randint(0, 256, (1,), generator=g))
+            x = torch.randn(n, generator=g) * 40 * scale
+            k = n // 3
+            x[:k] = (torch.randint(-400, 400, (k,), generator=g).float() + 0.5) * scale  # exact ties (mostly)
+            if n >= 8:
+                x[:8] = torch.tensor([float("inf"), -float("inf"), 3e38, -3e38, -0.0, 0.0, float("nan"), 1e-40])
+            assert torch.equal(quantize_tensor(x, scale, zp), _quantize_ops(x, scale, zp)), (n, scale, zp)
+        x = torch.randn(3, 5, 7, 9, generator=g).contiguous(memory_format=torch.channels_last)
+        q = quantize_tensor(x, 0.01, 100)
+        assert q.is_contiguous(memory_format=torch.channels_last) and torch.equal(q, _quantize_ops(x, 0.01, 100))
+        t = x.transpose(2, 3)  # neither layout: the torch ops
+        assert torch.equal(quantize_tensor(t, 0.01, 100), _quantize_ops(t, 0.01, 100))
+
+
+def test_quantize_tensor_kernel_rejects_bad_arguments():
+    from effops import _backend
+    x, out = torch.zeros(4), torch.empty(4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="zp must be a code"):
+        _backend._C.q_quantize(x, out, 0.1, 256, 1)
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        _backend._C.q_quantize(x, out, 0.0, 3, 1)
+    with pytest.raises(ValueError, match="one length"):
+        _backend._C.q_quantize(x, out[:3], 0.1, 3, 1)

@@ -35,6 +35,9 @@ void q_fuse_forward_api(const std::vector<CpuArray>& inputs, const std::vector<i
 int64_t q_pw_packed_bytes(int64_t Co, int64_t K);
 void q_pw_pack_api(const CpuArray& w, Opt bias, int64_t x_zp, const CpuArray& blob);
 
+// Float32 -> uint8 codes, q = clamp(rne(x / scale) + zp, 0, 255), over x's dense storage (qquant.cpp).
+void q_quantize_api(const CpuArray& x, const CpuArray& out, double scale, int64_t zp, int threads);
+
 // The level the int8 kernels run at now: "avx512-vnni", "avx-vnni" or "scalar".
 const char* q_isa_name();
 

@@ -35,9 +35,29 @@ def _q_call(op: str, impl, *args):
     return getattr(torch.ops.effops, op)(*args)
 
 
+def _dense_flat(t: Tensor) -> Optional[Tensor]:
+    """t's storage as a 1-d view when t is contiguous or channels_last (else None)."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return None
+
+
 def quantize_tensor(x: Tensor, scale: float, zp: int) -> Tensor:
-    """uint8 codes clamp(round_half_even(x / scale) + zp, 0, 255) (the memory format is kept;
-    in place on one temporary: these run at every float/int8 boundary)."""
+    """uint8 codes clamp(round_half_even(x / scale) + zp, 0, 255), the division in float32 (the
+    memory format is kept). These run at every float/int8 boundary: on the CPU in eager, float32
+    contiguous or channels_last, one pass of the C++ kernel (``_C.q_quantize``, the same codes;
+    five torch ops with float32 temporaries otherwise - 3.4 of 28 ms of int8 efficientnet_b0 at
+    batch 8 on its stem output)."""
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and _backend._C is not None):
+        flat = _dense_flat(x)
+        if flat is not None:
+            out = torch.empty_like(x, dtype=torch.uint8)
+            profiled("effops::quantize_tensor", _backend._C.q_quantize, flat, _dense_flat(out), float(scale), int(zp),
+                     max(1, torch.get_num_threads()))
+            return out
     return torch.div(x, scale).round_().add_(zp).clamp_(0, 255).to(torch.uint8)
 
 
