@@ -228,10 +228,48 @@ def test_efficientnet_b0_blocks_all_quantized():
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     q = quantize(m, x)
     kinds = [r[1] for r in q.quantization_report]
-    assert kinds.count("quantized") == 16 and "kept" not in kinds
+    assert kinds.count("quantized") == 17 and "kept" not in kinds  # 16 blocks and the head conv
+    assert ("conv_head", "quantized", "QConvHead (conv_head + bn2 + swish)") in q.quantization_report
     with torch.no_grad():
         out = q(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_efficientnet_head_conv_quantized():
+    """QConvHead (conv_head + bn2 + swish, one q_pw_conv) equals the integer reference of the
+    folded stage on its input codes; head=False keeps the float head; a state_dict round trip
+    and torch.compile give the same logits; reset_classifier still makes a float classifier."""
+    from effops.compress.quantize import QConvHead
+    from effops.models import create_model
+    from effops.ops.qconv import q_pw_conv_reference
+
+    torch.manual_seed(0)
+    m = create_model("efficientnet_b0", num_classes=10).eval()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    q = quantize(m, x)
+    h = q.conv_head
+    assert isinstance(h, QConvHead) and (h.in_channels, h.out_channels) == (320, 1280)
+    feats = q.blocks(q.forward_stem(q._input(x)))  # float (the last block dequantises)
+    codes = quantize_tensor(feats, *h.in_qparams())
+    zp, qmin, qmax, ozp = h.cfg.tolist()
+    ref = q_pw_conv_reference(codes, h.weight, h.bias, h.mult, h.lut, None, None, h.in_qparams()[1], zp, qmin, qmax)
+    with torch.no_grad():
+        got = h(feats)
+    assert torch.equal(got, (ref.to(torch.float32) - ozp) * float(h.out_scale))
+    with torch.no_grad():  # against the float head on the same input: a few output steps
+        f_float = F.silu(m.bn2(m.conv_head(feats)))
+    assert (got - f_float).abs().max() < 3 * float(h.out_scale)
+    assert isinstance(quantize(m, x, head=False).conv_head, nn.Conv2d)
+    with pytest.raises(TypeError, match="head must be True or False"):
+        quantize(m, x, head=1)
+    with torch.no_grad():
+        logits = q(x)
+        q2 = quantize(m, torch.randn(2, 3, 64, 64))
+        q2.load_state_dict(q.state_dict())
+        assert torch.equal(q2(x), logits)
+        assert torch.equal(torch.compile(h, fullgraph=True)(feats), got)
+    q.reset_classifier(3)
+    assert q.classifier.weight.dtype == torch.float32
 
 
 def test_bad_calibration_data():

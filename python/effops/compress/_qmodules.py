@@ -220,4 +220,66 @@ class QDWSeparableConv2d(_QBlock):
         return self._out(self._dwsep(self._codes_in(x), self._in[1], None))
 
 
-__all__ = ["QStage", "QMBConv", "QDWSeparableConv2d", "quantize_tensor", "dequantize_tensor"]
+class QConvHead(nn.Module):
+    """Int8 form of an EfficientNet classifier's head conv: ``conv_head`` 1x1 + ``bn2`` (folded) +
+    swish (a table) as one ``q_pw_conv``, float in (or the codes at its input parameters), float32
+    features out. ``EfficientNet.forward_features`` calls it in place of conv_head + bn2 + act
+    (``includes_bn_act``)."""
+
+    includes_bn_act = True
+
+    def __init__(self, in_scale: float, in_zp: int, stage: QStage):
+        super().__init__()
+        self.register_buffer("in_scale", torch.tensor(float(in_scale), dtype=torch.float64))
+        self.register_buffer("in_zp", torch.tensor(int(in_zp), dtype=torch.int64))
+        self.register_buffer("weight", stage.weight.clone())
+        self.register_buffer("bias", stage.bias.clone())
+        self.register_buffer("mult", stage.mult.clone())
+        self.register_buffer("lut", None if stage.lut is None else stage.lut.clone())
+        self.register_buffer("cfg", torch.tensor([stage.zp, stage.qmin, stage.qmax, stage.ozp], dtype=torch.int64))
+        self.register_buffer("out_scale", torch.tensor(float(stage.scale), dtype=torch.float64))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._in = (float(self.in_scale), int(self.in_zp))
+        self._cfg = tuple(int(v) for v in self.cfg.tolist()) + (float(self.out_scale),)
+        self._packed = pack_pw(self.weight, self.bias, self._in[1])
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh()
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weight.shape[0])
+
+    def in_qparams(self) -> Tuple[float, int]:
+        return self._in
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.uint8:
+            if not x.dtype.is_floating_point:
+                raise TypeError(f"QConvHead: x must be a float tensor or uint8 codes, got {x.dtype}")
+            x = quantize_tensor(x, *self._in)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"QConvHead: x must have shape [N, {self.in_channels}, H, W], got {list(x.shape)}")
+        c = self._cfg
+        q = _q_call("q_pw_conv", _qc._pw_impl, x, self.weight, self.bias, self.mult, self.lut, None, None,
+                    self._in[1], c[0], c[1], c[2], 0, 1.0, self._packed)
+        return dequantize_tensor(q, c[4], c[3])
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, in=(scale={self._in[0]:.4g}, zp={self._in[1]}), "
+                f"out=(scale={self._cfg[4]:.4g}, zp={self._cfg[3]})")
+
+
+__all__ = ["QStage", "QMBConv", "QDWSeparableConv2d", "QConvHead", "quantize_tensor", "dequantize_tensor"]

@@ -8,6 +8,8 @@ counterpart running the ``qconv`` kernels (effops/ops/qconv.py defines the integ
   ``effops.models`` ``DepthwiseSeparableBlock``, and the blocks ``effops.nn.convert`` fused in
   timm / torchvision models (``FusedTimmBlock``, ``FusedTorchvisionBlock``);
 * ``QDWSeparableConv2d`` for ``DWSeparableConv2d`` (post-activation order, no residual);
+* ``QConvHead`` for an ``effops.models`` EfficientNet classifier's head conv (``conv_head`` +
+  ``bn2`` + swish; ``head=False`` keeps it float32);
 * with ``bifpn_and_heads=True``, ``QHeadNet`` for EfficientDet's class and box heads and
   ``QFnode`` for its BiFPN nodes (``_qdet.py``: int8 separable convs, ``q_weighted_fuse`` for
   the fusion; float out).
@@ -24,7 +26,7 @@ channel means; its gates rescale the codes inside the projection kernel.
 
 Boundaries: a quantized block takes a float tensor (quantised at its calibrated input
 parameters) and returns a float tensor (dequantised), so everything that is not quantised -
-the stem, the head, other layers - runs unchanged in float32. Between two quantized blocks
+the stem, the pool and classifier, other layers - runs unchanged in float32. Between two quantized blocks
 that follow each other in one ``nn.Sequential`` (or across the nested Sequentials of one that the
 model runs as a whole, as the stages of a classifier's ``blocks``) and share the calibrated
 parameters (the second block's input is the first one's output) the uint8 codes are passed on
@@ -50,7 +52,7 @@ from torch import Tensor
 from ..nn._parts import ConvStage, Unsupported, fold_bn, padding_of, se_gate_of
 from ..ops.dwsep import apply_act, conv_geometry
 from ..ops.qconv import activation_lut, clamp_range
-from ._qmodules import QDWSeparableConv2d, QMBConv, QStage, dequantize_tensor, quantize_tensor
+from ._qmodules import QConvHead, QDWSeparableConv2d, QMBConv, QStage, dequantize_tensor, quantize_tensor
 
 OBSERVERS = ("minmax", "percentile")
 _LUT_ACTS = ("silu", "hardswish", "sigmoid")
@@ -238,6 +240,50 @@ def _build(plan: _Plan) -> nn.Module:
     return QMBConv(s_in, zp_in, expand, dw, se, project, plan.skip, stride, plan.padding)
 
 
+class _HeadPlan:
+    """An effops.models EfficientNet classifier's head: conv_head 1x1 + bn2 + swish, observed on
+    the output of ``blocks`` (the head's input) and built as ``QConvHead``."""
+
+    kind = "QConvHead"
+
+    def __init__(self, model: nn.Module):
+        self.stage = ConvStage(model.conv_head, model.bn2, model._act)
+        self.act = self.stage.act_name  # raises Unsupported for an activation without an integer form
+        self.obs: Dict[str, Observer] = {}
+
+    def observe(self, x: Tensor, kind: str, pct: float) -> None:
+        def see(name, t):
+            if name not in self.obs:
+                self.obs[name] = Observer(kind, pct)
+            self.obs[name](t)
+
+        see("in", x)
+        w, b = _folded(self.stage)
+        pre = F.conv2d(x.float(), w.float(), b.float())
+        if self.act in _LUT_ACTS:
+            see("pre", pre)
+        see("out", apply_act(pre, self.act))
+
+    def build(self) -> nn.Module:
+        s_in, zp_in = self.obs["in"].qparams()
+        return QConvHead(s_in, zp_in, _stage(self.stage, self, s_in, "pre", "out"))
+
+
+def _head_plan(model: nn.Module, report: List[Tuple[str, str, str]]) -> Optional[_HeadPlan]:
+    from ..models.efficientnet import EfficientNet
+
+    if not isinstance(model, EfficientNet) or not isinstance(model.conv_head, nn.Conv2d):
+        return None
+    if model.conv_head.groups != 1 or tuple(model.conv_head.kernel_size) != (1, 1):
+        report.append(("conv_head", "kept", "not a plain 1x1 conv"))
+        return None
+    try:
+        return _HeadPlan(model)
+    except Unsupported as e:
+        report.append(("conv_head", "kept", str(e)))
+        return None
+
+
 # =============================================================================== calibration data
 def _first_conv(model: nn.Module) -> Optional[nn.Conv2d]:
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -271,7 +317,7 @@ def _batches(calibration_data, batch_size: int, in_channels: Optional[int]) -> L
 # =============================================================================== entry point
 def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tensor", observer: str = "minmax",
              percentile: float = 99.99, batch_size: int = 32, inplace: bool = False,
-             bifpn_and_heads: bool = False) -> nn.Module:
+             bifpn_and_heads: bool = False, head: bool = True) -> nn.Module:
     """Post-training static int8 quantization (module docstring). ``calibration_data``: a float
     tensor [N, C, H, W] (split into ``batch_size`` batches), or an iterable of such tensors or of
     (input, target) pairs (a DataLoader). Returns the quantized model (a copy unless
@@ -279,7 +325,9 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
     ``bifpn_and_heads``: also EfficientDet's BiFPN nodes and class / box heads (``_qdet.py``; off by
     default: exact, but on the CPU today slower than their float32 kernels - tf_efficientdet_d0 at
     512, one thread: BiFPN 10.8 vs 4.6 ms at batch 1, 112 vs 40 ms at batch 8, the heads 1.2-1.4x
-    slower, mostly boundary quantise / dequantise and the small per-node calls)."""
+    slower, mostly boundary quantise / dequantise and the small per-node calls). ``head``: an
+    effops.models EfficientNet classifier's head conv (conv_head + bn2 + swish) becomes
+    ``QConvHead`` (int8 in, float32 features out; the pool and classifier stay float32)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize: model must be an nn.Module, got {type(model).__name__}")
     if activation != "per_tensor":
@@ -291,6 +339,8 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
         raise ValueError(f"quantize: percentile must be a number in (50, 100], got {percentile!r}")
     if not isinstance(bifpn_and_heads, bool):
         raise TypeError(f"quantize: bifpn_and_heads must be True or False, got {type(bifpn_and_heads).__name__}")
+    if not isinstance(head, bool):
+        raise TypeError(f"quantize: head must be True or False, got {type(head).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"quantize: batch_size must be an integer >= 1, got {batch_size!r}")
     conv = _first_conv(model)
@@ -313,7 +363,11 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
         raise ValueError("quantize: the model has no block the int8 kernels implement (effops MBConv, "
                          "DWSeparableConv2d, DepthwiseSeparableBlock, or blocks fused by effops.nn.convert)")
 
+    head = _head_plan(q, report) if head else None
     hooks = []
+    if head is not None:
+        hooks.append(q.blocks.register_forward_hook(
+            lambda mod, args, out: head.observe(out, observer, float(percentile))))
     for name, plan in plans.items():
         def hook(mod, args, kwargs, out, plan=plan):
             if hasattr(plan, "observe"):  # a composite (an EfficientDet head): observes its own stages
@@ -348,6 +402,12 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
         else:
             built[name] = plan.build() if hasattr(plan, "build") else _build(plan)
             report.append((name, "quantized", plan.kind))
+    if head is not None:
+        if "in" in head.obs:
+            q.conv_head = head.build()  # bn2 stays (unused, folded into the codes): the module tree is kept
+            report.append(("conv_head", "quantized", "QConvHead (conv_head + bn2 + swish)"))
+        else:
+            report.append(("conv_head", "kept", "not run by the calibration data"))
     for name, new in built.items():
         if name:
             parent, _, child = name.rpartition(".")
@@ -387,5 +447,5 @@ def _chain(model: nn.Module, called=frozenset()) -> None:
                 a.set_chain_out(True)
 
 
-__all__ = ["quantize", "Observer", "OBSERVERS", "QMBConv", "QDWSeparableConv2d", "quantize_tensor",
+__all__ = ["quantize", "Observer", "OBSERVERS", "QMBConv", "QDWSeparableConv2d", "QConvHead", "quantize_tensor",
            "dequantize_tensor"]

@@ -287,6 +287,8 @@ class EfficientNet(_Trunk):
 
     def forward_features(self, x: Tensor) -> Tensor:
         x, _ = self.forward_blocks(self.forward_stem(self._input(x)))
+        if getattr(self.conv_head, "includes_bn_act", False):  # quantize(): conv_head + bn2 + swish in one
+            return self.conv_head(x)
         stage = ConvStage(self.conv_head, self.bn2, self._act)
         if self.bn2.training:
             return stage.post(pw_conv(x, self.conv_head.weight))
@@ -315,6 +317,8 @@ class EfficientNet(_Trunk):
         num_classes = _check_int("reset_classifier", "num_classes", num_classes, 0)
         self.num_classes = num_classes
         w = self.conv_head.weight
+        if not w.is_floating_point():  # int8 codes: a quantized head (compress.quantize)
+            w = self.bn2.running_mean
         self.classifier = (nn.Linear(self.num_features, num_classes, device=w.device, dtype=w.dtype)
                            if num_classes else nn.Identity())
         _init_weights(self.classifier)
