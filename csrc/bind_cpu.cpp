@@ -96,6 +96,9 @@ NB_MODULE(_C, m) {
   m.def("q_pw_forward", &effops::qconv::q_pw_forward_api, "x"_a, "w"_a, "bias"_a.none(), "mult"_a, "lut"_a.none(),
         "gate"_a.none(), "residual"_a.none(), "x_zp"_a, "out_zp"_a, "qmin"_a, "qmax"_a, "res_zp"_a, "res_mult"_a,
         "out"_a.noconvert(), "packed"_a.none(), "threads"_a, release);
+  m.def("q_conv_forward", &effops::qconv::q_conv_forward_api, "x"_a, "w"_a, "KH"_a, "KW"_a, "bias"_a.none(), "mult"_a,
+        "lut"_a.none(), "stride"_a, "pad"_a, "x_zp"_a, "out_zp"_a, "qmin"_a, "qmax"_a, "out"_a.noconvert(),
+        "packed"_a.none(), "threads"_a, release);
   m.def("q_dwsep_forward", &effops::qconv::q_dwsep_forward_api, "x"_a, "taps"_a, "dw_bias"_a.none(), "dw_mult"_a,
         "dw_lut"_a.none(), "pw"_a, "pw_bias"_a.none(), "pw_mult"_a, "lut"_a.none(), "residual"_a.none(),
         "stride"_a, "pad"_a, "x_zp"_a, "dw_zp"_a, "mid_qmin"_a, "mid_qmax"_a, "mid_zp"_a, "out_zp"_a, "qmin"_a, "qmax"_a,

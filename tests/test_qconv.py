@@ -196,6 +196,79 @@ def _dwsep_case(seed, N, C, Co, H, W, k, stride, padding, residual):
     return x, dw, pw, kw
 
 
+CONV_CASES = [
+    # N, C, Co, H, W, k, stride, padding, x_zp, out_zp, mult, bias, act, codes
+    (2, 3, 32, 17, 15, 3, 2, "same", 128, 30, "rand", "int", "lut", "uniform"),   # a TF stem, odd sizes
+    (1, 3, 32, 8, 9, 3, 2, 1, 0, 128, "tie", "int", "clamp", "uniform"),          # symmetric stem
+    (3, 4, 5, 9, 11, 3, 1, 1, 255, 255, "wrap", "wrap", "none", "extreme"),       # K = 36: no tail
+    (1, 1, 3, 1, 1, 1, 1, 0, 7, 0, "saturate", "none", "none", "uniform"),       # a 1x1 map
+    (2, 3, 7, 5, 5, 5, 2, "same", 77, 9, "small", "int", "lut", "const"),        # 5x5: K = 75
+    (1, 2, 70, 6, 7, 3, 2, (0, 2), 1, 200, "rand", "int", "none", "uniform"),     # Co past a panel
+    (1, 5, 17, 30, 31, 3, 1, 1, 90, 128, "rand", "int", "lut", "uniform"),       # many patch blocks
+]
+
+
+def _conv_case(seed, N, C, Co, H, W, k, stride, padding, x_zp, out_zp, mult, bias, act, codes):
+    g = _g(300 + seed)
+    x = _codes(g, (N, C, H, W), x_zp, codes)
+    if seed % 2:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-128, 128, (Co, C, k, k), generator=g, dtype=torch.int8)
+    kw = dict(mult=_mult(g, Co, mult), x_zp=x_zp, out_zp=out_zp, lut=_lut(g, act), stride=stride, padding=padding)
+    if act == "clamp":
+        kw.update(qmin=out_zp // 3, qmax=min(255, out_zp + 50))
+    return x, w, _bias(g, Co, bias), kw
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("case", range(len(CONV_CASES)))
+def test_q_conv2d_bit_exact(case, level):
+    """The dense conv (a stem): the CPU kernel (patches in cache + the pointwise GEMM) and the
+    other path (conv_patches + q_pw_conv: other backends, torch.compile) equal the reference."""
+    x, w, b, kw = _conv_case(case, *CONV_CASES[case])
+    N, C, H, W = x.shape
+    geo = conv_geometry("t", (H, W), w.shape[2:], kw["stride"], kw["padding"], 1)
+    ref = Q.q_conv2d_reference(x, w, b, kw["mult"], kw["lut"], geo.stride, geo.pad, kw["x_zp"], kw["out_zp"],
+                               kw.get("qmin", 0), kw.get("qmax", 255))
+    with effops.use_isa(level):
+        out = _run("cpu", Q.q_conv2d, x, w, b, **kw)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, ref)
+    assert torch.equal(_run("reference", Q.q_conv2d, x, w, b, **kw), ref)
+    assert ref.float().std() > 0 or CONV_CASES[case][10] == "saturate" or CONV_CASES[case][-1] == "const"
+
+
+def test_q_conv2d_reference_by_hand():
+    x = torch.tensor([[[[1, 2], [3, 4]]]], dtype=torch.uint8)  # 1x1x2x2, zp 1: values 0 1 2 3
+    w = torch.tensor([[[[1, 2], [3, 4]]]], dtype=torch.int8)
+    out = Q.q_conv2d_reference(x, w, torch.tensor([1], dtype=torch.int32), torch.tensor([0.5]), None, (1, 1),
+                               (0, 0, 0, 0), 1, 10, 0, 255)
+    assert out.item() == 10 + 10  # acc = 0*1 + 1*2 + 2*3 + 3*4 + 1 = 21; 21 * 0.5 = 10.5 -> 10 (even)
+    pad = Q.q_conv2d_reference(x, w, None, torch.tensor([1.0]), None, (1, 1), (1, 0, 1, 0), 1, 0, 0, 255)
+    assert pad[0, 0, 0, 0].item() == 4 * 0  # only the top-left code (value 0) under tap 4: padding is real zero
+    assert pad[0, 0, 1, 1].item() == 21 - 1
+
+
+def test_q_conv2d_bad_input():
+    x = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    w = torch.zeros(4, 3, 3, 3, dtype=torch.int8)
+    m = torch.ones(4)
+    with pytest.raises(TypeError, match="weight must be int8"):
+        Q.q_conv2d(x, w.float(), mult=m, x_zp=0, out_zp=0)
+    with pytest.raises(ValueError, match=r"weight must have shape \[\*, 3, \*, \*\]"):
+        Q.q_conv2d(x, torch.zeros(4, 2, 3, 3, dtype=torch.int8), mult=m, x_zp=0, out_zp=0)
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        Q.q_conv2d(x[:, :, :2, :2], w, mult=m, x_zp=0, out_zp=0)
+    with pytest.raises(ValueError, match="x_zp"):
+        Q.q_conv2d(x, w, mult=m, x_zp=256, out_zp=0)
+    with pytest.raises(ValueError, match="KH \\* KW \\* C"):
+        Q.q_conv2d(torch.zeros(1, 700, 8, 8, dtype=torch.uint8), torch.zeros(1, 700, 7, 7, dtype=torch.int8),
+                   mult=torch.ones(1), x_zp=0, out_zp=0)
+    with pytest.raises(ValueError, match=r"w must be \[Co, Kp\]"):  # the kernel's own check
+        _backend._C.q_conv_forward(x.permute(0, 2, 3, 1).contiguous(), torch.zeros(4, 26, dtype=torch.int8), 3, 3, None, m, None,
+                                   [1, 1], [0, 0, 0, 0], 0, 0, 0, 255, torch.empty(1, 6, 6, 4, dtype=torch.uint8),
+                                   None, 1)
+
+
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", range(len(DWSEP_CASES)))
 def test_q_dwsep_conv_bit_exact(case, level):
@@ -397,6 +470,16 @@ def test_triton_q_pw_conv(case):
     x, w, b, kw = _pw_case(case, *PW_CASES[case])
     ref = _run("reference", Q.q_pw_conv, x, w, b, **kw)
     out = _run("triton", Q.q_pw_conv, *_to(dev, (x, w, b)), **_to(dev, kw))
+    assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [0, 2])
+def test_triton_q_conv2d(case):  # patches + the Triton q_pw_conv
+    dev = _triton_device()
+    x, w, b, kw = _conv_case(case, *CONV_CASES[case])
+    ref = _run("cpu", Q.q_conv2d, x, w, b, **kw)
+    out = _run("triton", Q.q_conv2d, *_to(dev, (x, w, b)), **_to(dev, kw))
     assert torch.equal(out.cpu(), ref)
 
 

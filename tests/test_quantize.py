@@ -228,48 +228,99 @@ def test_efficientnet_b0_blocks_all_quantized():
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     q = quantize(m, x)
     kinds = [r[1] for r in q.quantization_report]
-    assert kinds.count("quantized") == 17 and "kept" not in kinds  # 16 blocks and the head conv
-    assert ("conv_head", "quantized", "QConvHead (conv_head + bn2 + swish)") in q.quantization_report
+    assert kinds.count("quantized") == 18 and "kept" not in kinds  # 16 blocks, the stem and the head conv
+    assert ("conv_head", "quantized", "QConv2d (conv_head + bn2 + silu)") in q.quantization_report
+    assert ("conv_stem", "quantized", "QConv2d (conv_stem + bn1 + silu)") in q.quantization_report
     with torch.no_grad():
         out = q(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
-def test_efficientnet_head_conv_quantized():
-    """QConvHead (conv_head + bn2 + swish, one q_pw_conv) equals the integer reference of the
-    folded stage on its input codes; head=False keeps the float head; a state_dict round trip
-    and torch.compile give the same logits; reset_classifier still makes a float classifier."""
-    from effops.compress.quantize import QConvHead
+@pytest.mark.parametrize("name", ["efficientnet_b0", "tf_efficientnet_b0"])  # symmetric / TF 'same' stem
+def test_efficientnet_stem_and_head_convs_quantized(name):
+    """QConv2d: the stem (3x3 s2, patches + GEMM) and the head conv (1x1) equal the integer
+    reference of their folded stage on the input codes, within a few output steps of the float
+    stage; the stem passes its codes to the first block (the first block's input parameters);
+    stem=False / head=False keep them float; state_dict round trip; torch.compile(fullgraph)."""
+    from effops.compress.quantize import QConv2d
     from effops.models import create_model
-    from effops.ops.qconv import q_pw_conv_reference
+    from effops.ops.qconv import conv_geometry, q_conv2d_reference, q_pw_conv_reference
 
     torch.manual_seed(0)
-    m = create_model("efficientnet_b0", num_classes=10).eval()
-    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    m = create_model(name, num_classes=10).eval()
+    x = torch.randn(3, 3, 65, 63, generator=torch.Generator().manual_seed(0))  # odd sizes
     q = quantize(m, x)
-    h = q.conv_head
-    assert isinstance(h, QConvHead) and (h.in_channels, h.out_channels) == (320, 1280)
-    feats = q.blocks(q.forward_stem(q._input(x)))  # float (the last block dequantises)
-    codes = quantize_tensor(feats, *h.in_qparams())
+    st, h = q.conv_stem, q.conv_head
+    assert isinstance(st, QConv2d) and isinstance(h, QConv2d) and (h.in_channels, h.out_channels) == (320, 1280)
+    assert st.out_qparams() == q.blocks[0][0].in_qparams() and bool(st.chain_out) and not bool(h.chain_out)
+    xc = quantize_tensor(x.contiguous(memory_format=torch.channels_last), *st.in_qparams())
+    g = conv_geometry("t", x.shape[2:], (3, 3), 2, st.padding, 1)
+    zp, qmin, qmax, ozp = st.cfg.tolist()
+    ref = q_conv2d_reference(xc, st.weight, st.bias, st.mult, st.lut, g.stride, g.pad, st.in_qparams()[1], zp, qmin,
+                             qmax)
+    with torch.no_grad():
+        codes = q.forward_stem(x)
+        assert codes.dtype == torch.uint8 and torch.equal(codes, ref)
+        s_in, zp_in = st.in_qparams()  # the float stem on the input the codes represent
+        f_stem = m.forward_stem((xc.float() - zp_in) * s_in)
+    assert ((codes.float() - ozp) * float(st.out_scale) - f_stem).abs().max() < 0.1 * f_stem.abs().max() + 2 * float(st.out_scale)
+
+    feats = q.blocks(codes)  # float (the last block dequantises)
+    hc = quantize_tensor(feats, *h.in_qparams())
     zp, qmin, qmax, ozp = h.cfg.tolist()
-    ref = q_pw_conv_reference(codes, h.weight, h.bias, h.mult, h.lut, None, None, h.in_qparams()[1], zp, qmin, qmax)
+    ref = q_pw_conv_reference(hc, h.weight, h.bias, h.mult, h.lut, None, None, h.in_qparams()[1], zp, qmin, qmax)
     with torch.no_grad():
         got = h(feats)
-    assert torch.equal(got, (ref.to(torch.float32) - ozp) * float(h.out_scale))
-    with torch.no_grad():  # against the float head on the same input: a few output steps
-        f_float = F.silu(m.bn2(m.conv_head(feats)))
-    assert (got - f_float).abs().max() < 3 * float(h.out_scale)
-    assert isinstance(quantize(m, x, head=False).conv_head, nn.Conv2d)
-    with pytest.raises(TypeError, match="head must be True or False"):
-        quantize(m, x, head=1)
+        assert torch.equal(got, (ref.to(torch.float32) - ozp) * float(h.out_scale))
+        f_float = F.silu(m.bn2(m.conv_head((hc.float() - h.in_qparams()[1]) * h.in_qparams()[0])))
+    # (random weights: features of ~1e-5, where the pre-activation table's steps dominate)
+    assert (got - f_float).abs().max() < 0.1 * f_float.abs().max() + 2 * float(h.out_scale)
+
+    kept = quantize(m, x, stem=False, head=False)
+    assert isinstance(kept.conv_stem, nn.Conv2d) and isinstance(kept.conv_head, nn.Conv2d)
+    with pytest.raises(TypeError, match="stem must be True or False"):
+        quantize(m, x, stem=1)
     with torch.no_grad():
         logits = q(x)
         q2 = quantize(m, torch.randn(2, 3, 64, 64))
         q2.load_state_dict(q.state_dict())
         assert torch.equal(q2(x), logits)
+        assert torch.equal(torch.compile(st, fullgraph=True)(x), codes)  # patches + q_pw_conv there
         assert torch.equal(torch.compile(h, fullgraph=True)(feats), got)
     q.reset_classifier(3)
     assert q.classifier.weight.dtype == torch.float32
+
+
+def test_block_scratch_buffers_are_reused_safely():
+    """The blocks' internal intermediates go to reused per-thread buffers: results stay equal to
+    a run without reuse across batch sizes that grow and shrink, earlier outputs are not
+    overwritten, and threads do not share the buffers."""
+    import threading
+
+    from effops.compress import _qmodules
+    from effops.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("efficientnet_b0", num_classes=10).eval()
+    q = quantize(m, torch.randn(4, 3, 64, 64))
+    xs = [torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(n)) for n in (1, 4, 2, 4)]
+    with torch.no_grad():
+        limit = _qmodules._Scratch.LIMIT
+        try:
+            _qmodules._Scratch.LIMIT = -1  # every buffer per call
+            want = [q(x) for x in xs]
+        finally:
+            _qmodules._Scratch.LIMIT = limit
+        _qmodules.release_scratch()
+        got = [q(x) for x in xs]
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        res = {}
+        ts = [threading.Thread(target=lambda i=i: res.__setitem__(i, [q(xs[i]) for _ in range(3)])) for i in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert all(torch.equal(r, want[i]) for i, rs in res.items() for r in rs)
 
 
 def test_bad_calibration_data():

@@ -49,4 +49,11 @@ void q_dwsep(const uint8_t* x, const int8_t* taps, const DwGeom& g, int32_t x_zp
              int32_t mid_zp, const int8_t* pw, int64_t Co, const Epilogue& e, const Residual& res, uint8_t* out, int threads,
              const uint8_t* blob = nullptr, int64_t blob_size = 0);
 
+// A dense conv (groups 1) as patches and the pointwise GEMM: out [N, Ho, Wo, Co] from x [N, H, W, C]
+// and w [Co, Kp] (taps in (kh, kw, c) order, Kp >= KH * KW * C: the weights past the taps are zero,
+// a multiple of 4 keeps the GEMM off its K-tail path); padding reads x_zp (the zero's code).
+// Patches of a block of output pixels are built in cache, never the whole im2col matrix.
+void q_conv(const uint8_t* x, const int8_t* w, const DwGeom& g, int64_t Co, int64_t Kp, int32_t x_zp,
+            const Epilogue& e, uint8_t* out, int threads, const uint8_t* blob = nullptr, int64_t blob_size = 0);
+
 }  // namespace effops::qconv

@@ -75,6 +75,30 @@ void q_pw_forward_api(const CpuArray& x, const CpuArray& w, Opt bias, const CpuA
        data_of<uint8_t>(out), threads, blob.first, blob.second);
 }
 
+void q_conv_forward_api(const CpuArray& x, const CpuArray& w, int64_t KH, int64_t KW, Opt bias, const CpuArray& mult,
+                        Opt lut, const std::vector<int64_t>& stride, const std::vector<int64_t>& pad, int64_t x_zp,
+                        int64_t out_zp, int64_t qmin, int64_t qmax, const CpuArray& out, Opt packed, int threads) {
+  const char* op = "q_conv_forward";
+  check(x.ndim() == 4, op, ": x must be NHWC [N, H, W, C]");
+  check_dtype(x, nb::dtype<uint8_t>(), op, "x");
+  check(w.ndim() == 2, op, ": w must be [Co, Kp] (the taps in (kh, kw, c) order, zero-padded)");
+  check_dtype(w, nb::dtype<int8_t>(), op, "w");
+  DwGeom g{};
+  g.N = x.shape(0), g.H = x.shape(1), g.W = x.shape(2), g.C = x.shape(3), g.KH = KH, g.KW = KW;
+  check(g.C >= 1 && KH >= 1 && KW >= 1 && KH * KW * g.C <= kMaxReduction, op, ": the patch (KH * KW * C) must have 1..",
+        kMaxReduction, " codes");
+  const int64_t Co = w.shape(0), K = KH * KW * g.C, Kp = w.shape(1);
+  check(Co >= 1 && Kp >= K && Kp <= detail::round_up(K, 4), op, ": w must be [Co, Kp] with KH * KW * C = ", K,
+        " <= Kp <= ", detail::round_up(K, 4), " (the taps, then zero weights), got [", Co, ", ", Kp, "]");
+  qconv_checks::conv_output(g, stride, pad, op);
+  check_code(x_zp, op, "x_zp");
+  const Epilogue e = epilogue(bias, mult, lut, Co, out_zp, qmin, qmax, op, "");
+  qconv_checks::u8_output(out, {g.N, g.Ho, g.Wo, Co}, op);
+  const auto blob = blob_of(packed, op);
+  q_conv(data_of<const uint8_t>(x), data_of<const int8_t>(w), g, Co, Kp, static_cast<int32_t>(x_zp), e,
+         data_of<uint8_t>(out), threads, blob.first, blob.second);
+}
+
 void q_dwsep_forward_api(const CpuArray& x, const CpuArray& taps, Opt dw_bias, const CpuArray& dw_mult, Opt dw_lut,
                          const CpuArray& pw, Opt pw_bias, const CpuArray& pw_mult, Opt lut, Opt residual,
                          const std::vector<int64_t>& stride, const std::vector<int64_t>& pad, int64_t x_zp,

@@ -17,6 +17,11 @@ void q_dw_forward_api(const CpuArray& x, const CpuArray& taps, Opt bias, const C
 void q_pw_forward_api(const CpuArray& x, const CpuArray& w, Opt bias, const CpuArray& mult, Opt lut, Opt gate,
                       Opt residual, int64_t x_zp, int64_t out_zp, int64_t qmin, int64_t qmax, int64_t res_zp,
                       double res_mult, const CpuArray& out, Opt packed, int threads);
+// A dense conv (the stem): x [N, H, W, C] uint8, w [Co, KH * KW * C] int8 (kh, kw, c order),
+// out [N, Ho, Wo, Co]; packed: q_pw_pack of w (K = KH * KW * C) or none.
+void q_conv_forward_api(const CpuArray& x, const CpuArray& w, int64_t KH, int64_t KW, Opt bias, const CpuArray& mult,
+                        Opt lut, const std::vector<int64_t>& stride, const std::vector<int64_t>& pad, int64_t x_zp,
+                        int64_t out_zp, int64_t qmin, int64_t qmax, const CpuArray& out, Opt packed, int threads);
 void q_dwsep_forward_api(const CpuArray& x, const CpuArray& taps, Opt dw_bias, const CpuArray& dw_mult, Opt dw_lut,
                          const CpuArray& pw, Opt pw_bias, const CpuArray& pw_mult, Opt lut, Opt residual,
                          const std::vector<int64_t>& stride, const std::vector<int64_t>& pad, int64_t x_zp,

@@ -464,4 +464,70 @@ void q_dwsep(const uint8_t* x, const int8_t* taps, const DwGeom& g, int32_t x_zp
   });
 }
 
+namespace {
+// n bytes (n >= 1): two overlapping fixed-size moves for the short spans of a stem's patch rows
+// (KW * C = 9 for 3x3 RGB), libc's memcpy otherwise.
+inline void copy_span(uint8_t* dst, const uint8_t* src, int64_t n) {
+  if (n >= 8 && n <= 16) {
+    std::memcpy(dst, src, 8);
+    std::memcpy(dst + n - 8, src + n - 8, 8);
+  } else if (n >= 4 && n < 8) {
+    std::memcpy(dst, src, 4);
+    std::memcpy(dst + n - 4, src + n - 4, 4);
+  } else {
+    std::memcpy(dst, src, static_cast<size_t>(n));
+  }
+}
+}  // namespace
+
+void q_conv(const uint8_t* x, const int8_t* w, const DwGeom& g, int64_t Co, int64_t Kp, int32_t x_zp,
+            const Epilogue& e, uint8_t* out, int threads, const uint8_t* blob, int64_t blob_size) {
+  using namespace detail;
+  const int lvl = level();
+  const int64_t span = g.KW * g.C;
+  const PwPrep p = prep_pw(lvl, w, Kp, Co, x_zp, e, blob, blob_size);
+  const int64_t M = g.N * g.Ho * g.Wo;
+  // patch rows per task: whole 6-row tiles, about 32 KiB of patches, >= 4 tasks per thread
+  const int64_t want = std::max<int64_t>(6, (M + 4 * threads - 1) / (4 * threads));
+  const int64_t rb = round_up(std::clamp<int64_t>(std::min<int64_t>(32768 / Kp, want), 6, 384), 6);
+  const int64_t tasks = (M + rb - 1) / rb;
+  std::vector<std::vector<uint8_t>> scratch(static_cast<size_t>(max_workers(tasks, threads)));
+  const uint8_t zp = static_cast<uint8_t>(x_zp);
+  parallel_for(tasks, threads, [&](int64_t t, int worker) {
+    const int64_t m0 = t * rb, rows = std::min(rb, M - m0);
+    std::vector<uint8_t>& s = scratch[static_cast<size_t>(worker)];
+    if (s.empty()) s.assign(static_cast<size_t>(rb * Kp), zp);  // the bytes past K stay x_zp (zero weights)
+    int64_t ow = m0 % g.Wo, oh = (m0 / g.Wo) % g.Ho, n = m0 / (g.Wo * g.Ho);
+    for (int64_t r = 0; r < rows; ++r) {  // the patch of output pixel m0 + r: [KH][KW][C], padding = x_zp
+      const int64_t iw0 = ow * g.sw - g.pl;
+      const bool inner_w = iw0 >= 0 && iw0 + g.KW <= g.W;
+      uint8_t* dst = s.data() + r * Kp;
+      for (int64_t kh = 0; kh < g.KH; ++kh, dst += span) {
+        const int64_t ih = oh * g.sh - g.pt + kh;
+        if (ih < 0 || ih >= g.H) {
+          std::memset(dst, zp, static_cast<size_t>(span));
+          continue;
+        }
+        const uint8_t* src = x + ((n * g.H + ih) * g.W) * g.C;
+        if (inner_w) {
+          copy_span(dst, src + iw0 * g.C, span);
+          continue;
+        }
+        for (int64_t kw = 0; kw < g.KW; ++kw) {
+          const int64_t iw = iw0 + kw;
+          if (iw < 0 || iw >= g.W)
+            std::memset(dst + kw * g.C, zp, static_cast<size_t>(g.C));
+          else
+            std::memcpy(dst + kw * g.C, src + iw * g.C, static_cast<size_t>(g.C));
+        }
+      }
+      if (++ow == g.Wo) {
+        ow = 0;
+        if (++oh == g.Ho) oh = 0, ++n;
+      }
+    }
+    gemm_rows(p, w, s.data(), Kp, rows, x_zp, e, Residual{nullptr, 0, 1.0f}, nullptr, out + m0 * Co);
+  });
+}
+
 }  // namespace effops::qconv

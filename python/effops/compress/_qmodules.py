@@ -10,6 +10,8 @@ bounds as Python ints: those are read from the buffers once, at construction and
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -25,14 +27,62 @@ from ..ops.dwsep import conv_geometry
 from ..ops.qconv import pack_pw
 
 
-def _q_call(op: str, impl, *args):
+def _q_call(op: str, impl, *args, scratch: Optional[str] = None):
     """torch.ops.effops.<op>(*args); in eager on the CPU backend the kernel itself (``impl``, the
     op's CPU body) without the dispatcher (~15 us of a custom-op call, x3 per block: ~0.7 ms of
-    int8 efficientnet_b0 at batch 1), under the op's profiler name."""
+    int8 efficientnet_b0 at batch 1), under the op's profiler name. ``scratch``: the output is a
+    block's internal intermediate (never returned): on that path it goes into this thread's reused
+    buffer of that name (_Scratch)."""
     x = args[0]
     if not torch.compiler.is_compiling() and x.device.type == "cpu" and _backend.select(op, x.device) == "cpu":
-        return profiled(f"effops::{op}", impl, "cpu", *args)
+        if scratch is None:
+            return profiled(f"effops::{op}", impl, "cpu", *args)
+        return profiled(f"effops::{op}", functools.partial(impl, out=_SCRATCH.get(scratch, _out_shape(op, args))),
+                        "cpu", *args)
     return getattr(torch.ops.effops, op)(*args)
+
+
+def _out_shape(op: str, args) -> Tuple[int, int, int, int]:
+    x, w = args[0], args[1]
+    N, _, H, W = x.shape
+    if op == "q_pw_conv":
+        return N, w.shape[0], H, W
+    stride, pad = args[5], args[6]  # q_dw_conv_act
+    return N, x.shape[1], (H + pad[0] + pad[1] - w.shape[2]) // stride[0] + 1, (W + pad[2] + pad[3] - w.shape[3]) // stride[1] + 1
+
+
+class _Scratch(threading.local):
+    """Per thread, one reused uint8 buffer per name for the intermediates inside a quantized block
+    (the expanded map, the depthwise output): a fresh multi-MB tensor per call costs its page
+    faults each time (int8 efficientnet_b0 at batch 8, one thread, Zen 4: 1.6 of 24.8 ms). Up to
+    ``LIMIT`` bytes each (larger ones are allocated per call); ``release()`` frees them."""
+
+    LIMIT = 64 << 20
+
+    def __init__(self):
+        self.bufs = {}
+
+    def get(self, name: str, shape: Tuple[int, int, int, int]) -> Optional[Tensor]:
+        N, C, H, W = shape
+        n = N * C * H * W
+        if n > self.LIMIT:
+            return None
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[name] = torch.empty(n, dtype=torch.uint8)
+        return buf[:n].view(N, H, W, C).permute(0, 3, 1, 2)
+
+    def release(self) -> None:
+        self.bufs.clear()
+
+
+_SCRATCH = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free this thread's reused intermediate buffers of the quantized blocks (they are made
+    again, at the sizes needed, by the next call)."""
+    _SCRATCH.release()
 
 
 def _dense_flat(t: Tensor) -> Optional[Tensor]:
@@ -192,7 +242,8 @@ class QMBConv(_QBlock):
         if "expand" in self._cfg:
             e = self._cfg["expand"]
             h = _q_call("q_pw_conv", _qc._pw_impl, h, self.expand_weight, self.expand_bias, self.expand_mult,
-                        self.expand_lut, None, None, h_zp, e[0], e[1], e[2], 0, 1.0, self._packed["expand"])
+                        self.expand_lut, None, None, h_zp, e[0], e[1], e[2], 0, 1.0, self._packed["expand"],
+                        scratch="expanded")
             h_zp = e[3]
         residual = xq if self.skip else None
         if self.se is None:
@@ -200,7 +251,7 @@ class QMBConv(_QBlock):
         stride, pad = self._geometry(h)
         d, p = self._cfg["dw"], self._cfg["project"]
         y, sums = _q_call("q_dw_conv_act", _qc._dw_impl, h, self.dw_weight, self.dw_bias, self.dw_mult, self.dw_lut,
-                          stride, pad, h_zp, d[0], d[1], d[2])
+                          stride, pad, h_zp, d[0], d[1], d[2], scratch="depthwise")
         means = (sums.to(torch.float32) / float(y.shape[2] * y.shape[3]) - d[3]) * d[4]
         gates = se_gate_of(self.se)(means[:, :, None, None])[:, :, 0, 0].to(torch.float32).contiguous()
         out = _q_call("q_pw_conv", _qc._pw_impl, y, self.project_weight, self.project_bias, self.project_mult,
@@ -220,30 +271,40 @@ class QDWSeparableConv2d(_QBlock):
         return self._out(self._dwsep(self._codes_in(x), self._in[1], None))
 
 
-class QConvHead(nn.Module):
-    """Int8 form of an EfficientNet classifier's head conv: ``conv_head`` 1x1 + ``bn2`` (folded) +
-    swish (a table) as one ``q_pw_conv``, float in (or the codes at its input parameters), float32
-    features out. ``EfficientNet.forward_features`` calls it in place of conv_head + bn2 + act
-    (``includes_bn_act``)."""
+class QConv2d(nn.Module):
+    """Int8 form of one dense conv stage of an ``effops.models`` EfficientNet: conv + BN (folded)
+    + swish (a table), as one kernel - the stem (``conv_stem`` + ``bn1``: 3x3 stride 2, patches
+    built in cache and the pointwise GEMM, ``q_conv2d``) and the classifier's head conv
+    (``conv_head`` + ``bn2``: 1x1, ``q_pw_conv``). Float in (quantised at its input parameters) or
+    the codes at those; float32 out, or the codes when ``chain_out`` (the stem, when the first
+    block reads them). The models call it in place of conv + BN + act (``includes_bn_act``); the BN
+    module stays in the tree, unused."""
 
     includes_bn_act = True
 
-    def __init__(self, in_scale: float, in_zp: int, stage: QStage):
+    def __init__(self, in_scale: float, in_zp: int, stage: QStage, stride=(1, 1), padding=(0, 0)):
         super().__init__()
         self.register_buffer("in_scale", torch.tensor(float(in_scale), dtype=torch.float64))
         self.register_buffer("in_zp", torch.tensor(int(in_zp), dtype=torch.int64))
-        self.register_buffer("weight", stage.weight.clone())
+        self.register_buffer("weight", stage.weight.clone())  # [Co, C, KH, KW] int8
         self.register_buffer("bias", stage.bias.clone())
         self.register_buffer("mult", stage.mult.clone())
         self.register_buffer("lut", None if stage.lut is None else stage.lut.clone())
         self.register_buffer("cfg", torch.tensor([stage.zp, stage.qmin, stage.qmax, stage.ozp], dtype=torch.int64))
         self.register_buffer("out_scale", torch.tensor(float(stage.scale), dtype=torch.float64))
+        self.register_buffer("chain_out", torch.tensor(False))
+        self.stride = tuple(int(v) for v in stride)
+        self.padding = padding
         self._refresh()
 
     def _refresh(self) -> None:
         self._in = (float(self.in_scale), int(self.in_zp))
         self._cfg = tuple(int(v) for v in self.cfg.tolist()) + (float(self.out_scale),)
-        self._packed = pack_pw(self.weight, self.bias, self._in[1])
+        self._chain = bool(self.chain_out)
+        k = tuple(self.weight.shape[2:])
+        self._pointwise = k == (1, 1) and self.stride == (1, 1) and self.padding in ((0, 0), 0, "valid", "same")
+        self._wp = self.weight if self._pointwise else _qc.patch_weight(self.weight)
+        self._packed = pack_pw(self._wp, self.bias, self._in[1])
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -265,21 +326,43 @@ class QConvHead(nn.Module):
     def in_qparams(self) -> Tuple[float, int]:
         return self._in
 
+    def out_qparams(self) -> Tuple[float, int]:
+        return self._cfg[4], self._cfg[3]
+
+    def set_chain_out(self, on: bool) -> None:
+        """Return uint8 codes (at out_qparams) instead of float: for a next block whose input
+        parameters are these."""
+        self.chain_out.fill_(bool(on))
+        self._refresh()
+
     def forward(self, x: Tensor) -> Tensor:
+        name = type(self).__name__
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name}: x must be a tensor [N, {self.in_channels}, H, W], got {got}")
         if x.dtype != torch.uint8:
             if not x.dtype.is_floating_point:
-                raise TypeError(f"QConvHead: x must be a float tensor or uint8 codes, got {x.dtype}")
-            x = quantize_tensor(x, *self._in)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"QConvHead: x must have shape [N, {self.in_channels}, H, W], got {list(x.shape)}")
-        c = self._cfg
-        q = _q_call("q_pw_conv", _qc._pw_impl, x, self.weight, self.bias, self.mult, self.lut, None, None,
-                    self._in[1], c[0], c[1], c[2], 0, 1.0, self._packed)
-        return dequantize_tensor(q, c[4], c[3])
+                raise TypeError(f"{name}: x must be a float tensor or uint8 codes, got {x.dtype}")
+            x = quantize_tensor(x.float(), *self._in)
+        zp, qmin, qmax, ozp, _ = self._cfg
+        if self._pointwise:
+            q = _q_call("q_pw_conv", _qc._pw_impl, x, self.weight, self.bias, self.mult, self.lut, None, None,
+                        self._in[1], zp, qmin, qmax, 0, 1.0, self._packed)
+        else:
+            k = self.weight.shape[2:]
+            g = conv_geometry(name, x.shape[2:], k, self.stride, self.padding, 1)
+            q = _qc.conv2d_patched(x, self._wp, k, self.bias, self.mult, self.lut, list(g.stride), list(g.pad),
+                                   self._in[1], zp, qmin, qmax, self._packed)
+        if self._chain:
+            return q
+        return dequantize_tensor(q, *self.out_qparams())
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, in=(scale={self._in[0]:.4g}, zp={self._in[1]}), "
-                f"out=(scale={self._cfg[4]:.4g}, zp={self._cfg[3]})")
+        k = tuple(self.weight.shape[2:])
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={k}, stride={self.stride}, "
+                f"padding={self.padding!r}, in=(scale={self._in[0]:.4g}, zp={self._in[1]}), "
+                f"out=(scale={self._cfg[4]:.4g}, zp={self._cfg[3]}), chain_out={self._chain}")
 
 
-__all__ = ["QStage", "QMBConv", "QDWSeparableConv2d", "QConvHead", "quantize_tensor", "dequantize_tensor"]
+__all__ = ["QStage", "QMBConv", "QDWSeparableConv2d", "QConv2d", "quantize_tensor", "dequantize_tensor",
+           "release_scratch"]

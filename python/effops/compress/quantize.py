@@ -8,8 +8,9 @@ counterpart running the ``qconv`` kernels (effops/ops/qconv.py defines the integ
   ``effops.models`` ``DepthwiseSeparableBlock``, and the blocks ``effops.nn.convert`` fused in
   timm / torchvision models (``FusedTimmBlock``, ``FusedTorchvisionBlock``);
 * ``QDWSeparableConv2d`` for ``DWSeparableConv2d`` (post-activation order, no residual);
-* ``QConvHead`` for an ``effops.models`` EfficientNet classifier's head conv (``conv_head`` +
-  ``bn2`` + swish; ``head=False`` keeps it float32);
+* ``QConv2d`` for an ``effops.models`` EfficientNet's stem (``conv_stem`` + ``bn1`` + swish) and
+  a classifier's head conv (``conv_head`` + ``bn2`` + swish); ``stem=False`` / ``head=False`` keep
+  them float32;
 * with ``bifpn_and_heads=True``, ``QHeadNet`` for EfficientDet's class and box heads and
   ``QFnode`` for its BiFPN nodes (``_qdet.py``: int8 separable convs, ``q_weighted_fuse`` for
   the fusion; float out).
@@ -26,7 +27,7 @@ channel means; its gates rescale the codes inside the projection kernel.
 
 Boundaries: a quantized block takes a float tensor (quantised at its calibrated input
 parameters) and returns a float tensor (dequantised), so everything that is not quantised -
-the stem, the pool and classifier, other layers - runs unchanged in float32. Between two quantized blocks
+the pool and classifier, other layers - runs unchanged in float32. Between two quantized blocks
 that follow each other in one ``nn.Sequential`` (or across the nested Sequentials of one that the
 model runs as a whole, as the stages of a classifier's ``blocks``) and share the calibrated
 parameters (the second block's input is the first one's output) the uint8 codes are passed on
@@ -52,7 +53,7 @@ from torch import Tensor
 from ..nn._parts import ConvStage, Unsupported, fold_bn, padding_of, se_gate_of
 from ..ops.dwsep import apply_act, conv_geometry
 from ..ops.qconv import activation_lut, clamp_range
-from ._qmodules import QConvHead, QDWSeparableConv2d, QMBConv, QStage, dequantize_tensor, quantize_tensor
+from ._qmodules import QConv2d, QDWSeparableConv2d, QMBConv, QStage, dequantize_tensor, quantize_tensor
 
 OBSERVERS = ("minmax", "percentile")
 _LUT_ACTS = ("silu", "hardswish", "sigmoid")
@@ -240,15 +241,19 @@ def _build(plan: _Plan) -> nn.Module:
     return QMBConv(s_in, zp_in, expand, dw, se, project, plan.skip, stride, plan.padding)
 
 
-class _HeadPlan:
-    """An effops.models EfficientNet classifier's head: conv_head 1x1 + bn2 + swish, observed on
-    the output of ``blocks`` (the head's input) and built as ``QConvHead``."""
+class _ConvPlan:
+    """One dense conv stage of an ``effops.models`` EfficientNet: the stem (conv_stem + bn1 +
+    swish, observed on the trunk's input) or the classifier's head conv (conv_head + bn2 + swish,
+    observed on the output of ``blocks``); built as ``QConv2d``."""
 
-    kind = "QConvHead"
+    kind = "QConv2d"
 
-    def __init__(self, model: nn.Module):
-        self.stage = ConvStage(model.conv_head, model.bn2, model._act)
+    def __init__(self, conv: nn.Conv2d, bn: nn.Module, act: nn.Module, padding):
+        if conv.groups != 1 or tuple(conv.dilation) != (1, 1) or getattr(conv, "padding_mode", "zeros") != "zeros":
+            raise Unsupported("not a plain dense conv (groups 1, dilation 1, zero padding)")
+        self.stage = ConvStage(conv, bn, act)
         self.act = self.stage.act_name  # raises Unsupported for an activation without an integer form
+        self.padding = padding
         self.obs: Dict[str, Observer] = {}
 
     def observe(self, x: Tensor, kind: str, pct: float) -> None:
@@ -258,30 +263,42 @@ class _HeadPlan:
             self.obs[name](t)
 
         see("in", x)
+        conv = self.stage.conv
         w, b = _folded(self.stage)
-        pre = F.conv2d(x.float(), w.float(), b.float())
+        pre = F.conv2d(_same_pad(x.float(), conv, self.padding), w.float(), b.float(), conv.stride)
         if self.act in _LUT_ACTS:
             see("pre", pre)
         see("out", apply_act(pre, self.act))
 
-    def build(self) -> nn.Module:
+    def build(self, out: Optional[Observer] = None) -> nn.Module:
+        """out: the observer of the next block's input, whose parameters the codes then take."""
+        if out is not None:
+            self.obs["out"] = out
         s_in, zp_in = self.obs["in"].qparams()
-        return QConvHead(s_in, zp_in, _stage(self.stage, self, s_in, "pre", "out"))
+        return QConv2d(s_in, zp_in, _stage(self.stage, self, s_in, "pre", "out"), tuple(self.stage.conv.stride),
+                       self.padding)
 
 
-def _head_plan(model: nn.Module, report: List[Tuple[str, str, str]]) -> Optional[_HeadPlan]:
-    from ..models.efficientnet import EfficientNet
+def _conv_plans(model: nn.Module, stem: bool, head: bool, report: List[Tuple[str, str, str]]):
+    """[(path, trunk module, 'stem' | 'head', plan)] for the effops.models EfficientNet trunks in model."""
+    from ..models.efficientnet import EfficientNet, _Trunk
 
-    if not isinstance(model, EfficientNet) or not isinstance(model.conv_head, nn.Conv2d):
-        return None
-    if model.conv_head.groups != 1 or tuple(model.conv_head.kernel_size) != (1, 1):
-        report.append(("conv_head", "kept", "not a plain 1x1 conv"))
-        return None
-    try:
-        return _HeadPlan(model)
-    except Unsupported as e:
-        report.append(("conv_head", "kept", str(e)))
-        return None
+    out = []
+    for path, m in model.named_modules():
+        if not isinstance(m, _Trunk):
+            continue
+        parts = []
+        if stem and isinstance(m.conv_stem, nn.Conv2d):
+            parts.append(("stem", "conv_stem", m.conv_stem, m.bn1, "same" if m.padding == "same" else tuple(m.conv_stem.padding)))
+        if head and isinstance(m, EfficientNet) and isinstance(m.conv_head, nn.Conv2d):
+            parts.append(("head", "conv_head", m.conv_head, m.bn2, (0, 0)))
+        for kind, attr, conv, bn, padding in parts:
+            name = f"{path}.{attr}" if path else attr
+            try:
+                out.append((name, m, kind, _ConvPlan(conv, bn, m._act, padding)))
+            except Unsupported as e:
+                report.append((name, "kept", str(e)))
+    return out
 
 
 # =============================================================================== calibration data
@@ -317,7 +334,7 @@ def _batches(calibration_data, batch_size: int, in_channels: Optional[int]) -> L
 # =============================================================================== entry point
 def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tensor", observer: str = "minmax",
              percentile: float = 99.99, batch_size: int = 32, inplace: bool = False,
-             bifpn_and_heads: bool = False, head: bool = True) -> nn.Module:
+             bifpn_and_heads: bool = False, stem: bool = True, head: bool = True) -> nn.Module:
     """Post-training static int8 quantization (module docstring). ``calibration_data``: a float
     tensor [N, C, H, W] (split into ``batch_size`` batches), or an iterable of such tensors or of
     (input, target) pairs (a DataLoader). Returns the quantized model (a copy unless
@@ -325,9 +342,10 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
     ``bifpn_and_heads``: also EfficientDet's BiFPN nodes and class / box heads (``_qdet.py``; off by
     default: exact, but on the CPU today slower than their float32 kernels - tf_efficientdet_d0 at
     512, one thread: BiFPN 10.8 vs 4.6 ms at batch 1, 112 vs 40 ms at batch 8, the heads 1.2-1.4x
-    slower, mostly boundary quantise / dequantise and the small per-node calls). ``head``: an
-    effops.models EfficientNet classifier's head conv (conv_head + bn2 + swish) becomes
-    ``QConvHead`` (int8 in, float32 features out; the pool and classifier stay float32)."""
+    slower, mostly boundary quantise / dequantise and the small per-node calls). ``stem`` /
+    ``head``: an effops.models EfficientNet's stem (conv_stem + bn1 + swish, its codes passed to the
+    first block) and a classifier's head conv (conv_head + bn2 + swish; float32 features out, the
+    pool and classifier stay float32) become ``QConv2d``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize: model must be an nn.Module, got {type(model).__name__}")
     if activation != "per_tensor":
@@ -339,8 +357,9 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
         raise ValueError(f"quantize: percentile must be a number in (50, 100], got {percentile!r}")
     if not isinstance(bifpn_and_heads, bool):
         raise TypeError(f"quantize: bifpn_and_heads must be True or False, got {type(bifpn_and_heads).__name__}")
-    if not isinstance(head, bool):
-        raise TypeError(f"quantize: head must be True or False, got {type(head).__name__}")
+    for flag, v in (("stem", stem), ("head", head)):
+        if not isinstance(v, bool):
+            raise TypeError(f"quantize: {flag} must be True or False, got {type(v).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"quantize: batch_size must be an integer >= 1, got {batch_size!r}")
     conv = _first_conv(model)
@@ -363,11 +382,14 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
         raise ValueError("quantize: the model has no block the int8 kernels implement (effops MBConv, "
                          "DWSeparableConv2d, DepthwiseSeparableBlock, or blocks fused by effops.nn.convert)")
 
-    head = _head_plan(q, report) if head else None
+    convs = _conv_plans(q, stem, head, report)
     hooks = []
-    if head is not None:
-        hooks.append(q.blocks.register_forward_hook(
-            lambda mod, args, out: head.observe(out, observer, float(percentile))))
+    for _, trunk, kind, cp in convs:
+        see = lambda t, cp=cp: cp.observe(t, observer, float(percentile))  # noqa: E731
+        if kind == "stem":
+            hooks.append(trunk.register_forward_pre_hook(lambda mod, args, see=see: see(args[0])))
+        else:
+            hooks.append(trunk.blocks.register_forward_hook(lambda mod, args, out, see=see: see(out)))
     for name, plan in plans.items():
         def hook(mod, args, kwargs, out, plan=plan):
             if hasattr(plan, "observe"):  # a composite (an EfficientDet head): observes its own stages
@@ -402,18 +424,25 @@ def quantize(model: nn.Module, calibration_data, *, activation: str = "per_tenso
         else:
             built[name] = plan.build() if hasattr(plan, "build") else _build(plan)
             report.append((name, "quantized", plan.kind))
-    if head is not None:
-        if "in" in head.obs:
-            q.conv_head = head.build()  # bn2 stays (unused, folded into the codes): the module tree is kept
-            report.append(("conv_head", "quantized", "QConvHead (conv_head + bn2 + swish)"))
-        else:
-            report.append(("conv_head", "kept", "not run by the calibration data"))
     for name, new in built.items():
         if name:
             parent, _, child = name.rpartition(".")
             setattr(q.get_submodule(parent) if parent else q, child, new)
     if "" in built:  # the model itself is one block
         q = built[""]
+    for name, trunk, kind, cp in convs:  # the BN stays in the tree, unused (folded into the codes)
+        if "in" not in cp.obs:
+            report.append((name, "kept", "not run by the calibration data"))
+            continue
+        first = trunk.blocks[0][0] if kind == "stem" and len(trunk.blocks) and len(trunk.blocks[0]) else None
+        path = next((p for p, m in q.named_modules() if m is first), None) if first is not None else None
+        chain = path in plans and path in built and "in" in plans[path].obs
+        conv = cp.build(plans[path].obs["in"] if chain else None)
+        if chain:  # the stem's codes are the first block's input codes
+            conv.set_chain_out(True)
+        setattr(trunk, name.rpartition(".")[2], conv)
+        bn = "bn1" if kind == "stem" else "bn2"
+        report.append((name, "quantized", f"QConv2d ({name.rpartition('.')[2]} + {bn} + {cp.act})"))
     _chain(q, called)
     q.quantization_report = sorted(report)
     return q
@@ -447,5 +476,5 @@ def _chain(model: nn.Module, called=frozenset()) -> None:
                 a.set_chain_out(True)
 
 
-__all__ = ["quantize", "Observer", "OBSERVERS", "QMBConv", "QDWSeparableConv2d", "QConvHead", "quantize_tensor",
+__all__ = ["quantize", "Observer", "OBSERVERS", "QMBConv", "QDWSeparableConv2d", "QConv2d", "quantize_tensor",
            "dequantize_tensor"]

@@ -234,6 +234,8 @@ class _Trunk(nn.Module):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         conv, bn = self.conv_stem, self.bn1
+        if getattr(conv, "includes_bn_act", False):  # quantize(): conv_stem + bn1 + swish in one int8 conv
+            return conv(x)
         if self.padding == "same":  # TensorFlow SAME: the extra row/column goes after
             ph = same_padding(x.shape[2], 3, 2, 1)
             pw = same_padding(x.shape[3], 3, 2, 1)
@@ -287,7 +289,7 @@ class EfficientNet(_Trunk):
 
     def forward_features(self, x: Tensor) -> Tensor:
         x, _ = self.forward_blocks(self.forward_stem(self._input(x)))
-        if getattr(self.conv_head, "includes_bn_act", False):  # quantize(): conv_head + bn2 + swish in one
+        if getattr(self.conv_head, "includes_bn_act", False):  # quantize(): conv_head + bn2 + swish in one int8 conv
             return self.conv_head(x)
         stage = ConvStage(self.conv_head, self.bn2, self._act)
         if self.bn2.training:

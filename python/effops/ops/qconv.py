@@ -205,10 +205,11 @@ def _tq():
     return tq
 
 
-def _dw_impl(backend, x, weight, bias, mult, lut, stride, pad, x_zp, out_zp, qmin, qmax):
+def _dw_impl(backend, x, weight, bias, mult, lut, stride, pad, x_zp, out_zp, qmin, qmax, out=None):
+    """out: a channels_last uint8 [N, C, Ho, Wo] to write y into (a reused buffer), or None."""
     N, C = x.shape[:2]
     Ho, Wo = _out_hw(x, weight.shape[2:], stride, pad)
-    y = _empty_cl(N, C, Ho, Wo, torch.uint8, x.device)
+    y = _empty_cl(N, C, Ho, Wo, torch.uint8, x.device) if out is None else out
     sums = torch.empty(N, C, dtype=torch.int32, device=x.device)
     taps = weight[:, 0].contiguous() if backend == "cpu" else _taps(weight)  # CPU: [C, KH, KW]; else [KH, KW, C]
     args = (_nhwc(x), taps, _c(bias), mult.contiguous(), _c(lut), list(stride), list(pad),
@@ -223,10 +224,11 @@ def _dw_impl(backend, x, weight, bias, mult, lut, stride, pad, x_zp, out_zp, qmi
 
 
 def _pw_impl(backend, x, weight, bias, mult, lut, gate, residual, x_zp, out_zp, qmin, qmax, res_zp, res_mult,
-             packed=None):
+             packed=None, out=None):
     N, C, H, W = x.shape
     Co = weight.shape[0]
-    out = _empty_cl(N, Co, H, W, torch.uint8, x.device)
+    if out is None:
+        out = _empty_cl(N, Co, H, W, torch.uint8, x.device)
     args = (_nhwc(x), weight.reshape(Co, C).contiguous(), _c(bias), mult.contiguous(), _c(lut), _c(gate),
             None if residual is None else _nhwc(residual), x_zp, out_zp, qmin, qmax, res_zp, float(res_mult),
             out.permute(0, 2, 3, 1))
@@ -468,5 +470,98 @@ def q_dwsep_conv(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, *, dw_bias: Op
                                          mid_zp, out_zp, qmin, qmax, res_zp, res_mult)
 
 
-__all__ = ["q_dw_conv_act", "q_pw_conv", "q_dwsep_conv", "pack_pw", "activation_lut", "clamp_range", "requantize",
-           "q_dw_conv_act_reference", "q_pw_conv_reference", "q_dwsep_conv_reference", "ACTIVATIONS"]
+# =============================================================================== dense conv (stem)
+def q_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], mult: Tensor, lut: Optional[Tensor],
+                       stride: Sequence[int], pad: Sequence[int], x_zp: int, out_zp: int, qmin: int,
+                       qmax: int) -> Tensor:
+    """Dense int8 conv (groups 1, weight [Co, C, KH, KW]): padding reads x_zp, the accumulation and
+    epilogue as above. Returns [N, Co, Ho, Wo] uint8 (channels_last)."""
+    t, b, l, r = pad
+    xp = F.pad(x.to(torch.float64) - x_zp, (l, r, t, b))  # padding is a real zero: x_zp - x_zp
+    # |products| <= 255 * 128 and |sums| < 2**30: float64 is exact here
+    acc = F.conv2d(xp, weight.to(torch.float64), stride=tuple(stride)).round().to(torch.int64)
+    if bias is not None:
+        acc += bias.to(torch.int64)[:, None, None]
+    y = requantize(wrap32(acc).permute(0, 2, 3, 1), mult, out_zp, qmin, qmax, lut)  # [N, Ho, Wo, Co]
+    return y.permute(0, 3, 1, 2)
+
+
+def patch_weight(weight: Tensor) -> Tensor:
+    """A dense conv's int8 weight [Co, C, KH, KW] as the pointwise weight over patches:
+    [Co, Kp, 1, 1], taps in (kh, kw, c) order (the order of ``conv_patches``), then zeros up to
+    Kp = KH * KW * C rounded up to a multiple of 4 (the GEMM's K tail is 2x slower: 3x3 RGB has 27)."""
+    Co = weight.shape[0]
+    w = weight.permute(0, 2, 3, 1).reshape(Co, -1)
+    w = F.pad(w, (0, -w.shape[1] % 4))
+    return w.reshape(Co, -1, 1, 1).contiguous()
+
+
+def conv_patches(x: Tensor, k: Sequence[int], stride: Sequence[int], pad: Sequence[int], x_zp: int,
+                 kp: Optional[int] = None) -> Tensor:
+    """The patches of a dense conv as codes [N, kp, Ho, Wo] (channels_last; kp >= KH * KW * C,
+    the codes past the taps x_zp), padding = x_zp: the conv is ``q_pw_conv`` of these with
+    ``patch_weight`` (the backends other than the eager CPU kernel, and under torch.compile)."""
+    N, C = x.shape[:2]
+    t, b, l, r = pad
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, l, r, t, b), value=x_zp)  # [N, Hp, Wp, C]
+    Hp, Wp = xp.shape[1:3]
+    Ho, Wo = (Hp - k[0]) // stride[0] + 1, (Wp - k[1]) // stride[1] + 1
+    s = xp.stride()
+    p = xp.as_strided((N, Ho, Wo, k[0], k[1], C), (s[0], stride[0] * s[1], stride[1] * s[2], s[1], s[2], s[3]))
+    p = p.reshape(N, Ho, Wo, k[0] * k[1] * C)
+    if kp is not None and kp > p.shape[3]:
+        p = F.pad(p, (0, kp - p.shape[3]), value=x_zp)
+    return p.permute(0, 3, 1, 2)
+
+
+def _conv_cpu(x, wp, k, bias, mult, lut, stride, pad, x_zp, out_zp, qmin, qmax, packed):
+    N = x.shape[0]
+    Co = wp.shape[0]
+    Ho, Wo = _out_hw(x, k, stride, pad)
+    out = _empty_cl(N, Co, Ho, Wo, torch.uint8, x.device)
+    _backend._C.q_conv_forward(_nhwc(x), wp.reshape(Co, -1), int(k[0]), int(k[1]), _c(bias), mult.contiguous(), _c(lut),
+                               list(stride), list(pad), x_zp, out_zp, qmin, qmax, out.permute(0, 2, 3, 1), packed,
+                               _threads())
+    return out
+
+
+def conv2d_patched(x: Tensor, wp: Tensor, k: Sequence[int], bias: Optional[Tensor], mult: Tensor,
+                   lut: Optional[Tensor], stride: Sequence[int], pad: Sequence[int], x_zp: int, out_zp: int,
+                   qmin: int, qmax: int, packed: Optional[Tensor] = None) -> Tensor:
+    """The dense int8 conv on checked arguments, wp = ``patch_weight(weight)``: in eager on the CPU
+    backend one C++ kernel that builds the patches of a block of output pixels in cache and runs the
+    pointwise GEMM on them (``packed``: ``pack_pw(wp, bias, x_zp)``); elsewhere ``conv_patches`` +
+    ``q_pw_conv`` (the same integers)."""
+    if (not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and _backend.select("q_pw_conv", x.device) == "cpu"):
+        from ._common import profiled
+        return profiled("effops::q_conv2d", _conv_cpu, x, wp, k, bias, mult, lut, stride, pad, x_zp, out_zp, qmin,
+                        qmax, packed)
+    patches = conv_patches(x, k, stride, pad, x_zp, wp.shape[1])
+    return torch.ops.effops.q_pw_conv(patches, wp, bias, mult, lut, None, None, x_zp, out_zp, qmin, qmax, 0, 1.0)
+
+
+def q_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, mult: Tensor, x_zp: int, out_zp: int,
+             qmin: int = 0, qmax: int = 255, lut: Optional[Tensor] = None, stride=1, padding=0) -> Tensor:
+    """Dense int8 conv (groups 1; a network's stem): x [N, C, H, W] uint8, weight [Co, C, KH, KW]
+    int8, the epilogue of ``q_pw_conv``; padding an int, a pair or 'same' (TensorFlow's)."""
+    op = "q_conv2d"
+    x = _check_x(op, x)
+    N, C, H, W = x.shape
+    _check_q(op, "weight", weight, torch.int8, [None, C, None, None], x.device)
+    Co, _, KH, KW = weight.shape
+    if KH * KW * C > MAX_REDUCTION or Co < 1:
+        raise EffopsInputError(f"{op}: weight must have >= 1 output channel and KH * KW * C <= {MAX_REDUCTION}, got "
+                               f"{list(weight.shape)}")
+    if bias is not None:
+        _check_q(op, "bias", bias, torch.int32, [Co], x.device)
+    g = conv_geometry(op, (H, W), (KH, KW), stride, padding, 1)
+    x_zp = _check_code(op, "x_zp", x_zp)
+    out_zp, qmin, qmax = _check_epilogue(op, _OUT_NAMES, Co, mult, lut, out_zp, qmin, qmax, x.device)
+    return conv2d_patched(x, patch_weight(weight), (KH, KW), bias, mult, lut, list(g.stride), list(g.pad), x_zp,
+                          out_zp, qmin, qmax)
+
+
+__all__ = ["q_dw_conv_act", "q_pw_conv", "q_dwsep_conv", "q_conv2d", "pack_pw", "activation_lut", "clamp_range",
+           "requantize", "q_dw_conv_act_reference", "q_pw_conv_reference", "q_dwsep_conv_reference",
+           "q_conv2d_reference", "patch_weight", "conv_patches", "ACTIVATIONS"]
