@@ -101,7 +101,8 @@ struct DwPrep {
   std::vector<float> mult;        // [Cp]
   std::vector<int32_t> lut32;     // [256] or empty
 };
-DwPrep prep_dw(const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& e);
+// lvl: the kernel level the prep is for (taps32 / lut32 are level 1's, quads level 2's).
+DwPrep prep_dw(int lvl, const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& e);
 
 // Output rows [oh0, oh1) of image xi (its [H, W, C] codes) into y (row-major, C per pixel);
 // sums [C] accumulates the output codes when not null.

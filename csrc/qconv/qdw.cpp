@@ -16,33 +16,42 @@
 namespace effops::qconv {
 namespace detail {
 
-DwPrep prep_dw(const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& e) {
+DwPrep prep_dw(int lvl, const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& e) {
+  // Only what the level's kernel reads, written in order (per call: 1152 channels x 5x5 took ~30
+  // us when every layout was built with strided stores, a 1x1152x7x7 conv's whole time).
   DwPrep p;
   const int64_t T = g.KH * g.KW, C = g.C;
   p.Cp = round_up(C, 16);
-  p.taps32.assign(static_cast<size_t>(T * p.Cp), 0);
   p.bias.assign(static_cast<size_t>(p.Cp), 0);
   p.bias_int.assign(static_cast<size_t>(p.Cp), 0);
   p.mult.assign(static_cast<size_t>(p.Cp), 0.0f);
   p.NG = (g.KW + 3) / 4;
-  p.quads.assign(static_cast<size_t>(g.KH * p.NG * p.Cp), 0);
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = 0; c < C; ++c) {  // taps [C, KH, KW] (the conv weight's layout)
     int32_t sum = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      const int32_t w = taps[c * T + t];  // taps [C, KH, KW] (the conv weight's layout)
-      p.taps32[t * p.Cp + c] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(w)));
-      sum += w;
-    }
+    for (int64_t t = 0; t < T; ++t) sum += taps[c * T + t];
     p.bias[c] = e.bias ? e.bias[c] : 0;
     p.bias_int[c] = wadd(p.bias[c], -x_zp * sum);  // |x_zp * sum| <= 255 * 128 * T < 2^30
-    for (int64_t kh = 0; kh < g.KH; ++kh)
-      for (int64_t kw = 0; kw < g.KW; ++kw)
-        reinterpret_cast<int8_t*>(&p.quads[(kh * p.NG + kw / 4) * p.Cp + c])[kw % 4] = taps[c * T + kh * g.KW + kw];
     p.mult[c] = e.mult[c];
   }
-  if (e.lut) {
-    p.lut32.resize(256);
-    for (int i = 0; i < 256; ++i) p.lut32[i] = e.lut[i];
+  if (lvl == 1) {  // rows_256: [KH * KW][Cp], w as the low int16 of an int32 lane
+    p.taps32.assign(static_cast<size_t>(T * p.Cp), 0);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < C; ++c)
+        p.taps32[t * p.Cp + c] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(taps[c * T + t])));
+    if (e.lut) p.lut32.assign(e.lut, e.lut + 256);
+  } else if (lvl == 2) {  // rows_512: [KH * NG][Cp], taps kw = 4q..4q+3 as 4 bytes (0 past KW)
+    p.quads.assign(static_cast<size_t>(g.KH * p.NG * p.Cp), 0);
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t q = 0; q < p.NG; ++q) {
+        int32_t* dst = &p.quads[(kh * p.NG + q) * p.Cp];
+        const int64_t n = std::min<int64_t>(4, g.KW - 4 * q);
+        const int8_t* src = taps + kh * g.KW + 4 * q;
+        for (int64_t c = 0; c < C; ++c, src += T) {
+          uint32_t v = 0;
+          for (int64_t j = 0; j < n; ++j) v |= static_cast<uint32_t>(static_cast<uint8_t>(src[j])) << (8 * j);
+          dst[c] = static_cast<int32_t>(v);
+        }
+      }
   }
   return p;
 }
@@ -309,10 +318,14 @@ void q_dw(const uint8_t* x, const int8_t* taps, const DwGeom& g, int32_t x_zp, c
           int32_t* sums, int threads) {
   using namespace detail;
   const int lvl = level();
-  const DwPrep p = prep_dw(taps, g, x_zp, e);
-  // Tasks: blocks of output rows of one image, ~8 per thread; per-task channel sums, added after
-  // (integer sums: the order does not matter).
-  const int64_t want = std::max<int64_t>(1, 8 * static_cast<int64_t>(threads) / std::max<int64_t>(1, g.N));
+  const DwPrep p = prep_dw(lvl, taps, g, x_zp, e);
+  // Tasks: blocks of output rows of one image; per-task channel sums, added after (integer sums:
+  // the order does not matter). A task builds its KH quad rows afresh (rows_512's ring), so the
+  // blocks are as tall as the threads allow: one image per task on one thread or with >= 2 images
+  // per thread, else about 2 tasks per thread (1x1152x7x7 5x5 on one thread: 1-row tasks built 35
+  // quad rows instead of 11, 97 -> 40 us).
+  const int64_t T = std::max(threads, 1);
+  const int64_t want = T == 1 || g.N >= 2 * T ? 1 : (2 * T + g.N - 1) / g.N;
   const int64_t rb = std::max<int64_t>(1, (g.Ho + want - 1) / want);
   const int64_t blocks = (g.Ho + rb - 1) / rb;
   std::vector<int32_t> part(sums ? static_cast<size_t>(g.N * blocks * p.Cp) : 0, 0);

@@ -444,7 +444,7 @@ void q_dwsep(const uint8_t* x, const int8_t* taps, const DwGeom& g, int32_t x_zp
              const uint8_t* blob, int64_t blob_size) {
   using namespace detail;
   const int lvl = level();
-  const DwPrep dp = prep_dw(taps, g, x_zp, mid);
+  const DwPrep dp = prep_dw(lvl, taps, g, x_zp, mid);
   const PwPrep pp = prep_pw(lvl, pw, g.C, Co, mid_zp, e, blob, blob_size);
   // Blocks of output rows whose depthwise result (uint8) stays in L2: <= 64 KiB, >= 4 tasks per thread.
   const int64_t row_bytes = std::max<int64_t>(1, g.Wo * g.C);
