@@ -109,6 +109,8 @@ NB_MODULE(_C, m) {
         "qmin"_a, "qmax"_a, "lut"_a.none(), "out"_a.noconvert(), "threads"_a, release);
   m.def("q_quantize", &effops::qconv::q_quantize_api, "x"_a, "out"_a.noconvert(), "scale"_a, "zp"_a, "threads"_a,
         release);
+  m.def("set_vnni", &effops::set_vnni, "on"_a, "Use the VNNI dot products in the int8 kernels (where the CPU has them)");
+  m.def("vnni_on", &effops::vnni_on, "What set_vnni last asked for");
   m.def("q_isa", &effops::qconv::q_isa_name, "The level the int8 (qconv) kernels run at now");
 
   namespace ls = effops::losses;
@@ -165,7 +167,8 @@ NB_MODULE(_C, m) {
     d["simd"] = std::string("per-ISA copies chosen at run time; in use: ") + effops::dwsep::cpu_isa_name() +
                 " (this CPU: " + effops::isa_name(effops::detected_isa()) + "; EFFOPS_ISA caps it)" +
                 (effops::cpu_has_amx_bf16() ? std::string("; AMX bf16 tiles: ") + (effops::amx() ? "in use" : "off")
-                                            : std::string("; no AMX"));
+                                            : std::string("; no AMX")) +
+                "; int8 kernels: " + effops::qconv::q_isa_name();
     return d;
   });
 }

@@ -356,9 +356,44 @@ def test_custom_ops_opcheck_and_compile():
 
 
 def test_cpu_level_name():
-    assert effops._backend._C_module.q_isa() in ("avx512-vnni", "avx-vnni", "scalar")
+    assert effops._backend._C_module.q_isa() in ("avx512-vnni", "avx-vnni", "avx2", "scalar")
     with effops.use_isa("baseline"):
         assert effops._backend._C_module.q_isa() == "scalar"
+    if "avx2" in LEVELS:
+        with effops.use_vnni(False) as level:
+            assert level == "avx2" and effops._backend._C_module.q_isa() == "avx2"
+    with pytest.raises(TypeError, match="on must be a bool"):
+        effops.set_vnni(1)
+
+
+NO_VNNI = pytest.mark.skipif("avx2" not in LEVELS, reason="needs AVX2")
+
+
+@NO_VNNI
+@pytest.mark.parametrize("family", ["dw", "pw", "dwsep", "conv"])
+def test_avx2_without_vnni_bit_exact(family):
+    """The AVX2 level with the VNNI dot products emulated (vpmaddwd: CPUs with AVX2 and no
+    AVX-VNNI, e.g. Zen 2/3, Haswell-Skylake; and AVX-512 CPUs without VNNI) gives the reference's
+    integers on every case of each family, the pointwise ones packed once too."""
+    cases = {"dw": DW_CASES, "pw": PW_CASES + AMX_PW_CASES, "dwsep": DWSEP_CASES, "conv": CONV_CASES}[family]
+    for i in range(len(cases)):
+        if family == "dw":
+            x, w, b, kw = _dw_case(i, *cases[i])
+            fn = Q.q_dw_conv_act
+        elif family == "pw":
+            x, w, b, kw = _pw_case(i, *cases[i])
+            fn = Q.q_pw_conv
+        elif family == "dwsep":
+            x, w, b, kw = _dwsep_case(i, *cases[i])  # b: the pointwise weight
+            fn = Q.q_dwsep_conv
+        else:
+            x, w, b, kw = _conv_case(i, *cases[i])
+            fn = Q.q_conv2d
+        ref = _run("reference", fn, x, w, b, **kw)
+        with effops.use_isa("avx2"), effops.use_vnni(False):
+            out = _run("cpu", fn, x, w, b, **kw)
+        for a, r in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+            assert torch.equal(a, r), (family, i)
 
 
 FUSE_CASES = [

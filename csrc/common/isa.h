@@ -103,6 +103,16 @@ inline bool cpu_has_amx_int8() { return (amx_features() >> 25) & 1u; }
 inline std::atomic<int> g_isa_cap{kV4};
 // set_amx(false) (EFFOPS_AMX=0) turns the AMX kernels off, so one machine tests both paths.
 inline std::atomic<bool> g_amx_on{true};
+// set_vnni(false) (EFFOPS_VNNI=0) runs the int8 kernels without the VNNI dot products (the AVX2
+// emulation or the scalar code), as on a CPU without them.
+inline std::atomic<bool> g_vnni_on{true};
+inline bool vnni_on() { return g_vnni_on.load(std::memory_order_relaxed); }
+inline bool set_vnni(bool on) {
+  g_vnni_on.store(on, std::memory_order_relaxed);
+  return on;
+}
+// The int8 kernels' AVX2 level uses AVX-VNNI (vpdpbusd / vpdpwssd on ymm).
+inline bool vnni256() { return vnni_on() && cpu_has_avxvnni(); }
 
 // The level kernels run at: the detected one, capped.
 inline Isa isa() {

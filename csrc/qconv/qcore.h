@@ -12,7 +12,9 @@
 #if EFFOPS_X86
 #include <immintrin.h>
 #define QT512 __attribute__((target("arch=x86-64-v4,avx512vnni,avx512vbmi")))
-#define QT256 __attribute__((target("arch=x86-64-v3,avxvnni")))
+// Level 1 is plain AVX2 (x86-64-v3): the AVX-VNNI instructions are inline assembly chosen at run
+// time (dpbusd256 / dpwssd256 <true>), so the compiler never emits them for the CPUs without.
+#define QT256 __attribute__((target("arch=x86-64-v3")))
 #define EFFOPS_QLAMBDA __attribute__((always_inline, target("arch=x86-64-v4,avx512vnni,avx512vbmi")))
 #endif
 
@@ -30,13 +32,28 @@ QT512 inline __m512i dpbusd512(__m512i acc, __m512i a, __m512i b) {
   __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
   return acc;
 }
+// VNNI: AVX-VNNI's vpdpbusd; else the same integers from AVX2: the even and the odd bytes as int16
+// (a zero-extended, b sign-extended), two vpmaddwd (|a * b| * 2 < 2^16: no saturation), added.
+template <bool VNNI>
 QT256 inline __m256i dpbusd256(__m256i acc, __m256i a, __m256i b) {
-  __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b));
-  return acc;
+  if constexpr (VNNI) {
+    __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b));
+    return acc;
+  } else {
+    const __m256i ae = _mm256_and_si256(a, _mm256_set1_epi16(0x00ff)), ao = _mm256_srli_epi16(a, 8);
+    const __m256i be = _mm256_srai_epi16(_mm256_slli_epi16(b, 8), 8), bo = _mm256_srai_epi16(b, 8);
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(ae, be), _mm256_madd_epi16(ao, bo)));
+  }
 }
-QT256 inline __m256i dpwssd256(__m256i acc, __m256i a, __m256i b) {  // pairs of int16, vpdpwssd
-  __asm__("%{vex%} vpdpwssd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b));
-  return acc;
+// pairs of int16 (vpdpwssd; else vpmaddwd + vpaddd: the same non-saturating sum)
+template <bool VNNI>
+QT256 inline __m256i dpwssd256(__m256i acc, __m256i a, __m256i b) {
+  if constexpr (VNNI) {
+    __asm__("%{vex%} vpdpwssd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b));
+    return acc;
+  } else {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+  }
 }
 #endif
 
@@ -113,6 +130,7 @@ void dw_rows(int lvl, const uint8_t* xi, const int8_t* taps, const DwPrep& p, co
 // packed / bias point into the own_* vectors or into a blob made by q_pw_pack (kept by the caller).
 struct PwPrep {
   int lvl = 0;
+  bool vnni = false;  // level 1: AVX-VNNI (else the AVX2 emulation)
   int64_t K = 0, Co = 0, NR = 0, K4 = 0, panels = 0;
   const int8_t* packed = nullptr;  // [panels][K4 / 4][NR][4]
   const int32_t* bias = nullptr;   // [panels * NR] bias - x_zp * sum_k w

@@ -238,6 +238,7 @@ QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t
   }
 }
 
+template <bool VNNI>
 QT256 void rows_256(const uint8_t* xi, const int8_t* taps, const DwPrep& p, const DwGeom& g, int64_t oh0,
                     int64_t oh1, int32_t x_zp, const Epilogue& e, uint8_t* y, int32_t* sums) {
   const int64_t C = g.C, Cp = p.Cp, C8 = C / 8 * 8;
@@ -261,7 +262,7 @@ QT256 void rows_256(const uint8_t* xi, const int8_t* taps, const DwPrep& p, cons
           for (int64_t kw = kw0; kw < kw1; ++kw) {
             __m256i xv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(xr + kw * C)));
             if (!interior) xv = _mm256_sub_epi32(xv, zp);
-            acc = dpwssd256(acc, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + kw * Cp)));
+            acc = dpwssd256<VNNI>(acc, xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + kw * Cp)));
           }
         }
         __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(&p.mult[c0]));
@@ -294,7 +295,9 @@ void dw_rows(int lvl, const uint8_t* xi, const int8_t* taps, const DwPrep& p, co
     if (g.KH == 5 && g.KW == 5) return rows_512<5, 2>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
     return rows_512<0, 0>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
   }
-  if (lvl == 1) return rows_256(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums);
+  if (lvl == 1)
+    return vnni256() ? rows_256<true>(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums)
+                     : rows_256<false>(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums);
 #endif
   rows_scalar(xi, taps, g, oh0, oh1, x_zp, e, y, sums);
 }
@@ -306,13 +309,15 @@ int level() {
   const Isa i = ::effops::isa();
   // the AVX-512 level also uses VBMI (vpermi2b) for the activation tables
   static const bool vbmi = [] { __builtin_cpu_init(); return __builtin_cpu_supports("avx512vbmi") != 0; }();
-  if (i >= kV4 && cpu_has_avx512vnni() && vbmi) return 2;
-  if (i >= kV3 && cpu_has_avxvnni()) return 1;
+  if (i >= kV4 && cpu_has_avx512vnni() && vbmi && vnni_on()) return 2;
+  if (i >= kV3) return 1;  // AVX2, with AVX-VNNI where the CPU has it (vnni256)
 #endif
   return 0;
 }
 
-const char* level_name(int lvl) { return lvl == 2 ? "avx512-vnni" : (lvl == 1 ? "avx-vnni" : "scalar"); }
+const char* level_name(int lvl) {
+  return lvl == 2 ? "avx512-vnni" : (lvl == 1 ? (vnni256() ? "avx-vnni" : "avx2") : "scalar");
+}
 
 void q_dw(const uint8_t* x, const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& e, uint8_t* y,
           int32_t* sums, int threads) {

@@ -53,6 +53,7 @@ PwPrep prep_pw(int lvl, const int8_t* w, int64_t K, int64_t Co, int32_t x_zp, co
                const uint8_t* blob, int64_t nbytes) {
   PwPrep p;
   p.lvl = lvl, p.K = K, p.Co = Co;
+  p.vnni = lvl == 1 && vnni256();
   p.NR = lvl == 2 ? 64 : 16;
   p.K4 = round_up(K, 4);
   p.panels = (Co + p.NR - 1) / p.NR;
@@ -270,7 +271,7 @@ QT512 void gemm_amx(const PwPrep& p, const uint8_t* a, int64_t lda, int64_t M, c
 }
 #endif
 
-template <int MR, int NJ>
+template <int MR, int NJ, bool VNNI>
 QT256 void tile_256(const PwPrep& p, int64_t panel, const uint8_t* a, int64_t lda, const Epilogue& e,
                     const Residual& res, const uint8_t* rr, uint8_t* out) {
   const int64_t K = p.K, Co = p.Co, kfull = K / 4;
@@ -287,7 +288,7 @@ QT256 void tile_256(const PwPrep& p, int64_t panel, const uint8_t* a, int64_t ld
     for (int j = 0; j < NJ; ++j) b[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + kq * 64 + j * 32));
     for (int i = 0; i < MR; ++i) {
       const __m256i av = _mm256_set1_epi32(load4(a + i * lda + 4 * kq));
-      for (int j = 0; j < NJ; ++j) acc[i][j] = dpbusd256(acc[i][j], av, b[j]);
+      for (int j = 0; j < NJ; ++j) acc[i][j] = dpbusd256<VNNI>(acc[i][j], av, b[j]);
     }
   }
   if (K & 3) {
@@ -296,7 +297,7 @@ QT256 void tile_256(const PwPrep& p, int64_t panel, const uint8_t* a, int64_t ld
       b[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + kfull * 64 + j * 32));
     for (int i = 0; i < MR; ++i) {
       const __m256i av = _mm256_set1_epi32(load_tail(a + i * lda + 4 * kfull, K & 3));
-      for (int j = 0; j < NJ; ++j) acc[i][j] = dpbusd256(acc[i][j], av, b[j]);
+      for (int j = 0; j < NJ; ++j) acc[i][j] = dpbusd256<VNNI>(acc[i][j], av, b[j]);
     }
   }
   const __m256i ozp = _mm256_set1_epi32(e.zp), qmin = _mm256_set1_epi32(e.qmin), qmax = _mm256_set1_epi32(e.qmax);
@@ -337,8 +338,10 @@ using TileFn = void (*)(const PwPrep&, int64_t, const uint8_t*, int64_t, const E
                         const uint8_t*, uint8_t*);
 #define QROW512(R) {&tile_512<R, 1>, &tile_512<R, 2>, &tile_512<R, 3>, &tile_512<R, 4>}
 const TileFn kTiles512[6][4] = {QROW512(1), QROW512(2), QROW512(3), QROW512(4), QROW512(5), QROW512(6)};
-#define QROW256(R) {&tile_256<R, 1>, &tile_256<R, 2>}
-const TileFn kTiles256[6][2] = {QROW256(1), QROW256(2), QROW256(3), QROW256(4), QROW256(5), QROW256(6)};
+#define QROW256(R, V) {&tile_256<R, 1, V>, &tile_256<R, 2, V>}
+const TileFn kTiles256[2][6][2] = {
+    {QROW256(1, false), QROW256(2, false), QROW256(3, false), QROW256(4, false), QROW256(5, false), QROW256(6, false)},
+    {QROW256(1, true), QROW256(2, true), QROW256(3, true), QROW256(4, true), QROW256(5, true), QROW256(6, true)}};
 #undef QROW512
 #undef QROW256
 #endif
@@ -361,7 +364,7 @@ void gemm_rows(const PwPrep& p, const int8_t* raw, const uint8_t* a, int64_t lda
       for (int64_t panel = 0; panel < p.panels; ++panel) {
         const int64_t left = p.Co - panel * p.NR;
         const int nj = static_cast<int>(std::min<int64_t>(p.NR / lanes, (left + lanes - 1) / lanes));
-        const TileFn fn = p.lvl == 2 ? kTiles512[mr - 1][nj - 1] : kTiles256[mr - 1][nj - 1];
+        const TileFn fn = p.lvl == 2 ? kTiles512[mr - 1][nj - 1] : kTiles256[p.vnni][mr - 1][nj - 1];
         fn(p, panel, a + m0 * lda, lda, e, res, rr ? rr + m0 * p.Co : nullptr, out + m0 * p.Co);
       }
     }
@@ -396,12 +399,38 @@ QT512 void gate_rows_512(const uint8_t* x, int64_t m0, int64_t rows, int64_t HW,
     }
   }
 }
+
+QT256 void gate_rows_256(const uint8_t* x, int64_t m0, int64_t rows, int64_t HW, int64_t C, int32_t zp,
+                         const float* gate, uint8_t* a) {
+  const __m256i zv = _mm256_set1_epi32(zp), z = _mm256_setzero_si256(), top = _mm256_set1_epi32(255);
+  const __m256 lo = _mm256_set1_ps(-kClamp), hi = _mm256_set1_ps(kClamp);
+  const int64_t C8 = C / 8 * 8;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    const float* g = gate + (m / HW) * C;
+    for (int64_t c = 0; c < C8; c += 8) {
+      const __m256i d = _mm256_sub_epi32(
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + m * C + c))), zv);
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(g + c));  // exact: |d| < 2^24
+      v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);  // NaN -> -2^23 (max returns the second operand)
+      __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_round_ps(v, kRne)), zv);
+      q = _mm256_min_epi32(_mm256_max_epi32(q, z), top);
+      const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(a + r * C + c), _mm_packus_epi16(w16, w16));
+    }
+    for (int64_t c = C8; c < C; ++c) {
+      int32_t q = round_scaled(static_cast<int32_t>(x[m * C + c]) - zp, g[c]) + zp;
+      a[r * C + c] = static_cast<uint8_t>(q < 0 ? 0 : (q > 255 ? 255 : q));
+    }
+  }
+}
 #endif
 
 void gate_rows(int lvl, const uint8_t* x, int64_t m0, int64_t rows, int64_t HW, int64_t C, int32_t zp,
                const float* gate, uint8_t* a) {
 #if EFFOPS_X86
   if (lvl == 2) return gate_rows_512(x, m0, rows, HW, C, zp, gate, a);
+  if (lvl == 1) return gate_rows_256(x, m0, rows, HW, C, zp, gate, a);
 #endif
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;

@@ -14,7 +14,8 @@ from ._compat import check_torch as _check_torch
 _check_torch()  # a clear ImportError on a torch older than effops supports, before any op registers
 
 from . import _backend, nn, ops  # noqa: E402
-from ._backend import amx, detected_isa, isa, set_amx, set_isa, use_amx, use_backend, use_isa
+from ._backend import (amx, detected_isa, isa, set_amx, set_isa, set_vnni, use_amx, use_backend, use_isa,
+                       use_vnni)
 
 
 def __getattr__(name: str):
@@ -81,4 +82,4 @@ def format_info(result: dict) -> str:
 
 
 __all__ = ["ops", "nn", "info", "use_backend", "set_isa", "use_isa", "isa", "detected_isa", "amx", "set_amx", "use_amx",
-           "__version__"]
+           "set_vnni", "use_vnni", "__version__"]

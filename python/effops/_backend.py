@@ -213,8 +213,34 @@ def use_amx(on: bool) -> Iterator[bool]:
         set_amx(before)
 
 
+def set_vnni(on: bool) -> str:
+    """Use the VNNI int8 dot products (AVX-512 VNNI, AVX-VNNI) in the int8 (qconv) kernels where
+    the CPU has them (``EFFOPS_VNNI=0`` turns them off at import). Off, the kernels run as on a CPU
+    without VNNI: AVX2 with the dot products emulated exactly (vpmaddwd), the same integers.
+    Returns the int8 level now in use ('avx512-vnni', 'avx-vnni', 'avx2' or 'scalar'). Process-wide:
+    call it between ops."""
+    if not isinstance(on, bool):
+        raise TypeError(f"set_vnni: on must be a bool, got {type(on).__name__}")
+    if _C is None:
+        return "scalar"
+    _C_module.set_vnni(on)
+    return _C_module.q_isa()
+
+
+@contextlib.contextmanager
+def use_vnni(on: bool) -> Iterator[str]:
+    """``with effops.use_vnni(False):`` runs the block's int8 kernels without VNNI."""
+    before = bool(_C_module.vnni_on()) if _C is not None else True
+    try:
+        yield set_vnni(on)
+    finally:
+        set_vnni(before)
+
+
 if _C is not None and os.environ.get("EFFOPS_AMX", "").strip() in ("0", "off", "false", "no"):
     set_amx(False)
+if _C is not None and os.environ.get("EFFOPS_VNNI", "").strip() in ("0", "off", "false", "no"):
+    set_vnni(False)
 
 if _C is not None and os.environ.get("EFFOPS_ISA", "").strip():
     try:
