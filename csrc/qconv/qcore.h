@@ -16,6 +16,7 @@
 // time (dpbusd256 / dpwssd256 <true>), so the compiler never emits them for the CPUs without.
 #define QT256 __attribute__((target("arch=x86-64-v3")))
 #define EFFOPS_QLAMBDA __attribute__((always_inline, target("arch=x86-64-v4,avx512vnni,avx512vbmi")))
+#define EFFOPS_QLAMBDA256 __attribute__((always_inline, target("arch=x86-64-v3")))
 #endif
 
 namespace effops::qconv::detail {
@@ -118,7 +119,7 @@ struct DwPrep {
   std::vector<float> mult;        // [Cp]
   std::vector<int32_t> lut32;     // [256] or empty
 };
-// lvl: the kernel level the prep is for (taps32 / lut32 are level 1's, quads level 2's).
+// lvl: the kernel level the prep is for (taps32 / lut32: level 1's; quads: levels 1 and 2).
 DwPrep prep_dw(int lvl, const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& e);
 
 // Output rows [oh0, oh1) of image xi (its [H, W, C] codes) into y (row-major, C per pixel);

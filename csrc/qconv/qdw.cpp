@@ -33,13 +33,14 @@ DwPrep prep_dw(int lvl, const int8_t* taps, const DwGeom& g, int32_t x_zp, const
     p.bias_int[c] = wadd(p.bias[c], -x_zp * sum);  // |x_zp * sum| <= 255 * 128 * T < 2^30
     p.mult[c] = e.mult[c];
   }
-  if (lvl == 1) {  // rows_256: [KH * KW][Cp], w as the low int16 of an int32 lane
+  if (lvl == 1) {  // rows_256 (rings over kQuadRingMax): [KH * KW][Cp], w as the low int16 of an int32 lane
     p.taps32.assign(static_cast<size_t>(T * p.Cp), 0);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t c = 0; c < C; ++c)
         p.taps32[t * p.Cp + c] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(taps[c * T + t])));
     if (e.lut) p.lut32.assign(e.lut, e.lut + 256);
-  } else if (lvl == 2) {  // rows_512: [KH * NG][Cp], taps kw = 4q..4q+3 as 4 bytes (0 past KW)
+  }
+  if (lvl >= 1) {  // rows_512 / rows_256q: [KH * NG][Cp], taps kw = 4q..4q+3 as 4 bytes (0 past KW)
     p.quads.assign(static_cast<size_t>(g.KH * p.NG * p.Cp), 0);
     for (int64_t kh = 0; kh < g.KH; ++kh)
       for (int64_t q = 0; q < p.NG; ++q) {
@@ -238,6 +239,119 @@ QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t
   }
 }
 
+// AVX2: the quad rows of rows_512 on 8 channels per ymm, for channels [0, C8) (the rest by
+// pixel_scalar): 4 taps per vpdpbusd (AVX-VNNI, or its vpmaddwd emulation). The 4 columns' 8
+// bytes are interleaved with two rounds of unpacks (AVX2 has no vpermb).
+QT256 void quad_row_256(const uint8_t* xi, const DwGeom& g, int64_t Cp, int64_t C8, int64_t ih, int64_t Wn,
+                        int64_t cs, int32_t x_zp, int32_t* row) {
+  const __m128i zpv = _mm_set1_epi8(static_cast<char>(x_zp));
+  const bool inside = ih >= 0 && ih < g.H;
+  const int64_t C = g.C;
+  const uint8_t* src = xi + (inside ? ih : 0) * g.W * C;
+  for (int64_t c0 = 0; c0 < C8; c0 += 8) {
+    auto col = [&](int64_t j) EFFOPS_QLAMBDA256 {
+      const int64_t iw = j - g.pl;
+      return inside && iw >= 0 && iw < g.W ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + iw * C + c0)) : zpv;
+    };
+    __m128i a = col(0), b = col(1), c = col(2), d = col(3);
+    for (int64_t i = 0; i < Wn; ++i) {
+      if (i > 0) {
+        const int64_t j = i * cs;
+        if (cs == 1) {
+          a = b, b = c, c = d, d = col(j + 3);
+        } else if (cs == 2) {
+          a = c, b = d, c = col(j + 2), d = col(j + 3);
+        } else {
+          a = col(j), b = col(j + 1), c = col(j + 2), d = col(j + 3);
+        }
+      }
+      const __m128i ab = _mm_unpacklo_epi8(a, b), cd = _mm_unpacklo_epi8(c, d);  // a0 b0 a1 b1 ..
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + i * Cp + c0),
+                          _mm256_set_m128i(_mm_unpackhi_epi16(ab, cd), _mm_unpacklo_epi16(ab, cd)));
+    }
+  }
+}
+
+template <int KH_, int NG_, bool VNNI>
+QT256 void rows_256q(const uint8_t* xi, const int8_t* taps, const DwPrep& p, const DwGeom& g, int64_t oh0,
+                     int64_t oh1, int32_t x_zp, const Epilogue& e, uint8_t* y, int32_t* sums) {
+  const int64_t C = g.C, Cp = p.Cp, C8 = C / 8 * 8, KH = KH_ ? KH_ : g.KH, NG = NG_ ? NG_ : p.NG;
+  const QuadCols qc = quad_cols(g, NG);
+  const int64_t cs = qc.cs, Wn = qc.Wn, ps = qc.ps, qs = qc.qs;
+  thread_local std::vector<int32_t> ring_store;
+  thread_local std::vector<const int32_t*> rows_store;
+  ring_store.resize(static_cast<size_t>(KH * Wn * Cp));
+  rows_store.resize(static_cast<size_t>(KH));
+  int32_t* const ring = ring_store.data();
+  const int32_t** const rows = rows_store.data();
+  const __m256i ozp = _mm256_set1_epi32(e.zp);
+  const __m256i qmin = _mm256_set1_epi32(e.qmin), qmax = _mm256_set1_epi32(e.qmax);
+  const __m256 lo = _mm256_set1_ps(-kClamp), hi = _mm256_set1_ps(kClamp);
+  const bool lut = !p.lut32.empty();
+  int64_t filled = oh0 * g.sh - g.pt - 1;
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const int64_t ih0 = oh * g.sh - g.pt;
+    for (int64_t ih = std::max(filled + 1, ih0); ih < ih0 + KH; ++ih)
+      quad_row_256(xi, g, Cp, C8, ih, Wn, cs, x_zp, ring + ((ih % KH + KH) % KH) * Wn * Cp);
+    filled = ih0 + KH - 1;
+    for (int64_t kh = 0; kh < KH; ++kh) rows[kh] = ring + (((ih0 + kh) % KH + KH) % KH) * Wn * Cp;
+    uint8_t* yrow = y + (oh - oh0) * g.Wo * C;
+    for (int64_t c0 = 0; c0 < C8; c0 += 8) {
+      const __m256i bias = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&p.bias_int[c0]));
+      const __m256 mult = _mm256_loadu_ps(&p.mult[c0]);
+      __m256i rsum = _mm256_setzero_si256();
+      auto finish = [&](__m256i acc, int64_t ow) EFFOPS_QLAMBDA256 {
+        __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), mult), lo), hi);
+        __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_round_ps(v, kRne)), ozp);
+        q = _mm256_min_epi32(_mm256_max_epi32(q, qmin), qmax);
+        if (lut) q = _mm256_i32gather_epi32(p.lut32.data(), q, 4);
+        rsum = _mm256_add_epi32(rsum, q);
+        const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(yrow + ow * C + c0), _mm_packus_epi16(w16, w16));
+      };
+      constexpr int kW = KH_ * NG_;
+      __m256i wv[kW > 0 ? kW : 1];
+      if constexpr (kW > 0)
+        for (int t = 0; t < kW; ++t) wv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&p.quads[t * Cp + c0]));
+      const int64_t step = ps * Cp;
+      int64_t ow = 0;
+      constexpr int PB = VNNI ? 4 : 2;  // the emulation needs registers of its own
+      for (; ow + PB <= g.Wo; ow += PB) {
+        __m256i acc[PB];
+        for (int j = 0; j < PB; ++j) acc[j] = bias;
+        const int64_t col = ow * step + c0;
+        for (int64_t kh = 0; kh < KH; ++kh)
+          for (int64_t q = 0; q < NG; ++q) {
+            const int32_t* r = rows[kh] + col + q * qs * Cp;
+            __m256i w;
+            if constexpr (kW > 0)
+              w = wv[kh * NG_ + q];
+            else
+              w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&p.quads[(kh * NG + q) * Cp + c0]));
+            for (int j = 0; j < PB; ++j)
+              acc[j] = dpbusd256<VNNI>(acc[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + j * step)), w);
+          }
+        for (int j = 0; j < PB; ++j) finish(acc[j], ow + j);
+      }
+      for (; ow < g.Wo; ++ow) {
+        __m256i acc = bias;
+        const int64_t col = ow * step + c0;
+        for (int64_t kh = 0; kh < KH; ++kh)
+          for (int64_t q = 0; q < NG; ++q)
+            acc = dpbusd256<VNNI>(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[kh] + col + q * qs * Cp)),
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&p.quads[(kh * NG + q) * Cp + c0])));
+        finish(acc, ow);
+      }
+      if (sums) {
+        const __m256i s0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + c0));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + c0), _mm256_add_epi32(s0, rsum));
+      }
+    }
+    if (C8 < C)
+      for (int64_t ow = 0; ow < g.Wo; ++ow) pixel_scalar(xi, taps, g, oh, ow, C8, x_zp, e, yrow + ow * C, sums);
+  }
+}
+
 template <bool VNNI>
 QT256 void rows_256(const uint8_t* xi, const int8_t* taps, const DwPrep& p, const DwGeom& g, int64_t oh0,
                     int64_t oh1, int32_t x_zp, const Epilogue& e, uint8_t* y, int32_t* sums) {
@@ -294,6 +408,17 @@ void dw_rows(int lvl, const uint8_t* xi, const int8_t* taps, const DwPrep& p, co
     if (g.KH == 3 && g.KW == 3) return rows_512<3, 1>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
     if (g.KH == 5 && g.KW == 5) return rows_512<5, 2>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
     return rows_512<0, 0>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
+  }
+  if (lvl == 1 && ring <= kQuadRingMax) {
+    const bool v = vnni256();
+    if (g.KH == 3 && g.KW == 3)
+      return v ? rows_256q<3, 1, true>(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums)
+               : rows_256q<3, 1, false>(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums);
+    if (g.KH == 5 && g.KW == 5)
+      return v ? rows_256q<5, 2, true>(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums)
+               : rows_256q<5, 2, false>(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums);
+    return v ? rows_256q<0, 0, true>(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums)
+             : rows_256q<0, 0, false>(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums);
   }
   if (lvl == 1)
     return vnni256() ? rows_256<true>(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums)
