@@ -109,6 +109,8 @@ NB_MODULE(_C, m) {
         "qmin"_a, "qmax"_a, "lut"_a.none(), "out"_a.noconvert(), "threads"_a, release);
   m.def("q_quantize", &effops::qconv::q_quantize_api, "x"_a, "out"_a.noconvert(), "scale"_a, "zp"_a, "threads"_a,
         release);
+  m.def("q_se_gates", &effops::qconv::q_se_gates_api, "sums"_a, "hw"_a, "zp"_a, "scale"_a, "w1"_a, "b1"_a.none(),
+        "act"_a, "w2"_a, "b2"_a.none(), "gate"_a, "out"_a.noconvert(), release);
   m.def("set_vnni", &effops::set_vnni, "on"_a, "Use the VNNI dot products in the int8 kernels (where the CPU has them)");
   m.def("vnni_on", &effops::vnni_on, "What set_vnni last asked for");
   m.def("q_isa", &effops::qconv::q_isa_name, "The level the int8 (qconv) kernels run at now");

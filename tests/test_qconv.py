@@ -355,6 +355,35 @@ def test_custom_ops_opcheck_and_compile():
     assert torch.equal(eager, compiled)
 
 
+@pytest.mark.parametrize("gate", ["sigmoid", "hardsigmoid"])
+def test_q_se_gates(gate):
+    """The SE gates op: the CPU kernel's means are the torch expression's bit for bit (identity
+    MLP, no activation: the gate of the means), the MLP close to torch's (its own summation
+    order); the op checks (opcheck), runs on the reference backend, and rejects bad codes."""
+    g = _g(5)
+    N, C, R, hw = 3, 40, 10, 49
+    sums = torch.randint(0, 255 * hw, (N, C), generator=g, dtype=torch.int32)
+    code = Q.SE_GATES[gate]
+    eye = torch.eye(C)
+    got = _run("cpu", torch.ops.effops.q_se_gates, sums, hw, 17, 0.013, eye, None, 0, eye, None, code)
+    means = (sums.to(torch.float32) / float(hw) - 17) * 0.013
+    want = torch.sigmoid(means) if gate == "sigmoid" else torch.nn.functional.hardsigmoid(means)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6)
+    if gate == "hardsigmoid":
+        assert torch.equal(got, torch.nn.functional.relu6(means + 3.0) / 6.0)  # no exp: exact
+    w1, b1 = torch.randn(R, C, generator=g) * 0.1, torch.randn(R, generator=g)
+    w2, b2 = torch.randn(C, R, generator=g) * 0.3, torch.randn(C, generator=g)
+    args = (sums, hw, 17, 0.013, w1, b1, Q.ACTIVATIONS.index("silu"), w2, b2, code)
+    cpu = _run("cpu", torch.ops.effops.q_se_gates, *args)
+    ref = _run("reference", torch.ops.effops.q_se_gates, *args)
+    assert cpu.dtype == torch.float32 and torch.allclose(cpu, ref, rtol=1e-5, atol=1e-6)
+    torch.library.opcheck(torch.ops.effops.q_se_gates.default, args)
+    with pytest.raises(ValueError, match="gate must be 5"):
+        _backend._C.q_se_gates(sums, hw, 17, 0.013, w1, b1, 3, w2, b2, 7, torch.empty(N, C))
+    with pytest.raises(ValueError, match=r"w2 must have shape"):
+        _backend._C.q_se_gates(sums, hw, 17, 0.013, w1, b1, 3, w2[:, :3].contiguous(), b2, 5, torch.empty(N, C))
+
+
 def test_cpu_level_name():
     assert effops._backend._C_module.q_isa() in ("avx512-vnni", "avx-vnni", "avx2", "scalar")
     with effops.use_isa("baseline"):

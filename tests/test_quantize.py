@@ -207,7 +207,8 @@ def test_eager_cpu_path_is_profiled_by_op_name():
     with torch.no_grad(), torch.profiler.profile() as prof:
         q(_data(8, n=2))
     names = {e.key for e in prof.key_averages()}
-    assert {"effops::q_pw_conv", "effops::q_dw_conv_act", "effops::q_dwsep_conv", "effops::quantize_tensor"} <= names, names
+    assert {"effops::q_pw_conv", "effops::q_dw_conv_act", "effops::q_dwsep_conv", "effops::quantize_tensor",
+            "effops::q_se_gates"} <= names, names
 
 
 def test_torch_compile():

@@ -43,6 +43,10 @@ void q_pw_pack_api(const CpuArray& w, Opt bias, int64_t x_zp, const CpuArray& bl
 // Float32 -> uint8 codes, q = clamp(rne(x / scale) + zp, 0, 255), over x's dense storage (qquant.cpp).
 void q_quantize_api(const CpuArray& x, const CpuArray& out, double scale, int64_t zp, int threads);
 
+// SE gates [N, C] float32 from the int32 channel sums of a depthwise output (qse.cpp).
+void q_se_gates_api(const CpuArray& sums, int64_t hw, int64_t zp, double scale, const CpuArray& w1, Opt b1, int act,
+                    const CpuArray& w2, Opt b2, int gate, const CpuArray& out);
+
 // The level the int8 kernels run at now: "avx512-vnni", "avx-vnni" or "scalar".
 const char* q_isa_name();
 

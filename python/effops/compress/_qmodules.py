@@ -223,6 +223,27 @@ class _QBlock(nn.Module):
                 f"out=(scale={self.out_qparams()[0]:.4g}, zp={self.out_qparams()[1]}), chain_out={self._chain}")
 
 
+def _se_args(se: Optional[nn.Module]):
+    """(w1, b1, act code, w2, b2, gate code) of an SE the q_se_gates op runs (float32 1x1 convs,
+    an activation it has, a sigmoid / hard sigmoid gate; the parameters themselves, as views),
+    else None (the SE module's own forward then)."""
+    from ..nn._plan import _gate_code, _se_parts
+    from ..nn._parts import Unsupported, act_of
+    from ..ops.dwsep import ACT_CODES
+
+    if se is None:
+        return None
+    try:
+        r, a, e, g = _se_parts(se)
+        act = ACT_CODES[act_of(a)]
+    except Unsupported:
+        return None
+    if any(t is not None and t.dtype != torch.float32 for t in (r.weight, r.bias, e.weight, e.bias)):
+        return None
+    d = (lambda t: None if t is None else t.detach())
+    return d(r.weight).flatten(1), d(r.bias), act, d(e.weight).flatten(1), d(e.bias), _gate_code(g)
+
+
 class QMBConv(_QBlock):
     """Int8 inverted residual: [expand 1x1 + act] -> depthwise + act -> [SE, float32] -> project
     1x1 [+ input], on the qconv kernels. Without SE the depthwise and the projection are one
@@ -235,6 +256,10 @@ class QMBConv(_QBlock):
         self.se = se
         self.skip = bool(skip)
         self._init(in_scale, in_zp, (("expand", expand), ("dw", dw), ("project", project)), stride, padding)
+
+    def _refresh(self) -> None:
+        super()._refresh()
+        self._se_args = _se_args(getattr(self, "se", None))
 
     def forward(self, x: Tensor) -> Tensor:
         xq = self._codes_in(x)
@@ -252,8 +277,11 @@ class QMBConv(_QBlock):
         d, p = self._cfg["dw"], self._cfg["project"]
         y, sums = _q_call("q_dw_conv_act", _qc._dw_impl, h, self.dw_weight, self.dw_bias, self.dw_mult, self.dw_lut,
                           stride, pad, h_zp, d[0], d[1], d[2], scratch="depthwise")
-        means = (sums.to(torch.float32) / float(y.shape[2] * y.shape[3]) - d[3]) * d[4]
-        gates = se_gate_of(self.se)(means[:, :, None, None])[:, :, 0, 0].to(torch.float32).contiguous()
+        if self._se_args is not None:  # one op (C++ on the CPU) for the means and the SE MLP
+            gates = _q_call("q_se_gates", _qc._se_impl, sums, y.shape[2] * y.shape[3], d[3], d[4], *self._se_args)
+        else:
+            means = (sums.to(torch.float32) / float(y.shape[2] * y.shape[3]) - d[3]) * d[4]
+            gates = se_gate_of(self.se)(means[:, :, None, None])[:, :, 0, 0].to(torch.float32).contiguous()
         out = _q_call("q_pw_conv", _qc._pw_impl, y, self.project_weight, self.project_bias, self.project_mult,
                       self.project_lut, gates, residual, d[3], p[0], p[1], p[2], self._in[1], self._in[0] / p[4],
                       self._packed["project"])

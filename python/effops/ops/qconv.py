@@ -1,4 +1,6 @@
-"""Int8 fused convolutions (``qconv``): ``q_dw_conv_act``, ``q_pw_conv``, ``q_dwsep_conv``.
+"""Int8 fused convolutions (``qconv``): ``q_dw_conv_act``, ``q_pw_conv``, ``q_dwsep_conv``,
+``q_conv2d`` (a dense conv: a network's stem), and ``q_se_gates`` (a quantized block's float32
+squeeze-excite gates from the depthwise output's channel sums).
 
 The ``*_reference`` functions below define the integer arithmetic exactly; the CPU (C++),
 CUDA and Triton kernels compute the same integers bit for bit.
@@ -63,6 +65,7 @@ from .dwsep import ACTIVATIONS, act_name, apply_act, conv_geometry
 _OPS = ("q_dw_conv_act", "q_pw_conv", "q_dwsep_conv")
 for _name in _OPS:
     _backend.register_op(_name, ("cpu", "cuda", "triton", "reference"))
+_backend.register_op("q_se_gates", ("cpu", "reference"))  # elsewhere the torch ops (a few us of work)
 
 CLAMP = float(2 ** 23)
 # |sum of products| <= taps * 255 * 128 must stay below 2**30 (headroom for the bias)
@@ -336,6 +339,44 @@ def _(x, dw_weight, dw_bias, dw_mult, dw_lut, pw_weight, pw_bias, pw_mult, lut, 
     return _empty_cl(x.shape[0], pw_weight.shape[0], Ho, Wo, torch.uint8, x.device)
 
 
+# =============================================================================== SE gates
+SE_GATES = {"sigmoid": 5, "hardsigmoid": 6}  # the gate codes of q_se_gates
+
+
+def q_se_gates_reference(sums: Tensor, hw: int, zp: int, scale: float, w1: Tensor, b1: Optional[Tensor], act: int,
+                         w2: Tensor, b2: Optional[Tensor], gate: int) -> Tensor:
+    """The squeeze-excite gates [N, C] float32 of a quantized block from its depthwise output's
+    channel sums: means = (float32(sums) / hw - zp) * scale (the dequantised channel means), then
+    gate(linear(act(linear(means, w1, b1)), w2, b2)), gate sigmoid (5) or hard sigmoid (6). The
+    CPU kernel computes the means with the same float32 operations and the two small products in
+    index order (so its gates may differ from these in the last bits)."""
+    means = (sums.to(torch.float32) / float(hw) - zp) * scale
+    h = apply_act(F.linear(means, w1, b1), ACTIVATIONS[act])
+    v = F.linear(h, w2, b2)
+    return torch.sigmoid(v) if gate == SE_GATES["sigmoid"] else F.relu6(v + 3.0) / 6.0
+
+
+def _se_impl(backend, sums, hw, zp, scale, w1, b1, act, w2, b2, gate):
+    if backend != "cpu":
+        return q_se_gates_reference(sums, hw, zp, scale, w1, b1, act, w2, b2, gate)
+    out = torch.empty(sums.shape, dtype=torch.float32)
+    _backend._C.q_se_gates(sums.contiguous(), int(hw), int(zp), float(scale), w1.contiguous(), _c(b1), int(act),
+                           w2.contiguous(), _c(b2), int(gate), out)
+    return out
+
+
+@custom_op("effops::q_se_gates", "(Tensor sums, SymInt hw, SymInt zp, float scale, Tensor w1, Tensor? b1, SymInt act, "
+           "Tensor w2, Tensor? b2, SymInt gate) -> Tensor")
+def _q_se_op(sums: Tensor, hw: int, zp: int, scale: float, w1: Tensor, b1: Optional[Tensor], act: int, w2: Tensor,
+             b2: Optional[Tensor], gate: int) -> Tensor:
+    return _se_impl(_backend.select("q_se_gates", sums.device), sums, hw, zp, scale, w1, b1, act, w2, b2, gate)
+
+
+@_q_se_op.register_fake
+def _(sums, hw, zp, scale, w1, b1, act, w2, b2, gate):
+    return sums.new_empty(sums.shape, dtype=torch.float32)
+
+
 # =============================================================================== public API
 def _check_q(op: str, name: str, t, dtype: torch.dtype, shape: Optional[Sequence[Optional[int]]], device=None):
     t = check_tensor(op, name, t)
@@ -564,4 +605,4 @@ def q_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, mult: 
 
 __all__ = ["q_dw_conv_act", "q_pw_conv", "q_dwsep_conv", "q_conv2d", "pack_pw", "activation_lut", "clamp_range",
            "requantize", "q_dw_conv_act_reference", "q_pw_conv_reference", "q_dwsep_conv_reference",
-           "q_conv2d_reference", "patch_weight", "conv_patches", "ACTIVATIONS"]
+           "q_conv2d_reference", "patch_weight", "conv_patches", "q_se_gates_reference", "SE_GATES", "ACTIVATIONS"]

@@ -1,0 +1,76 @@
+// Squeeze-excite gates of a quantized block from the depthwise output's channel sums
+// (python/effops/ops/qconv.py q_se_gates defines them): the means in float32 exactly as the
+// torch expression (float(sums) / hw - zp) * scale, then the MLP in float32 - hidden[j] =
+// act(dot(w1[j], means) + b1[j]), gate[c] = g(dot(w2[c], hidden) + b2[c]), dot products summed
+// in index order - and g sigmoid or hard sigmoid (relu6(v + 3) / 6). One call per block instead
+// of ~11 torch ops (~40 us at batch 1).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "dwsep/simd.h"
+#include "qconv/qconv_api.h"
+
+namespace effops::qconv {
+namespace {
+
+constexpr int kGateSigmoid = 5, kGateHardSigmoid = 6;  // simd::kSigmoid, BlockPlan::kGateHardSigmoid
+
+float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+const float* opt_vec(const Opt& v, int64_t n, const char* op, const char* name) {
+  if (!v) return nullptr;
+  check_shape(*v, {n}, op, name);
+  check_dtype(*v, nb::dtype<float>(), op, name);
+  return data_of<const float>(*v);
+}
+
+}  // namespace
+
+void q_se_gates_api(const CpuArray& sums, int64_t hw, int64_t zp, double scale, const CpuArray& w1, Opt b1, int act,
+                    const CpuArray& w2, Opt b2, int gate, const CpuArray& out) {
+  const char* op = "q_se_gates";
+  check(sums.ndim() == 2, op, ": sums must be [N, C]");
+  check_dtype(sums, nb::dtype<int32_t>(), op, "sums");
+  const int64_t N = sums.shape(0), C = sums.shape(1);
+  check(w1.ndim() == 2 && static_cast<int64_t>(w1.shape(1)) == C, op, ": w1 must be [R, C] with C = ", C);
+  check_dtype(w1, nb::dtype<float>(), op, "w1");
+  const int64_t R = w1.shape(0);
+  check(R >= 1, op, ": w1 must have >= 1 row");
+  check_shape(w2, {C, R}, op, "w2");
+  check_dtype(w2, nb::dtype<float>(), op, "w2");
+  check_shape(out, {N, C}, op, "out");
+  check_dtype(out, nb::dtype<float>(), op, "out");
+  check(hw >= 1, op, ": hw must be >= 1, got ", hw);
+  check(act >= simd::kNone && act <= simd::kSigmoid, op, ": act must be an activation code 0..5, got ", act);
+  check(gate == kGateSigmoid || gate == kGateHardSigmoid, op, ": gate must be 5 (sigmoid) or 6 (hard sigmoid), got ",
+        gate);
+  const float* pb1 = opt_vec(b1, R, op, "b1");
+  const float* pb2 = opt_vec(b2, C, op, "b2");
+  const int32_t* s = data_of<const int32_t>(sums);
+  const float* p1 = data_of<const float>(w1);
+  const float* p2 = data_of<const float>(w2);
+  float* g = data_of<float>(out);
+  const float fhw = static_cast<float>(hw), fzp = static_cast<float>(zp), fs = static_cast<float>(scale);
+  std::vector<float> means(static_cast<size_t>(C)), hidden(static_cast<size_t>(R));
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float q = static_cast<float>(s[n * C + c]) / fhw;  // one IEEE operation per line: no contraction
+      const float d = q - fzp;
+      means[static_cast<size_t>(c)] = d * fs;
+    }
+    for (int64_t j = 0; j < R; ++j)
+      hidden[static_cast<size_t>(j)] = simd::act_s(dot(p1 + j * C, means.data(), C) + (pb1 ? pb1[j] : 0.0f), act);
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = dot(p2 + c * R, hidden.data(), R) + (pb2 ? pb2[c] : 0.0f);
+      g[n * C + c] = gate == kGateHardSigmoid ? std::min(std::max(v + 3.0f, 0.0f), 6.0f) / 6.0f
+                                              : simd::act_s(v, simd::kSigmoid);
+    }
+  }
+}
+
+}  // namespace effops::qconv
