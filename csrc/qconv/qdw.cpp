@@ -148,6 +148,29 @@ QT512 void quad_row_512(const uint8_t* xi, const DwGeom& g, int64_t Cp, int64_t 
   }
 }
 
+// The ring of KH quad rows the output rows of a task read (rows_512, rows_256q): row ih lives in
+// slot ih mod KH; per output row, build the rows from missing(ih0) to ih0 + KH - 1, then point().
+// Per-thread storage, used through local pointers: a thread_local in a shared library is reached
+// through __tls_get_addr, which in the tap loop made the kernel 4x slower.
+struct QuadRing {
+  int32_t* ring;
+  const int32_t** rows;  // rows[kh]: input row ih0 + kh of the current output row
+  int64_t KH, len, filled;
+  QuadRing(int64_t kh, int64_t row_len, int64_t first_ih) : KH(kh), len(row_len), filled(first_ih - 1) {
+    thread_local std::vector<int32_t> ring_store;
+    thread_local std::vector<const int32_t*> rows_store;
+    ring_store.resize(static_cast<size_t>(KH * len));
+    rows_store.resize(static_cast<size_t>(KH));
+    ring = ring_store.data(), rows = rows_store.data();
+  }
+  int32_t* slot(int64_t ih) const { return ring + ((ih % KH + KH) % KH) * len; }
+  int64_t missing(int64_t ih0) const { return std::max(filled + 1, ih0); }
+  void point(int64_t ih0) {
+    filled = ih0 + KH - 1;
+    for (int64_t kh = 0; kh < KH; ++kh) rows[kh] = slot(ih0 + kh);
+  }
+};
+
 // KH_, NG_ > 0: the kernel height and the quads per row known at compile time (3x3: 3 x 1, 5x5:
 // 5 x 2), the weights held in registers; 0: any size, the weights read from L1.
 template <int KH_, int NG_>
@@ -156,26 +179,17 @@ QT512 void rows_512(const uint8_t* xi, const DwPrep& p, const DwGeom& g, int64_t
   const int64_t C = g.C, Cp = p.Cp, KH = KH_ ? KH_ : g.KH, NG = NG_ ? NG_ : p.NG;
   const QuadCols qc = quad_cols(g, NG);
   const int64_t cs = qc.cs, Wn = qc.Wn, ps = qc.ps, qs = qc.qs;
-  // Per-thread storage, used through local pointers: a thread_local in a shared library is reached
-  // through __tls_get_addr, which in the tap loop made this kernel 4x slower.
-  thread_local std::vector<int32_t> ring_store;
-  thread_local std::vector<const int32_t*> rows_store;
-  ring_store.resize(static_cast<size_t>(KH * Wn * Cp));
-  rows_store.resize(static_cast<size_t>(KH));
-  int32_t* const ring = ring_store.data();
-  const int32_t** const rows = rows_store.data();
+  QuadRing ring(KH, Wn * Cp, oh0 * g.sh - g.pt);
+  const int32_t** const rows = ring.rows;
   const __m512i ozp = _mm512_set1_epi32(e.zp);
   const __m512i qmin = _mm512_set1_epi32(e.qmin), qmax = _mm512_set1_epi32(e.qmax);
   const __m512 lo = _mm512_set1_ps(-kClamp), hi = _mm512_set1_ps(kClamp);
   const bool lut = e.lut != nullptr;
   const Lut512 L = lut ? lut512_load(e.lut) : Lut512{};
-  int64_t filled = oh0 * g.sh - g.pt - 1;  // the last input row in the ring
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     const int64_t ih0 = oh * g.sh - g.pt;
-    for (int64_t ih = std::max(filled + 1, ih0); ih < ih0 + KH; ++ih)
-      quad_row_512(xi, g, Cp, ih, Wn, cs, x_zp, ring + ((ih % KH + KH) % KH) * Wn * Cp);
-    filled = ih0 + KH - 1;
-    for (int64_t kh = 0; kh < KH; ++kh) rows[kh] = ring + (((ih0 + kh) % KH + KH) % KH) * Wn * Cp;
+    for (int64_t ih = ring.missing(ih0); ih < ih0 + KH; ++ih) quad_row_512(xi, g, Cp, ih, Wn, cs, x_zp, ring.slot(ih));
+    ring.point(ih0);
     uint8_t* yrow = y + (oh - oh0) * g.Wo * C;
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
       const __mmask16 m = C - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c0)) - 1);
@@ -278,23 +292,17 @@ QT256 void rows_256q(const uint8_t* xi, const int8_t* taps, const DwPrep& p, con
   const int64_t C = g.C, Cp = p.Cp, C8 = C / 8 * 8, KH = KH_ ? KH_ : g.KH, NG = NG_ ? NG_ : p.NG;
   const QuadCols qc = quad_cols(g, NG);
   const int64_t cs = qc.cs, Wn = qc.Wn, ps = qc.ps, qs = qc.qs;
-  thread_local std::vector<int32_t> ring_store;
-  thread_local std::vector<const int32_t*> rows_store;
-  ring_store.resize(static_cast<size_t>(KH * Wn * Cp));
-  rows_store.resize(static_cast<size_t>(KH));
-  int32_t* const ring = ring_store.data();
-  const int32_t** const rows = rows_store.data();
+  QuadRing ring(KH, Wn * Cp, oh0 * g.sh - g.pt);
+  const int32_t** const rows = ring.rows;
   const __m256i ozp = _mm256_set1_epi32(e.zp);
   const __m256i qmin = _mm256_set1_epi32(e.qmin), qmax = _mm256_set1_epi32(e.qmax);
   const __m256 lo = _mm256_set1_ps(-kClamp), hi = _mm256_set1_ps(kClamp);
   const bool lut = !p.lut32.empty();
-  int64_t filled = oh0 * g.sh - g.pt - 1;
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     const int64_t ih0 = oh * g.sh - g.pt;
-    for (int64_t ih = std::max(filled + 1, ih0); ih < ih0 + KH; ++ih)
-      quad_row_256(xi, g, Cp, C8, ih, Wn, cs, x_zp, ring + ((ih % KH + KH) % KH) * Wn * Cp);
-    filled = ih0 + KH - 1;
-    for (int64_t kh = 0; kh < KH; ++kh) rows[kh] = ring + (((ih0 + kh) % KH + KH) % KH) * Wn * Cp;
+    for (int64_t ih = ring.missing(ih0); ih < ih0 + KH; ++ih)
+      quad_row_256(xi, g, Cp, C8, ih, Wn, cs, x_zp, ring.slot(ih));
+    ring.point(ih0);
     uint8_t* yrow = y + (oh - oh0) * g.Wo * C;
     for (int64_t c0 = 0; c0 < C8; c0 += 8) {
       const __m256i bias = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&p.bias_int[c0]));

@@ -38,7 +38,7 @@ from torch import Tensor
 from ..nn._parts import ConvStage, sepconv_forward
 from ..nn.dwsep import _WithPadding
 from ..ops.qconv import pack_pw
-from ._qmodules import quantize_tensor
+from ._qmodules import Refreshing, quantize_tensor
 
 
 class QHeadNet(nn.Module):
@@ -104,7 +104,7 @@ class HeadPlan:
 
 
 # =============================================================================== BiFPN nodes
-class QFnode(nn.Module):
+class QFnode(Refreshing):
     """Int8 BiFPN node (module docstring). Buffers: per input its (scale, zero point) and, where
     it has one, its resample conv (int8 weights, int32 bias, multipliers, output scale / zero
     point); the fusion's Q16 multipliers, epilogue and table; the separable conv as ``after``."""
@@ -140,15 +140,6 @@ class QFnode(nn.Module):
                      for i in self._convs}
         self._mults = [int(v) for v in self.fuse_mults.tolist()]
         self._fuse = tuple(int(v) for v in self.fuse_cfg.tolist())
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._refresh()
-        return out
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._refresh()
 
     def forward(self, xs: List[Tensor]) -> Tensor:
         codes, zps = [], []

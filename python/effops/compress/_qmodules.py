@@ -133,7 +133,25 @@ class QStage:
     ozp: int
 
 
-class _QBlock(nn.Module):
+class Refreshing(nn.Module):
+    """A module whose Python-side copies of its buffers (ints read once, packed weights) are
+    rebuilt by ``_refresh()`` after ``.to()`` / ``.cuda()`` (repack for the new device) and after
+    ``load_state_dict``."""
+
+    def _refresh(self) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh()
+
+
+class _QBlock(Refreshing):
     _stages: Tuple[str, ...] = ()
 
     def _init(self, in_scale: float, in_zp: int, stages, stride, padding) -> None:
@@ -165,15 +183,6 @@ class _QBlock(nn.Module):
         x_zp = {"expand": self._in[1], "project": self._cfg["dw"][3]}
         self._packed = {n: pack_pw(getattr(self, f"{n}_weight"), getattr(self, f"{n}_bias"), x_zp[n])
                         for n in ("expand", "project") if n in self._cfg}
-
-    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): repack for the new device
-        out = super()._apply(fn, *args, **kwargs)
-        self._refresh()
-        return out
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._refresh()
 
     def in_qparams(self) -> Tuple[float, int]:
         return self._in
@@ -299,7 +308,7 @@ class QDWSeparableConv2d(_QBlock):
         return self._out(self._dwsep(self._codes_in(x), self._in[1], None))
 
 
-class QConv2d(nn.Module):
+class QConv2d(Refreshing):
     """Int8 form of one dense conv stage of an ``effops.models`` EfficientNet: conv + BN (folded)
     + swish (a table), as one kernel - the stem (``conv_stem`` + ``bn1``: 3x3 stride 2, patches
     built in cache and the pointwise GEMM, ``q_conv2d``) and the classifier's head conv
@@ -333,15 +342,6 @@ class QConv2d(nn.Module):
         self._pointwise = k == (1, 1) and self.stride == (1, 1) and self.padding in ((0, 0), 0, "valid", "same")
         self._wp = self.weight if self._pointwise else _qc.patch_weight(self.weight)
         self._packed = pack_pw(self._wp, self.bias, self._in[1])
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._refresh()
-        return out
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._refresh()
 
     @property
     def in_channels(self) -> int:
