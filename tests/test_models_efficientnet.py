@@ -392,3 +392,23 @@ def test_weights_bad_files(tmp_path):
         create_model("efficientnet_b0", weights=tmp_path / "empty.pth")
     with pytest.raises(TypeError, match="weights must be a path"):
         create_model("efficientnet_b0", weights=42)
+
+
+def test_stem_output_channels_last_with_ambiguous_weight_strides():
+    """A 1-channel stem whose weight has NCHW strides ([C, 1, 3, 3] is also channels_last, e.g.
+    after pruning slices it): the stem still returns channels_last, so the blocks take the fused
+    plan (it returned NCHW and every block ran the op path with layout copies: 3x slower)."""
+    from effops.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("efficientnet_b0", num_classes=3, in_chans=1).eval()
+    m.conv_stem.weight = torch.nn.Parameter(m.conv_stem.weight.detach().clone(memory_format=torch.contiguous_format))
+    assert m.conv_stem.weight.stride()[1] != 1
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        s = m.forward_stem(m._input(x))
+        assert s.is_contiguous(memory_format=torch.channels_last) and s.stride()[1] == 1
+        with torch.profiler.profile() as prof:
+            m(x)
+    names = {e.key for e in prof.key_averages()}
+    assert "effops::mbconv_block" in names and "effops::dw_conv_act" not in names, names

@@ -247,7 +247,11 @@ class _Trunk(nn.Module):
         def fold():
             scale, bias = stage.affine()
             w = conv.weight * scale.to(conv.weight.dtype)[:, None, None, None]
-            return w.contiguous(memory_format=torch.channels_last) if self._channels_last else w, bias
+            if self._channels_last:  # canonical channels_last strides, also where they are ambiguous
+                # ([C, 1, 3, 3] of a 1-channel input, e.g. pruned: with NCHW strides torch's conv took
+                # its NCHW path, 8x slower, and returned NCHW, which sent every block to the op path)
+                w = torch.empty_like(w, memory_format=torch.channels_last).copy_(w)
+            return w, bias
 
         if _inference(x, (stage,)):  # the folded weights are prepared once; swish in place
             w, b = _prepared(self._cache, "stem", (stage,), fold)
