@@ -415,3 +415,22 @@ def test_quantize_tensor_kernel_rejects_bad_arguments():
         _backend._C.q_quantize(x, out, 0.0, 3, 1)
     with pytest.raises(ValueError, match="one length"):
         _backend._C.q_quantize(x, out[:3], 0.1, 3, 1)
+
+
+def test_se_hooks_still_fire():
+    """The SE runs as one op (q_se_gates) unless hooks are on it or its parts: then its modules run."""
+    from effops.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("efficientnet_b0", num_classes=3).eval()
+    q = quantize(m, torch.randn(2, 3, 64, 64))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = q(x)
+        seen = []
+        h = q.blocks[1][0].se.conv_reduce.register_forward_hook(lambda mod, a, out: seen.append(out.shape))
+        try:
+            got = q(x)
+        finally:
+            h.remove()
+    assert seen and torch.allclose(got, want, atol=1e-4 * want.abs().max().item() + 1e-6)

@@ -253,6 +253,13 @@ def _se_args(se: Optional[nn.Module]):
     return d(r.weight).flatten(1), d(r.bias), act, d(e.weight).flatten(1), d(e.bias), _gate_code(g)
 
 
+def _se_hooked(mods) -> bool:
+    """Hooks on the SE or its parts (or global ones): the SE's own modules run, so they fire."""
+    from ..nn._parts import _global_hooks
+
+    return _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+
+
 class QMBConv(_QBlock):
     """Int8 inverted residual: [expand 1x1 + act] -> depthwise + act -> [SE, float32] -> project
     1x1 [+ input], on the qconv kernels. Without SE the depthwise and the projection are one
@@ -268,7 +275,9 @@ class QMBConv(_QBlock):
 
     def _refresh(self) -> None:
         super()._refresh()
-        self._se_args = _se_args(getattr(self, "se", None))
+        se = getattr(self, "se", None)
+        self._se_args = _se_args(se)
+        self._se_mods = tuple(se.modules()) if se is not None else ()
 
     def forward(self, x: Tensor) -> Tensor:
         xq = self._codes_in(x)
@@ -286,7 +295,9 @@ class QMBConv(_QBlock):
         d, p = self._cfg["dw"], self._cfg["project"]
         y, sums = _q_call("q_dw_conv_act", _qc._dw_impl, h, self.dw_weight, self.dw_bias, self.dw_mult, self.dw_lut,
                           stride, pad, h_zp, d[0], d[1], d[2], scratch="depthwise")
-        if self._se_args is not None:  # one op (C++ on the CPU) for the means and the SE MLP
+        if self._se_mods[:1] != (self.se,):  # the SE module was replaced after construction
+            self._refresh()
+        if self._se_args is not None and not _se_hooked(self._se_mods):  # one op (C++ on the CPU): means + MLP
             gates = _q_call("q_se_gates", _qc._se_impl, sums, y.shape[2] * y.shape[3], d[3], d[4], *self._se_args)
         else:
             means = (sums.to(torch.float32) / float(y.shape[2] * y.shape[3]) - d[3]) * d[4]
