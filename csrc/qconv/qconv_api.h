@@ -17,8 +17,9 @@ void q_dw_forward_api(const CpuArray& x, const CpuArray& taps, Opt bias, const C
 void q_pw_forward_api(const CpuArray& x, const CpuArray& w, Opt bias, const CpuArray& mult, Opt lut, Opt gate,
                       Opt residual, int64_t x_zp, int64_t out_zp, int64_t qmin, int64_t qmax, int64_t res_zp,
                       double res_mult, const CpuArray& out, Opt packed, int threads);
-// A dense conv (the stem): x [N, H, W, C] uint8, w [Co, KH * KW * C] int8 (kh, kw, c order),
-// out [N, Ho, Wo, Co]; packed: q_pw_pack of w (K = KH * KW * C) or none.
+// A dense conv (the stem): x [N, H, W, C] uint8, w [Co, Kp] int8 (the taps in (kh, kw, c) order,
+// then zeros: KH * KW * C <= Kp <= that rounded up to 4), out [N, Ho, Wo, Co]; packed: q_pw_pack
+// of w or none.
 void q_conv_forward_api(const CpuArray& x, const CpuArray& w, int64_t KH, int64_t KW, Opt bias, const CpuArray& mult,
                         Opt lut, const std::vector<int64_t>& stride, const std::vector<int64_t>& pad, int64_t x_zp,
                         int64_t out_zp, int64_t qmin, int64_t qmax, const CpuArray& out, Opt packed, int threads);
@@ -47,7 +48,7 @@ void q_quantize_api(const CpuArray& x, const CpuArray& out, double scale, int64_
 void q_se_gates_api(const CpuArray& sums, int64_t hw, int64_t zp, double scale, const CpuArray& w1, Opt b1, int act,
                     const CpuArray& w2, Opt b2, int gate, const CpuArray& out);
 
-// The level the int8 kernels run at now: "avx512-vnni", "avx-vnni" or "scalar".
+// The level the int8 kernels run at now: "avx512-vnni", "avx-vnni", "avx2" or "scalar".
 const char* q_isa_name();
 
 }  // namespace effops::qconv

@@ -118,8 +118,10 @@ struct DwPrep {
   std::vector<int32_t> bias_int;  // [Cp] bias - x_zp * sum of the taps (interior pixels)
   std::vector<float> mult;        // [Cp]
   std::vector<int32_t> lut32;     // [256] or empty
+  bool quad = false;              // the quad-row kernels (the decision dw_rows follows)
 };
-// lvl: the kernel level the prep is for (taps32 / lut32: level 1's; quads: levels 1 and 2).
+// lvl: the kernel level the prep is for; quad: the quad-row kernels run (levels 1 and 2, rings up
+// to kQuadRingMax), with quads; taps32: level 1 without them; lut32: level 1.
 DwPrep prep_dw(int lvl, const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& e);
 
 // Output rows [oh0, oh1) of image xi (its [H, W, C] codes) into y (row-major, C per pixel);

@@ -16,6 +16,22 @@
 namespace effops::qconv {
 namespace detail {
 
+// The SIMD levels' quad rows (rows_512, rows_256q below): a ring of KH rows of Wn quad columns of
+// Cp int32 per task, up to kQuadRingMax bytes (larger rings: rows_256 or the scalar code).
+constexpr int64_t kQuadRingMax = int64_t{64} << 20;
+
+// Which quad columns a ring row stores: the taps read columns ow * sw + 4q (q < NG), Wq of them;
+// when the stride divides 4 every one of those is a multiple of cs = sw, so only every cs-th
+// column is kept, Wn in all; a pixel then moves ps stored columns and a quad qs.
+struct QuadCols {
+  int64_t cs, Wn, ps, qs;
+};
+inline QuadCols quad_cols(const DwGeom& g, int64_t NG) {
+  const int64_t Wq = (g.Wo - 1) * g.sw + 4 * (NG - 1) + 1;
+  const int64_t cs = 4 % g.sw == 0 ? g.sw : 1;
+  return {cs, (Wq - 1) / cs + 1, g.sw / cs, 4 / cs};
+}
+
 DwPrep prep_dw(int lvl, const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& e) {
   // Only what the level's kernel reads, written in order (per call: 1152 channels x 5x5 took ~30
   // us when every layout was built with strided stores, a 1x1152x7x7 conv's whole time).
@@ -26,6 +42,7 @@ DwPrep prep_dw(int lvl, const int8_t* taps, const DwGeom& g, int32_t x_zp, const
   p.bias_int.assign(static_cast<size_t>(p.Cp), 0);
   p.mult.assign(static_cast<size_t>(p.Cp), 0.0f);
   p.NG = (g.KW + 3) / 4;
+  p.quad = lvl >= 1 && g.KH * quad_cols(g, p.NG).Wn * p.Cp * 4 <= kQuadRingMax;
   for (int64_t c = 0; c < C; ++c) {  // taps [C, KH, KW] (the conv weight's layout)
     int32_t sum = 0;
     for (int64_t t = 0; t < T; ++t) sum += taps[c * T + t];
@@ -33,14 +50,14 @@ DwPrep prep_dw(int lvl, const int8_t* taps, const DwGeom& g, int32_t x_zp, const
     p.bias_int[c] = wadd(p.bias[c], -x_zp * sum);  // |x_zp * sum| <= 255 * 128 * T < 2^30
     p.mult[c] = e.mult[c];
   }
-  if (lvl == 1) {  // rows_256 (rings over kQuadRingMax): [KH * KW][Cp], w as the low int16 of an int32 lane
+  if (lvl == 1 && e.lut) p.lut32.assign(e.lut, e.lut + 256);  // the AVX2 kernels' gathers
+  if (lvl == 1 && !p.quad) {  // rows_256: [KH * KW][Cp], w as the low int16 of an int32 lane
     p.taps32.assign(static_cast<size_t>(T * p.Cp), 0);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t c = 0; c < C; ++c)
         p.taps32[t * p.Cp + c] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(taps[c * T + t])));
-    if (e.lut) p.lut32.assign(e.lut, e.lut + 256);
   }
-  if (lvl >= 1) {  // rows_512 / rows_256q: [KH * NG][Cp], taps kw = 4q..4q+3 as 4 bytes (0 past KW)
+  if (p.quad) {  // rows_512 / rows_256q: [KH * NG][Cp], taps kw = 4q..4q+3 as 4 bytes (0 past KW)
     p.quads.assign(static_cast<size_t>(g.KH * p.NG * p.Cp), 0);
     for (int64_t kh = 0; kh < g.KH; ++kh)
       for (int64_t q = 0; q < p.NG; ++q) {
@@ -94,19 +111,6 @@ void rows_scalar(const uint8_t* xi, const int8_t* taps, const DwGeom& g, int64_t
 // (zero past KW). Padding is the code x_zp and the raw codes are multiplied: the zero point comes
 // out through the bias (bias - x_zp * sum of the taps) for every pixel, borders included. A 3x3
 // conv is 3 instructions per 16 channels of a pixel (9 vpdpwssd before), a 5x5 10 (25).
-constexpr int64_t kQuadRingMax = int64_t{64} << 20;
-
-// Which quad columns a ring row stores: the taps read columns ow * sw + 4q (q < NG), Wq of them;
-// when the stride divides 4 every one of those is a multiple of cs = sw, so only every cs-th
-// column is kept, Wn in all; a pixel then moves ps stored columns and a quad qs.
-struct QuadCols {
-  int64_t cs, Wn, ps, qs;
-};
-inline QuadCols quad_cols(const DwGeom& g, int64_t NG) {
-  const int64_t Wq = (g.Wo - 1) * g.sw + 4 * (NG - 1) + 1;
-  const int64_t cs = 4 % g.sw == 0 ? g.sw : 1;
-  return {cs, (Wq - 1) / cs + 1, g.sw / cs, 4 / cs};
-}
 
 // Stores Wn quad columns, every cs-th (quad_cols).
 QT512 void quad_row_512(const uint8_t* xi, const DwGeom& g, int64_t Cp, int64_t ih, int64_t Wn, int64_t cs,
@@ -410,14 +414,12 @@ QT256 void rows_256(const uint8_t* xi, const int8_t* taps, const DwPrep& p, cons
 void dw_rows(int lvl, const uint8_t* xi, const int8_t* taps, const DwPrep& p, const DwGeom& g, int64_t oh0,
              int64_t oh1, int32_t x_zp, const Epilogue& e, uint8_t* y, int32_t* sums) {
 #if EFFOPS_X86
-  // the ring of quad rows: KH rows of quad_cols' Wn columns of Cp int32
-  const int64_t ring = g.KH * quad_cols(g, p.NG).Wn * p.Cp * 4;
-  if (lvl == 2 && ring <= kQuadRingMax) {
+  if (lvl == 2 && p.quad) {
     if (g.KH == 3 && g.KW == 3) return rows_512<3, 1>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
     if (g.KH == 5 && g.KW == 5) return rows_512<5, 2>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
     return rows_512<0, 0>(xi, p, g, oh0, oh1, x_zp, e, y, sums);
   }
-  if (lvl == 1 && ring <= kQuadRingMax) {
+  if (lvl == 1 && p.quad) {
     const bool v = vnni256();
     if (g.KH == 3 && g.KW == 3)
       return v ? rows_256q<3, 1, true>(xi, taps, p, g, oh0, oh1, x_zp, e, y, sums)

@@ -380,6 +380,14 @@ namespace {
 void gate_rows(int lvl, const uint8_t* x, int64_t m0, int64_t rows, int64_t HW, int64_t C, int32_t zp,
                const float* gate, uint8_t* a);
 
+// Channels [c0, C) of one row of gated codes, the scalar way (the scalar level, the AVX2 tails).
+void gate_row_scalar(const uint8_t* x, const float* g, int64_t c0, int64_t C, int32_t zp, uint8_t* a) {
+  for (int64_t c = c0; c < C; ++c) {
+    const int32_t q = round_scaled(static_cast<int32_t>(x[c]) - zp, g[c]) + zp;
+    a[c] = static_cast<uint8_t>(q < 0 ? 0 : (q > 255 ? 255 : q));
+  }
+}
+
 #if EFFOPS_X86
 QT512 void gate_rows_512(const uint8_t* x, int64_t m0, int64_t rows, int64_t HW, int64_t C, int32_t zp,
                          const float* gate, uint8_t* a) {
@@ -418,10 +426,7 @@ QT256 void gate_rows_256(const uint8_t* x, int64_t m0, int64_t rows, int64_t HW,
       const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
       _mm_storel_epi64(reinterpret_cast<__m128i*>(a + r * C + c), _mm_packus_epi16(w16, w16));
     }
-    for (int64_t c = C8; c < C; ++c) {
-      int32_t q = round_scaled(static_cast<int32_t>(x[m * C + c]) - zp, g[c]) + zp;
-      a[r * C + c] = static_cast<uint8_t>(q < 0 ? 0 : (q > 255 ? 255 : q));
-    }
+    gate_row_scalar(x + m * C, g, C8, C, zp, a + r * C);
   }
 }
 #endif
@@ -434,11 +439,7 @@ void gate_rows(int lvl, const uint8_t* x, int64_t m0, int64_t rows, int64_t HW, 
 #endif
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;
-    const float* g = gate + (m / HW) * C;
-    for (int64_t c = 0; c < C; ++c) {
-      int32_t q = round_scaled(static_cast<int32_t>(x[m * C + c]) - zp, g[c]) + zp;
-      a[r * C + c] = static_cast<uint8_t>(q < 0 ? 0 : (q > 255 ? 255 : q));
-    }
+    gate_row_scalar(x + m * C, gate + (m / HW) * C, 0, C, zp, a + r * C);
   }
 }
 

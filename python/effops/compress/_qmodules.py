@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import _backend
-from ..nn._parts import se_gate_of
+from ..nn._parts import _global_hooks, se_gate_of
 from ..ops import qconv as _qc
 from ..ops._common import profiled
 from ..ops.dwsep import conv_geometry
@@ -47,8 +47,7 @@ def _out_shape(op: str, args) -> Tuple[int, int, int, int]:
     N, _, H, W = x.shape
     if op == "q_pw_conv":
         return N, w.shape[0], H, W
-    stride, pad = args[5], args[6]  # q_dw_conv_act
-    return N, x.shape[1], (H + pad[0] + pad[1] - w.shape[2]) // stride[0] + 1, (W + pad[2] + pad[3] - w.shape[3]) // stride[1] + 1
+    return (N, x.shape[1], *_qc._out_hw(x, w.shape[2:], args[5], args[6]))  # q_dw_conv_act: stride, pad
 
 
 class _Scratch(threading.local):
@@ -255,8 +254,6 @@ def _se_args(se: Optional[nn.Module]):
 
 def _se_hooked(mods) -> bool:
     """Hooks on the SE or its parts (or global ones): the SE's own modules run, so they fire."""
-    from ..nn._parts import _global_hooks
-
     return _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in mods)
 
 
@@ -275,7 +272,7 @@ class QMBConv(_QBlock):
 
     def _refresh(self) -> None:
         super()._refresh()
-        se = getattr(self, "se", None)
+        self._se_of = se = getattr(self, "se", None)  # what _se_args / _se_mods were made from
         self._se_args = _se_args(se)
         self._se_mods = tuple(se.modules()) if se is not None else ()
 
@@ -295,7 +292,7 @@ class QMBConv(_QBlock):
         d, p = self._cfg["dw"], self._cfg["project"]
         y, sums = _q_call("q_dw_conv_act", _qc._dw_impl, h, self.dw_weight, self.dw_bias, self.dw_mult, self.dw_lut,
                           stride, pad, h_zp, d[0], d[1], d[2], scratch="depthwise")
-        if self._se_mods[:1] != (self.se,):  # the SE module was replaced after construction
+        if self._se_of is not self.se:  # the SE module was replaced after construction
             self._refresh()
         if self._se_args is not None and not _se_hooked(self._se_mods):  # one op (C++ on the CPU): means + MLP
             gates = _q_call("q_se_gates", _qc._se_impl, sums, y.shape[2] * y.shape[3], d[3], d[4], *self._se_args)

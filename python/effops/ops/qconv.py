@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from ._common import EffopsInputError, EffopsTypeError, check_int, check_real, check_tensor, custom_op
+from ._common import EffopsInputError, EffopsTypeError, check_int, check_real, check_tensor, custom_op, profiled
 from .dwsep import ACTIVATIONS, act_name, apply_act, conv_geometry
 
 _OPS = ("q_dw_conv_act", "q_pw_conv", "q_dwsep_conv")
@@ -545,8 +545,7 @@ def conv_patches(x: Tensor, k: Sequence[int], stride: Sequence[int], pad: Sequen
     N, C = x.shape[:2]
     t, b, l, r = pad
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, l, r, t, b), value=x_zp)  # [N, Hp, Wp, C]
-    Hp, Wp = xp.shape[1:3]
-    Ho, Wo = (Hp - k[0]) // stride[0] + 1, (Wp - k[1]) // stride[1] + 1
+    Ho, Wo = _out_hw(x, k, stride, pad)
     s = xp.stride()
     p = xp.as_strided((N, Ho, Wo, k[0], k[1], C), (s[0], stride[0] * s[1], stride[1] * s[2], s[1], s[2], s[3]))
     p = p.reshape(N, Ho, Wo, k[0] * k[1] * C)
@@ -575,7 +574,6 @@ def conv2d_patched(x: Tensor, wp: Tensor, k: Sequence[int], bias: Optional[Tenso
     ``q_pw_conv`` (the same integers)."""
     if (not torch.compiler.is_compiling() and x.device.type == "cpu"
             and _backend.select("q_pw_conv", x.device) == "cpu"):
-        from ._common import profiled
         return profiled("effops::q_conv2d", _conv_cpu, x, wp, k, bias, mult, lut, stride, pad, x_zp, out_zp, qmin,
                         qmax, packed)
     patches = conv_patches(x, k, stride, pad, x_zp, wp.shape[1])
