@@ -349,7 +349,8 @@ def q_se_gates_reference(sums: Tensor, hw: int, zp: int, scale: float, w1: Tenso
     channel sums: means = (float32(sums) / hw - zp) * scale (the dequantised channel means), then
     gate(linear(act(linear(means, w1, b1)), w2, b2)), gate sigmoid (5) or hard sigmoid (6). The
     CPU kernel computes the means with the same float32 operations and the two small products in
-    index order (so its gates may differ from these in the last bits)."""
+    its own fixed order, the same on every ISA level (so its gates may differ from these in the
+    last bits)."""
     means = (sums.to(torch.float32) / float(hw) - zp) * scale
     h = apply_act(F.linear(means, w1, b1), ACTIVATIONS[act])
     v = F.linear(h, w2, b2)
