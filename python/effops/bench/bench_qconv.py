@@ -61,6 +61,58 @@ def op_cases(quick: bool) -> List[Case]:
     torch.backends.quantized.engine = "x86"
     for block in (B0_BLOCKS[3:5] if quick else B0_BLOCKS):
         out += _block_cases(g, *block)
+    return out + _boundary_cases(g, 64 if quick else 224)
+
+
+def _boundary_cases(g, size: int) -> List[Case]:
+    """The ops around the blocks of a quantized EfficientNet-B0 (batch 1): the int8 stem
+    (q_conv2d, 3x3 stride 2, 3 -> 32 with the swish table), quantising the float input
+    (quantize_tensor), and a block's SE gates from its channel sums (q_se_gates, 1152 channels)."""
+    import torch.nn.functional as F
+
+    from ..compress._qmodules import quantize_tensor
+
+    out: List[Case] = []
+    x8 = _codes(g, 1, 3, size, size)
+    ws = torch.randint(-127, 128, (32, 3, 3, 3), generator=g, dtype=torch.int8)
+    bs = torch.randint(-999, 999, (32,), generator=g, dtype=torch.int32)
+    ms = torch.full((32,), 0.003)
+    lut = Q.activation_lut("silu", 0.05, 128, 0.04, 10)
+    geo = D.conv_geometry("bench", (size, size), (3, 3), 2, "same", 1)
+    stride, pad = list(geo.stride), list(geo.pad)
+    wp = Q.patch_weight(ws)
+    packed = Q.pack_pw(wp, bs, 128)
+    xf = (x8.float() / 64 - 2).contiguous(memory_format=CL)
+    wf = (ws.float() / 100).contiguous(memory_format=CL)
+    ao = _ao_conv(ws, 1, 1, 2)
+    ax = _ao_input(x8)
+    impls = {
+        EFFOPS: lambda: Q.conv2d_patched(x8, wp, (3, 3), bs, ms, lut, stride, pad, 128, 100, 0, 255, packed),
+        "effops fp32 (conv + swish)": lambda: F.silu(F.conv2d(F.pad(xf, (pad[2], pad[3], pad[0], pad[1])), wf,
+                                                              None, 2), inplace=True),
+        "torch.ao x86 int8": lambda: ao(ax),
+    }
+    out.append(Case("q_conv2d", f"stem b0 3>32 k3s2 {size}x{size}", "int8", inference(impls),
+                    check=_check_codes(lambda: Q.q_conv2d_reference(x8, ws, bs, ms, lut, stride, pad, 128, 100,
+                                                                     0, 255))))
+    impls = {
+        EFFOPS: lambda: quantize_tensor(xf, 0.03, 120),
+        "torch ops": lambda: torch.div(xf, 0.03).round_().add_(120).clamp_(0, 255).to(torch.uint8),
+    }
+    out.append(Case("quantize_tensor", f"image b0 1x3x{size}x{size}", "fp32->uint8", inference(impls),
+                    check=lambda o: None if torch.equal(o[EFFOPS], o["torch ops"]) else "codes differ"))
+    C, R = 1152, 48
+    sums = torch.randint(0, 255 * 49, (1, C), generator=g, dtype=torch.int32)
+    w1, b1 = torch.randn(R, C, generator=g) * 0.05, torch.randn(R, generator=g)
+    w2, b2 = torch.randn(C, R, generator=g) * 0.2, torch.randn(C, generator=g)
+    args = (sums, 49, 17, 0.02, w1, b1, Q.ACTIVATIONS.index("silu"), w2, b2, Q.SE_GATES["sigmoid"])
+    impls = {
+        EFFOPS: lambda: Q._se_impl("cpu", *args),
+        "torch ops": lambda: Q.q_se_gates_reference(*args),
+    }
+    out.append(Case("q_se_gates", f"SE b0 {C}>{R} 7x7", "fp32", inference(impls),
+                    check=lambda o: None if torch.allclose(o[EFFOPS], o["torch ops"], rtol=1e-5, atol=1e-6)
+                    else "gates differ"))
     return out
 
 
