@@ -61,7 +61,11 @@ def test_convert_parity(lib, name, blocks):
         conv, rep = convert(copy.deepcopy(model), report=True)
         out = conv(x)
         out_cl = conv.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
-    assert len(rep.replaced) == blocks and not rep.skipped, str(rep)
+    trunk = [r for r in rep.replaced if r[2] == "FusedConvNormAct" or r[2].endswith(" fused")]
+    assert len(rep.replaced) - len(trunk) == blocks and not rep.skipped, str(rep)
+    # the stem (and the head, where it is a conv on a feature map) run fused too (nn._trunk)
+    if name != "mnasnet0_5":  # torchvision's MNASNet stem is plain layers in a Sequential
+        assert trunk, str(rep)
     assert list(conv.state_dict().keys()) == keys, "state_dict keys must not change"
     for o in (out, out_cl):
         rel = ((o - ref).abs().max() / ref.abs().max()).item()
@@ -366,8 +370,18 @@ def test_dense_blocks_train_and_frozen_bn(kind):
 
 
 def test_lone_fused_mbconv_is_kept():
-    """A FusedMBConv without expansion (kxk conv + BN + act): nothing the kernels add."""
-    _kept(_fused_mbconv(1).eval(), torch.randn(1, 16, 8, 8), "no faster than eager")
+    """A FusedMBConv without expansion (kxk conv + BN + act): no block kernel; its conv stage
+    (a Conv2dNormActivation) runs with the BN folded (nn._trunk), as a network's stem does."""
+    block, x = _fused_mbconv(1).eval(), torch.randn(1, 16, 8, 8)
+    wrapped = nn.Sequential(block)
+    with torch.no_grad():
+        ref = wrapped(x)
+        out, rep = convert(copy.deepcopy(wrapped), report=True)
+        got = out(x)
+    assert len(rep.skipped) == 1 and "no faster than eager" in rep.skipped[0][2], str(rep)
+    assert [r[2] for r in rep.replaced] == ["FusedConvNormAct"], str(rep)
+    assert type(out[0]).__name__ == "FusedMBConv"
+    torch.testing.assert_close(got, ref)
 
 
 def test_dense_block_weights_update_invalidates_the_prepared_conv():

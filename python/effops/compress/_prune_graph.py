@@ -197,7 +197,8 @@ class _Builder:
 
     # --------------------------------------------------------------------------- the walk
     def walk(self, name: str, m: nn.Module, sp: int) -> int:
-        if type(m) is nn.Sequential or _qual(m) == "torchvision.ops.misc.Conv2dNormActivation":
+        if (type(m) is nn.Sequential or _qual(m) == "torchvision.ops.misc.Conv2dNormActivation"
+                or _qual(m) == "effops.nn._trunk.FusedConvNormAct"):
             for cname, child in m.named_children():
                 sp = self.walk(f"{name}.{cname}" if name else cname, child, sp)
             return sp

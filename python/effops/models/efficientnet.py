@@ -27,10 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..nn._parts import ConvStage, _inference, _prepared, mbconv_forward, se_gate_of
+from ..nn._parts import ConvStage, conv_bn_act_forward, mbconv_forward, se_gate_of
 from ..nn._plan import block_forward
 from ..nn.dwsep import MBConv, SqueezeExcite, _act_module, _DropPath, _WithPadding
-from ..ops.dwsep import PreparedPW, act_name, pw_conv, same_padding
+from ..ops.dwsep import act_name
 from ._registry import register_model
 
 
@@ -233,31 +233,15 @@ class _Trunk(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
 
     def forward_stem(self, x: Tensor) -> Tensor:
-        conv, bn = self.conv_stem, self.bn1
+        conv = self.conv_stem
         if getattr(conv, "includes_bn_act", False):  # quantize(): conv_stem + bn1 + swish in one int8 conv
             return conv(x)
         if self.padding == "same":  # TensorFlow SAME: the extra row/column goes after
-            ph = same_padding(x.shape[2], 3, 2, 1)
-            pw = same_padding(x.shape[3], 3, 2, 1)
-            x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]))
-        if bn.training:
-            return self._act(bn(F.conv2d(x, conv.weight, None, conv.stride, conv.padding)))
-        stage = ConvStage(conv, bn, self._act)
-
-        def fold():
-            scale, bias = stage.affine()
-            w = conv.weight * scale.to(conv.weight.dtype)[:, None, None, None]
-            if self._channels_last:  # canonical channels_last strides, also where they are ambiguous
-                # ([C, 1, 3, 3] of a 1-channel input, e.g. pruned: with NCHW strides torch's conv took
-                # its NCHW path, 8x slower, and returned NCHW, which sent every block to the op path)
-                w = torch.empty_like(w, memory_format=torch.channels_last).copy_(w)
-            return w, bias
-
-        if _inference(x, (stage,)):  # the folded weights are prepared once; swish in place
-            w, b = _prepared(self._cache, "stem", (stage,), fold)
-            return F.silu(F.conv2d(x, w, b.to(w.dtype), conv.stride, conv.padding), inplace=True)
-        w, b = fold()
-        return F.silu(F.conv2d(x, w, b.to(w.dtype), conv.stride, conv.padding))
+            conv = _WithPadding(conv, "same")
+        # a pruned stem's [C, 1, 3, 3] weight gets canonical channels_last strides: with NCHW ones
+        # torch's conv took its NCHW path, 8x slower, and every block left the fused plan
+        return conv_bn_act_forward(x, ConvStage(conv, self.bn1, self._act), self._cache, "stem",
+                                   channels_last=self._channels_last)
 
     def forward_blocks(self, x: Tensor, upto: Optional[int] = None, taps: Sequence[int] = ()) -> Tuple[Tensor, list]:
         if upto is None and not taps:  # one call: quantize() passes int8 codes across the stages then
@@ -295,16 +279,7 @@ class EfficientNet(_Trunk):
         x, _ = self.forward_blocks(self.forward_stem(self._input(x)))
         if getattr(self.conv_head, "includes_bn_act", False):  # quantize(): conv_head + bn2 + swish in one int8 conv
             return self.conv_head(x)
-        stage = ConvStage(self.conv_head, self.bn2, self._act)
-        if self.bn2.training:
-            return stage.post(pw_conv(x, self.conv_head.weight))
-        if _inference(x, (stage,)):
-            def make():
-                scale, bias = stage.affine()
-                return PreparedPW(self.conv_head.weight, scale=scale, bias=bias, act="silu")
-            return _prepared(self._cache, "head", (stage,), make)(x)
-        scale, bias = stage.affine()
-        return pw_conv(x, self.conv_head.weight, scale=scale, bias=bias, act="silu")
+        return conv_bn_act_forward(x, ConvStage(self.conv_head, self.bn2, self._act), self._cache, "head")
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x.mean((2, 3))

@@ -15,7 +15,8 @@ from torch.nn.modules import module as _module_mod
 
 from .. import _backend
 from ..ops.norm import batch_norm_act
-from ..ops.dwsep import PreparedDW, PreparedDWSep, PreparedPW, apply_act, dw_conv_act, dwsep_conv, pw_conv
+from ..ops.dwsep import (PreparedDW, PreparedDWSep, PreparedPW, apply_act, dw_conv_act, dwsep_conv, pw_conv,
+                         same_padding)
 
 
 class Unsupported(Exception):
@@ -353,6 +354,75 @@ def _prepared(cache: dict, name: str, stages, make, options: tuple = ()):
     p = make()
     cache[name] = (key, p, _snapshot(stages, p))
     return p
+
+
+def _act_inplace(t: Tensor, name: str) -> Tensor:
+    if name == "none":
+        return t
+    if name == "relu":
+        return t.relu_()
+    if name == "relu6":
+        return F.hardtanh(t, 0.0, 6.0, inplace=True)
+    if name == "silu":
+        return F.silu(t, inplace=True)
+    if name == "hardswish":
+        return F.hardswish(t, inplace=True)
+    if name == "sigmoid":
+        return t.sigmoid_()
+    raise ValueError(name)
+
+
+def _dense_conv(x: Tensor, w: Tensor, b: Optional[Tensor], conv, padding) -> Tensor:
+    if padding == "same":  # TensorFlow SAME (timm's Conv2dSame): the extra row/column goes after
+        kh, kw = w.shape[2:]
+        ph = same_padding(x.shape[2], kh, conv.stride[0], conv.dilation[0])
+        pw = same_padding(x.shape[3], kw, conv.stride[1], conv.dilation[1])
+        if any(ph + pw):
+            x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]))
+        padding = (0, 0)
+    return F.conv2d(x, w, b, conv.stride, padding, conv.dilation, getattr(conv, "groups", 1))
+
+
+def conv_bn_act_forward(x: Tensor, stage: ConvStage, cache: Optional[dict] = None, name: str = "conv",
+                        channels_last: Optional[bool] = None) -> Tensor:
+    """act(BN(conv(x))) of one ConvStage (a network's stem or head conv). A 1x1 stride-1 conv is one
+    ``pw_conv`` (BN and act in its epilogue); any other conv (the 3x3 stride-2 stem) is torch's conv
+    with the BN folded into its weight and bias, then the activation, in place in inference. With a
+    cache (a dict of the module's), inference prepares the folded weights once (cache[name]). A BN
+    in training mode: the conv, then stage.post (batch statistics, BN + act fused where it can).
+    channels_last: the folded weight's layout (None: x's, where x's is unambiguous) - torch's conv
+    follows the weight's layout for a 1-channel input, whose strides fit both layouts."""
+    conv = stage.conv
+    padding = padding_of(conv)
+    w0 = conv.weight
+    pointwise = (w0.shape[2:] == (1, 1) and tuple(conv.stride) == (1, 1) and getattr(conv, "groups", 1) == 1
+                 and padding in ((0, 0), "same"))
+    if _bn_training(stage.bn):
+        t = pw_conv(x, w0, bias=conv.bias) if pointwise else _dense_conv(x, w0, conv.bias, conv, padding)
+        return stage.post(t)
+    fast = cache is not None and _inference(x, (stage,))
+    if pointwise:
+        def pw_kw():
+            scale, bias = stage.affine()
+            return dict(scale=scale, bias=bias, act=stage.act_name)
+        if fast:
+            return _prepared(cache, name, (stage,), lambda: PreparedPW(w0, **pw_kw()))(x)
+        return pw_conv(x, w0, **pw_kw())
+    if channels_last is None:
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+    def fold():
+        scale, bias = stage.affine()
+        w = w0 if scale is None else w0 * scale.to(w0.dtype)[:, None, None, None]
+        if channels_last:  # canonical channels_last strides, also where they are ambiguous
+            w = torch.empty_like(w, memory_format=torch.channels_last).copy_(w)
+        return w, None if bias is None else bias.to(w.dtype)
+
+    if fast:
+        w, b = _prepared(cache, name, (stage,), fold, (channels_last,))
+        return _act_inplace(_dense_conv(x, w, b, conv, padding), stage.act_name)
+    w, b = fold()
+    return apply_act(_dense_conv(x, w, b, conv, padding), stage.act_name)
 
 
 def _drop_path_active(drop: Optional[nn.Module]) -> bool:

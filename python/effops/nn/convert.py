@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..ops.dwsep import PreparedPW, pw_conv, same_padding
 from . import _convert_rules as R
+from . import _trunk
 from ._plan import block_forward
 from ._parts import (
     ConvStage,
@@ -333,7 +334,7 @@ class FusedDenseBlock(_Adopted):
                 # measured: BN folded into the conv + in-place act/add is 0.88-0.98x eager on NCHW,
                 # 1.02-1.05x on channels_last (1 thread, 24ch 112x112): not a gain worth a swap
                 raise Unsupported("a lone dense conv + BN + act (no expansion): nothing to fuse, "
-                                  "no faster than eager")
+                                  "no faster than eager (its Conv2dNormActivation runs BN-folded)")
             if kinds != ["conv", "conv"] or not R.is_pointwise(stages[1][2]):
                 raise Unsupported("layers are not a dense conv followed by a 1x1 projection")
             (_, dspec, dense), (_, pspec, proj) = stages
@@ -461,6 +462,14 @@ def _rules() -> List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn
     except ImportError:
         pass
     try:
+        from torchvision.ops.misc import Conv2dNormActivation
+
+        from ._trunk import FusedConvNormAct
+
+        rules.append((lambda m: type(m) is Conv2dNormActivation, FusedConvNormAct))
+    except ImportError:
+        pass
+    try:
         from effdet.efficientdet import SeparableConv2d
 
         rules.append((lambda m: type(m) is SeparableConv2d, FusedSeparableConv2d))
@@ -506,6 +515,14 @@ def convert(model: nn.Module, *, copy_model: bool = False, report: bool = False,
         return module
 
     model = visit(None, "", model, "")
+    for qual, m in model.named_modules():  # timm networks: their stem and head (see _trunk)
+        if _trunk.is_timm_trunk(m):
+            try:
+                what = _trunk.fuse_timm_trunk(m)
+            except Unsupported as e:
+                rep.skipped.append((qual, type(m).__name__, f"stem and head: {e}"))
+            else:
+                rep.replaced.append((qual, type(m).__name__, f"{type(m).__name__} with {what} fused"))
     if verbose:
         print(rep)
     return (model, rep) if report else model
