@@ -221,6 +221,27 @@ def test_threads_give_the_same_result():
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("se,expand,size", [(0.25, 6, 28), (0.0, 4, 29), (0.25, 1, 30), (0.25, 6, 27)])  # 27: batched
+def test_batches_of_large_maps_run_image_by_image(se, expand, size, op_path):
+    """Maps of >= 784 pixels run image by image (their intermediates stay in L2): each image of a
+    batch gets exactly what it gets alone, and the batch matches the op path and the oracle."""
+    m = randomize(MBConv(8, 8, 3, 1, expand_ratio=expand, se_ratio=se), 12).eval()
+    x = _cl(torch.randn(3, 8, size, size, generator=torch.Generator().manual_seed(5)))
+    with torch.no_grad():
+        got = m(x)
+        assert _planned(m)
+        alone = torch.cat([m(x[i:i + 1]) for i in range(3)])
+        with op_path():
+            want = m(x)
+        oracle = eager_mbconv(m, x)
+    if size * size >= 784:
+        torch.testing.assert_close(got, alone, rtol=0, atol=0)
+    else:  # the batch together: its SE gates scale the rows, not the weights (other roundings)
+        torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, oracle, rtol=1e-4, atol=1e-5)
+
+
 def test_not_used_where_it_does_not_apply():
     m = _small_block(5)
     x = _cl(torch.randn(2, 8, 9, 9))
