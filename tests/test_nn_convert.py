@@ -29,7 +29,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 MODELS = [
     ("timm", "efficientnet_b0", 16), ("timm", "tf_efficientnet_b0", 16), ("timm", "mobilenetv2_100", 17),
-    ("timm", "mobilenetv3_large_100", 15), ("torchvision", "efficientnet_b0", 16),
+    ("timm", "mobilenetv3_large_100", 16), ("torchvision", "efficientnet_b0", 16),
     ("torchvision", "mobilenet_v2", 17), ("torchvision", "mobilenet_v3_large", 15),
     ("timm", "efficientnet_es", 18), ("timm", "tf_efficientnet_es", 18), ("torchvision", "mnasnet0_5", 16),
 ]

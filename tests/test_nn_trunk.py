@@ -121,8 +121,9 @@ def test_timm_trunk_training_matches_eager():
 def test_timm_trunk_other_forward_is_reported(monkeypatch):
     """A timm version whose forward reads other attributes: nothing is swapped, the reason is reported."""
     key = ("timm.models.efficientnet", "EfficientNet")
-    mixin, method, names, pairs = _trunk._TIMM_FORWARDS[key]
-    monkeypatch.setitem(_trunk._TIMM_FORWARDS, key, (mixin, method, names + ("something_new",), pairs))
+    mixin, methods, pairs = _trunk._TIMM_FORWARDS[key]
+    other = {k: v + ("something_new",) for k, v in methods.items()}
+    monkeypatch.setitem(_trunk._TIMM_FORWARDS, key, (mixin, other, pairs))
     model = _timm("efficientnet_b0")
     fused, rep = convert(copy.deepcopy(model), report=True)
     assert type(fused) is type(model)
@@ -183,4 +184,28 @@ def test_conv_norm_act_train_and_grads():
         mod.zero_grad()
         mod(x).square().sum().backward()
     for (n, p), (_, q) in zip(m.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("kw", [dict(in_chs=16, out_chs=24, kernel_size=1),  # MobileNetV3's last stage
+                                dict(in_chs=16, out_chs=16, kernel_size=3, skip=True),  # with its residual
+                                dict(in_chs=16, out_chs=32, kernel_size=3, stride=2, group_size=8)])  # grouped
+def test_timm_conv_bn_act_block(kw):
+    from timm.models._efficientnet_blocks import ConvBnAct
+
+    torch.manual_seed(0)
+    block = randomize_bn(ConvBnAct(act_layer=nn.Hardswish, **kw)).eval()
+    x = torch.randn(2, 16, 11, 9, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = block(x)
+        fused, rep = convert(copy.deepcopy(block), report=True)
+        assert type(fused).__name__ == "FusedConvBnAct" and list(fused.state_dict()) == list(block.state_dict())
+        _close(fused(x), ref, 1e-5)
+        _close(fused.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last)), ref, 1e-5)
+    block.train(), fused.train()
+    a, b = block(x), fused(x)
+    _close(b, a, 1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (n, p), (_, q) in zip(block.named_parameters(), fused.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4, msg=n)

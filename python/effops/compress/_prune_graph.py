@@ -254,7 +254,7 @@ def _block_plan(m: nn.Module):
     if t is DWSeparableConv2d:  # in a Sequential no residual reaches forward
         return [("conv_dw", "bn_dw" if m.bn_dw is not None else None),
                 ("conv_pw", "bn_pw" if m.bn_pw is not None else None)], None, False
-    if _qual(m) == "timm.models._efficientnet_blocks.ConvBnAct":  # conv + BN(+act) [+ x]
+    if _qual(m) in ("timm.models._efficientnet_blocks.ConvBnAct", "effops.nn._trunk.FusedConvBnAct"):  # conv + BN(+act) [+ x]
         if type(getattr(m, "aa", nn.Identity())) is not nn.Identity:
             return "anti-aliasing layer"
         return [("conv", "bn1")], None, bool(m.has_skip)

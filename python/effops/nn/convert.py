@@ -447,6 +447,14 @@ def _rules() -> List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn
         rules.append((lambda m: type(m) is EdgeResidual, FusedDenseBlock))
     except ImportError:
         pass
+    try:
+        from timm.models._efficientnet_blocks import ConvBnAct
+
+        from ._trunk import FusedConvBnAct
+
+        rules.append((lambda m: type(m) is ConvBnAct, FusedConvBnAct))
+    except ImportError:
+        pass
     for mod, cls, why in _NOT_FUSED:
         c = R._cls(mod, cls)
         if c is not None:
