@@ -16,6 +16,7 @@ _check_torch()  # a clear ImportError on a torch older than effops supports, bef
 from . import _backend, nn, ops  # noqa: E402
 from ._backend import (amx, detected_isa, isa, set_amx, set_isa, set_vnni, use_amx, use_backend, use_isa,
                        use_vnni)
+from ._memory import malloc_reuse, reuse_freed_memory  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -82,4 +83,4 @@ def format_info(result: dict) -> str:
 
 
 __all__ = ["ops", "nn", "info", "use_backend", "set_isa", "use_isa", "isa", "detected_isa", "amx", "set_amx", "use_amx",
-           "set_vnni", "use_vnni", "__version__"]
+           "set_vnni", "use_vnni", "reuse_freed_memory", "malloc_reuse", "__version__"]

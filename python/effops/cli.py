@@ -136,6 +136,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     sp.add_argument("--train-only", action="store_true",
                     help="models: only the training step rows (no inference rows; implies --train)")
     sp.add_argument("--cold", action="store_true", help="models: also time to first result (fresh compile cache)")
+    sp.add_argument("--default-malloc", action="store_true",
+                    help="models: leave glibc's malloc thresholds as they are (default: freed memory is kept for "
+                         "reuse, effops.reuse_freed_memory(), for every variant alike)")
     sp.add_argument("--profile", metavar="MODEL", default=None,
                     help="models: print where a converted MODEL's time goes, per op (torch.profiler), and exit")
     sp.add_argument("--results", default=None,

@@ -617,6 +617,10 @@ def from_args(args) -> int:
     except ValueError as e:
         print(f"effops bench models: {e}", file=sys.stderr)
         return 2
+    from .. import _memory
+
+    # every variant in this process alike (ONNX Runtime and OpenVINO allocate from arenas of their own)
+    kept = not getattr(args, "default_malloc", False) and _memory.reuse_freed_memory()
     if args.profile:
         from .profile import format_profile, profile_model
 
@@ -629,7 +633,7 @@ def from_args(args) -> int:
 
     print(f"effops bench models on {device_name(torch.device('cpu'))}, torch {torch.__version__}; "
           f"'effops x' = variant time / effops time (effops' speed-up over it); 'x compute' / 'x traffic' = "
-          f"time / floor")
+          f"time / floor; malloc: {'freed memory kept for reuse (effops.reuse_freed_memory)' if kept else 'default'}")
     run(models, args.batch, threads, args.dtype, quick=args.quick, train=args.train, cold=args.cold,
         target_s=args.time, results_dir=None if args.no_save else args.results,
         train_only=getattr(args, "train_only", False))
