@@ -231,9 +231,16 @@ def test_batches_of_large_maps_run_image_by_image(se, expand, size, op_path):
         got = m(x)
         assert _planned(m)
         alone = torch.cat([m(x[i:i + 1]) for i in range(3)])
+        n = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2)  # a thread per image
+            two = m(x)
+        finally:
+            torch.set_num_threads(n)
         with op_path():
             want = m(x)
         oracle = eager_mbconv(m, x)
+    torch.testing.assert_close(two, got, rtol=0, atol=0)
     if size * size >= 784:
         torch.testing.assert_close(got, alone, rtol=0, atol=0)
     else:  # the batch together: its SE gates scale the rows, not the weights (other roundings)

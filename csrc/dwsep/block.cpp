@@ -304,8 +304,11 @@ void BlockPlan::run_t(const T* x, T* out, const ConvGeom& g, int threads) const 
   if (g.N > 1 && g.H * g.W >= kImageWise) {  // image by image: the intermediates stay in L2
     ConvGeom g1 = g;
     g1.N = 1;
-    for (int64_t n = 0; n < g.N; ++n)
-      run_t<T>(x + n * g.H * g.W * Cin_, out + n * g.Ho * g.Wo * Co_, g1, threads);
+    auto image = [&](int64_t n, int t) { run_t<T>(x + n * g.H * g.W * Cin_, out + n * g.Ho * g.Wo * Co_, g1, t); };
+    if (threads > 1 && g.N >= threads)  // a thread per image: no sync points inside, each core's L2 its own
+      parallel_for(g.N, threads, [&](int64_t n, int) { image(n, 1); });
+    else
+      for (int64_t n = 0; n < g.N; ++n) image(n, threads);
     return;
   }
   Buffers& buf = t_buffers;
