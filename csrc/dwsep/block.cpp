@@ -52,7 +52,7 @@ class Scratch {
 };
 
 struct Buffers {
-  Scratch h, y, small;
+  Scratch h, y, small, band_y;
 };
 thread_local Buffers t_buffers;
 
@@ -217,7 +217,7 @@ inline RowBand band_rows(const ConvGeom& g, int64_t oh0, int64_t oh1) {
 // order, so results do not depend on the threads. One thread walks the bands in order keeping the
 // rows two bands share; threads split the bands and recompute a band's first rows.
 template <class T>
-bool BlockPlan::run_banded(const T* x, T* y, float* sums, const ConvGeom& g, int threads) const {
+bool BlockPlan::run_banded(const T* x, T* y, float* sums, const ConvGeom& g, int threads, T* out) const {
   const int64_t row_bytes = static_cast<int64_t>(sizeof(T)) * g.W * mid_;
   if (!ew_ || fuse_bytes_ < 0 || row_bytes * g.H <= fuse_bytes_) return false;
   const int64_t span = (g.KH - 1) * g.dh + 1;  // input rows of one output row
@@ -247,8 +247,15 @@ bool BlockPlan::run_banded(const T* x, T* y, float* sums, const ConvGeom& g, int
     blo = rb.lo, bhi = rb.hi;
     ConvGeom gb = g;
     gb.N = 1, gb.H = rb.hi - rb.lo, gb.Ho = rb.oh1 - rb.oh0, gb.pt = g.pt + rb.lo - rb.oh0 * g.sh;
-    dw_forward<T>(hb, taps_, ds_, db_, gb, dact_, simd::kNone, y + ((n * g.Ho + rb.oh0) * g.Wo) * mid_,
-                  sums ? part.data() + t * mid_ : nullptr, 1);
+    const int64_t o0 = (n * g.Ho + rb.oh0) * g.Wo;  // the band's first output pixel
+    if (out) {  // no SE: the band's projection right away, its depthwise rows still in cache
+      T* yb = static_cast<T*>(t_buffers.band_y.get(sizeof(T) * R * g.Wo * mid_));
+      dw_forward<T>(hb, taps_, ds_, db_, gb, dact_, simd::kNone, yb, nullptr, 1);
+      pw<T>(false, yb, nullptr, pact_, residual_ ? x + o0 * Cin_ : nullptr, out + o0 * Co_, 1, gb.Ho * g.Wo, 1);
+      return;
+    }
+    dw_forward<T>(hb, taps_, ds_, db_, gb, dact_, simd::kNone, y + o0 * mid_, sums ? part.data() + t * mid_ : nullptr,
+                  1);
   };
   const int workers = std::min<int64_t>(threads, tasks);
   if (workers <= 1) {
@@ -319,6 +326,10 @@ void BlockPlan::run_t(const T* x, T* out, const ConvGeom& g, int threads) const 
   if (srw_) {
     float* s = static_cast<float*>(buf.small.get(sizeof(float) * (2 * N * mid_ + R_)));
     sums = s, gates = s + N * mid_;
+  }
+  if (!srw_ && run_banded<T>(x, y, nullptr, g, threads, out)) {  // no SE: projected band by band
+    buf.h.trim(), buf.y.trim(), buf.band_y.trim();
+    return;
   }
   if (!run_banded<T>(x, y, sums, g, threads)) {
     const T* h = x;

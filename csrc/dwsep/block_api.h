@@ -54,8 +54,9 @@ class BlockPlan {
   template <class T>
   void run_t(const T* x, T* out, const ConvGeom& g, int threads) const;
   // The expand and depthwise convs band by band (block.cpp); false: not taken, nothing written.
+  // out given (a block without SE): each band's projection too, from a band-sized buffer.
   template <class T>
-  bool run_banded(const T* x, T* y, float* sums, const ConvGeom& g, int threads) const;
+  bool run_banded(const T* x, T* y, float* sums, const ConvGeom& g, int threads, T* out = nullptr) const;
 
   // The 1x1 conv y [M, K] -> out [M, Co] of the expand (w = ew_) or the projection (w = pw_):
   // bf16 on the AMX tiles with the weights packed once (amx_), else pw_forward.
