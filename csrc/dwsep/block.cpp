@@ -73,17 +73,6 @@ float round_to(float v) {
     return v;
 }
 
-// sum_i a[i] * b[i], eight partial sums (vectorised by the compiler; the order is fixed).
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * b[i + j];
-  float r = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
-  for (; i < n; ++i) r += a[i] * b[i];
-  return r;
-}
-
 const float* opt_vec(const Opt& v, int64_t n, const char* name) {
   if (!v) return nullptr;
   check_shape(*v, {n}, "BlockPlan", name);
@@ -349,10 +338,10 @@ void BlockPlan::run_t(const T* x, T* out, const ConvGeom& g, int threads) const 
       float* m = sums + n * mid_;  // the means replace the sums
       for (int64_t c = 0; c < mid_; ++c) m[c] = round_to<T>(m[c] / inv_n);
       for (int64_t j = 0; j < R_; ++j)
-        r[j] = simd::act_s(dot(srw_ + j * mid_, m, mid_) + (srb_ ? srb_[j] : 0.f), se_act_);
+        r[j] = simd::act_s(simd::dot8(srw_ + j * mid_, m, mid_) + (srb_ ? srb_[j] : 0.f), se_act_);
       float* gn = gates + n * mid_;
       for (int64_t c = 0; c < mid_; ++c)
-        gn[c] = round_to<T>(gate(dot(sew_ + c * R_, r, R_) + (seb_ ? seb_[c] : 0.f)));
+        gn[c] = round_to<T>(gate(simd::dot8(sew_ + c * R_, r, R_) + (seb_ ? seb_[c] : 0.f)));
     }
   }
   pw<T>(false, y, gates, pact_, residual_ ? x : nullptr, out, N, HWo, threads);

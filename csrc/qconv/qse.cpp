@@ -2,8 +2,8 @@
 // (python/effops/ops/qconv.py q_se_gates defines them): the means in float32 exactly as the
 // torch expression (float(sums) / hw - zp) * scale, then the MLP in float32 - hidden[j] =
 // act(dot(w1[j], means) + b1[j]), gate[c] = g(dot(w2[c], hidden) + b2[c]), dot products summed
-// in a fixed order (dot) - and g sigmoid or hard sigmoid (relu6(v + 3) / 6). One call per block instead
-// of ~11 torch ops (~40 us at batch 1).
+// in a fixed order (simd::dot8) - and g sigmoid or hard sigmoid (relu6(v + 3) / 6). One call per
+// block instead of ~11 torch ops (~40 us at batch 1).
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -15,19 +15,6 @@ namespace effops::qconv {
 namespace {
 
 constexpr int kGateSigmoid = 5, kGateHardSigmoid = 6;  // simd::kSigmoid, BlockPlan::kGateHardSigmoid
-
-// sum of a[i] * b[i] in a fixed order: 8 interleaved partial sums (lane i % 8, which the compiler
-// keeps in vector registers: one dependent chain per lane instead of one for the whole row: 1152 x
-// 48 SE took 52 us with a single chain, torch's GEMM 21), then the lanes in order, then the tail.
-float dot(const float* a, const float* b, int64_t n) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * b[i + j];
-  float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; i < n; ++i) t += a[i] * b[i];
-  return t;
-}
 
 const float* opt_vec(const Opt& v, int64_t n, const char* op, const char* name) {
   if (!v) return nullptr;
@@ -71,9 +58,10 @@ void q_se_gates_api(const CpuArray& sums, int64_t hw, int64_t zp, double scale, 
       means[static_cast<size_t>(c)] = d * fs;
     }
     for (int64_t j = 0; j < R; ++j)
-      hidden[static_cast<size_t>(j)] = simd::act_s(dot(p1 + j * C, means.data(), C) + (pb1 ? pb1[j] : 0.0f), act);
+      hidden[static_cast<size_t>(j)] =
+          simd::act_s(simd::dot8(p1 + j * C, means.data(), C) + (pb1 ? pb1[j] : 0.0f), act);
     for (int64_t c = 0; c < C; ++c) {
-      const float v = dot(p2 + c * R, hidden.data(), R) + (pb2 ? pb2[c] : 0.0f);
+      const float v = simd::dot8(p2 + c * R, hidden.data(), R) + (pb2 ? pb2[c] : 0.0f);
       g[n * C + c] = gate == kGateHardSigmoid ? std::min(std::max(v + 3.0f, 0.0f), 6.0f) / 6.0f
                                               : simd::act_s(v, simd::kSigmoid);
     }

@@ -356,22 +356,6 @@ def _prepared(cache: dict, name: str, stages, make, options: tuple = ()):
     return p
 
 
-def _act_inplace(t: Tensor, name: str) -> Tensor:
-    if name == "none":
-        return t
-    if name == "relu":
-        return t.relu_()
-    if name == "relu6":
-        return F.hardtanh(t, 0.0, 6.0, inplace=True)
-    if name == "silu":
-        return F.silu(t, inplace=True)
-    if name == "hardswish":
-        return F.hardswish(t, inplace=True)
-    if name == "sigmoid":
-        return t.sigmoid_()
-    raise ValueError(name)
-
-
 def _dense_conv(x: Tensor, w: Tensor, b: Optional[Tensor], conv, padding) -> Tensor:
     if padding == "same":  # TensorFlow SAME (timm's Conv2dSame): the extra row/column goes after
         kh, kw = w.shape[2:]
@@ -420,7 +404,7 @@ def conv_bn_act_forward(x: Tensor, stage: ConvStage, cache: Optional[dict] = Non
 
     if fast:
         w, b = _prepared(cache, name, (stage,), fold, (channels_last,))
-        return _act_inplace(_dense_conv(x, w, b, conv, padding), stage.act_name)
+        return apply_act(_dense_conv(x, w, b, conv, padding), stage.act_name, inplace=True)
     w, b = fold()
     return apply_act(_dense_conv(x, w, b, conv, padding), stage.act_name)
 

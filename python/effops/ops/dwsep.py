@@ -65,19 +65,19 @@ def act_name(op: str, arg: str, act) -> str:
     return name
 
 
-def apply_act(x: Tensor, name: str) -> Tensor:
+def apply_act(x: Tensor, name: str, inplace: bool = False) -> Tensor:
     if name == "none":
         return x
     if name == "relu":
-        return F.relu(x)
+        return F.relu(x, inplace=inplace)
     if name == "relu6":
-        return F.relu6(x)
+        return F.relu6(x, inplace=inplace)
     if name == "silu":
-        return F.silu(x)
+        return F.silu(x, inplace=inplace)
     if name == "hardswish":
-        return F.hardswish(x)
+        return F.hardswish(x, inplace=inplace)
     if name == "sigmoid":
-        return torch.sigmoid(x)
+        return x.sigmoid_() if inplace else torch.sigmoid(x)
     raise ValueError(name)
 
 
