@@ -45,7 +45,6 @@ NB_MODULE(_C, m) {
   m.def("dw_forward", &effops::dwsep::dw_forward_api, "x"_a, "taps"_a, "scale"_a.none(),
         "bias"_a.none(), "stride"_a, "pad"_a, "dilation"_a, "act"_a, "in_act"_a,
         "y"_a.noconvert(), "sums"_a.noconvert().none(), "threads"_a, release);
-  m.def("act_inplace", &effops::dwsep::act_inplace_api, "x"_a.noconvert(), "act"_a, "threads"_a, release);
   m.def("dw_backward", &effops::dwsep::dw_backward_api, "a"_a, "taps"_a, "gd"_a, "stride"_a,
         "pad"_a, "dilation"_a, "ga"_a.noconvert(), "gw"_a.noconvert(), "threads"_a, release);
   m.def("pw_forward", &effops::dwsep::pw_forward_api, "y"_a, "w"_a, "channel_scale"_a.none(),

@@ -26,9 +26,6 @@ void dwsep_forward_api(const CpuArray& x, const CpuArray& taps, const CpuArray& 
                        const std::vector<int64_t>& dilation, int act, int pw_act, bool preact,
                        const CpuArray& out, int threads);
 
-// x[i] = act(x[i]) over a 1-d float32 array (a dense tensor's storage), act a simd::Act code.
-void act_inplace_api(const CpuArray& x, int act, int threads);
-
 // The instruction set the GEMM tiles (and with it the kernels' clones) use on this CPU.
 const char* cpu_isa_name();
 

@@ -12,13 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules import module as _module_mod
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _backend
-from ..ops._common import profiled
 from ..ops.norm import batch_norm_act
-from ..ops.dwsep import (ACT_CODES, PreparedDW, PreparedDWSep, PreparedPW, _threads, apply_act, dw_conv_act,
-                         dwsep_conv, pw_conv, same_padding)
+from ..ops.dwsep import (PreparedDW, PreparedDWSep, PreparedPW, apply_act, dw_conv_act, dwsep_conv, pw_conv,
+                         same_padding)
 
 
 class Unsupported(Exception):
@@ -408,28 +406,9 @@ def conv_bn_act_forward(x: Tensor, stage: ConvStage, cache: Optional[dict] = Non
 
     if fast:
         w, b = _prepared(cache, name, (stage,), fold, (channels_last,))
-        return act_inplace(_dense_conv(x, w, b, conv, padding), stage.act_name)
+        return apply_act(_dense_conv(x, w, b, conv, padding), stage.act_name, inplace=True)
     w, b = fold()
     return apply_act(_dense_conv(x, w, b, conv, padding), stage.act_name)
-
-
-def act_inplace(t: Tensor, name: str) -> Tensor:
-    """apply_act(t, name, inplace=True) in inference. SiLU over a dense float32 CPU tensor runs in
-    effops's C++ (the kernels' SIMD SiLU, in parallel chunks; effops::act_inplace in a profile):
-    torch's in-place SiLU took ~5 cycles per element on an AVX2 Zen 1 (7.7 ms of efficientnet_b0's
-    stem at batch 8), the kernels' ~2. The other activations are cheap in torch: torch's."""
-    if (name == "silu" and type(t) is Tensor and t.dtype == torch.float32 and t.is_cpu and not t.requires_grad
-            and _backend._C is not None and _backend.forced_backend() in (None, "cpu")
-            and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None):
-        if t.is_contiguous():
-            flat = t.view(-1)
-        elif t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-            flat = t.permute(0, 2, 3, 1).view(-1)
-        else:
-            return apply_act(t, name, inplace=True)
-        profiled("effops::act_inplace", _backend._C.act_inplace, flat, ACT_CODES[name], _threads())
-        return t
-    return apply_act(t, name, inplace=True)
 
 
 def _drop_path_active(drop: Optional[nn.Module]) -> bool:
