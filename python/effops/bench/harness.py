@@ -65,14 +65,10 @@ def device_name(device: torch.device) -> str:
         pass
     # Virtual machines often report a generic model name ("AMD EPYC") for CPUs of very different
     # generations; one without AVX-512 runs other kernels, so its rows go to a file of their own.
-    level = ""
-    try:
-        from .._backend import detected_isa
-        if detected_isa() != "avx512":
-            level = f"{detected_isa()}, "
-    except Exception:  # pragma: no cover - no compiled module
-        pass
-    return f"{name} ({level}{os.cpu_count()} cpus)"
+    from .._backend import detected_isa  # "baseline" without the compiled module
+
+    level = detected_isa()
+    return f"{name} ({'' if level == 'avx512' else level + ', '}{os.cpu_count()} cpus)"
 
 
 def device_slug(device: torch.device) -> str:

@@ -41,10 +41,18 @@ def act_of(m: Optional[nn.Module]) -> str:
 
 
 # ----------------------------------------------------------------------------- convolutions
+def _own_padding(conv) -> Optional[Union[str, Tuple[int, int]]]:
+    """conv.effops_padding (the padding an effops weight container's op applies), else None. An
+    instance attribute is read from __dict__: getattr on a Conv2d without it costs
+    nn.Module.__getattr__ a raised AttributeError, on every forward of every block."""
+    if hasattr(type(conv), "effops_padding"):  # defined by the class (or a property): getattr
+        return getattr(conv, "effops_padding", None)
+    d = getattr(conv, "__dict__", None)
+    return None if d is None else d.get("effops_padding")
+
+
 def padding_of(conv: nn.Conv2d) -> Union[str, Tuple[int, int]]:
-    # effops modules: the padding the op applies (an instance attribute; read from __dict__, as a
-    # missing attribute costs nn.Module.__getattr__ a raised AttributeError on every forward)
-    own = vars(conv).get("effops_padding") if hasattr(conv, "__dict__") else getattr(conv, "effops_padding", None)
+    own = _own_padding(conv)  # effops modules: the padding the op applies
     if own is not None:
         return own
     if type(conv).__name__ in ("Conv2dSame", "Conv2dSameExport"):  # timm: dynamic TF 'same'
@@ -306,7 +314,7 @@ def _version_key(tensors) -> Optional[tuple]:
 def _stage_options(s) -> tuple:
     c = s.conv  # a Conv2d, or a weight container with the padding the op applies (effops_padding)
     return (type(c), tuple(c.stride), tuple(c.dilation), getattr(c, "padding", None), getattr(c, "padding_mode", None),
-            getattr(c, "effops_padding", None), getattr(c, "groups", None), type(s.act),
+            _own_padding(c), getattr(c, "groups", None), type(s.act),
             None if s.bn is None else s.bn.eps, s.bn_has_act)
 
 
