@@ -17,6 +17,7 @@
 #include "losses/losses_api.h"
 #include "nms/nms_api.h"
 #include "norm/bn_act_api.h"
+#include "qconv/qblock_api.h"
 #include "qconv/qconv_api.h"
 
 namespace nb = nanobind;
@@ -111,6 +112,21 @@ NB_MODULE(_C, m) {
         release);
   m.def("q_se_gates", &effops::qconv::q_se_gates_api, "sums"_a, "hw"_a, "zp"_a, "scale"_a, "w1"_a, "b1"_a.none(),
         "act"_a, "w2"_a, "b2"_a.none(), "gate"_a, "out"_a.noconvert(), release);
+  namespace qc = effops::qconv;
+  nb::class_<qc::QBlockPlan>(m, "QBlockPlan",
+                             "One int8 MBConv block's checked kernel arguments (effops.compress._qmodules.QMBConv)")
+      .def(nb::init<int64_t, qc::Opt, qc::Opt, qc::Opt, qc::Opt, qc::Opt, std::vector<int64_t>, effops::CpuArray,
+                    qc::Opt, effops::CpuArray, qc::Opt, std::vector<int64_t>, std::vector<int64_t>, qc::Opt, qc::Opt, int,
+                    qc::Opt, qc::Opt, int, double, effops::CpuArray, qc::Opt, effops::CpuArray, qc::Opt, qc::Opt,
+                    std::vector<int64_t>, bool, double>(),
+           "x_zp"_a, "expand_w"_a.none(), "expand_bias"_a.none(), "expand_mult"_a.none(), "expand_lut"_a.none(),
+           "expand_packed"_a.none(), "expand_cfg"_a, "taps"_a, "dw_bias"_a.none(), "dw_mult"_a, "dw_lut"_a.none(),
+           "dw_cfg"_a, "stride"_a, "se_w1"_a.none(), "se_b1"_a.none(), "se_act"_a, "se_w2"_a.none(), "se_b2"_a.none(),
+           "se_gate"_a, "dw_scale"_a, "project_w"_a, "project_bias"_a.none(), "project_mult"_a,
+           "project_lut"_a.none(), "project_packed"_a.none(), "project_cfg"_a, "residual"_a, "res_mult"_a)
+      .def("run", &qc::QBlockPlan::run, "x"_a, "out"_a.noconvert(), "pad"_a, "threads"_a, release)
+      .def("output_hw", &qc::QBlockPlan::output_hw, "H"_a, "W"_a, "pad"_a);
+  m.def("q_release_scratch", &qc::q_release_scratch, "Free this thread's reused buffers of QBlockPlan.run");
   m.def("set_vnni", &effops::set_vnni, "on"_a, "Use the VNNI dot products in the int8 kernels (where the CPU has them)");
   m.def("vnni_on", &effops::vnni_on, "What set_vnni last asked for");
   m.def("q_isa", &effops::qconv::q_isa_name, "The level the int8 (qconv) kernels run at now");

@@ -200,15 +200,26 @@ def test_state_dict_round_trip():
     assert [b.chain_out.item() for b in q2.blocks] == [b.chain_out.item() for b in q1.blocks]
 
 
-def test_eager_cpu_path_is_profiled_by_op_name():
+def test_eager_cpu_path_is_profiled_by_op_name(monkeypatch):
     """Eager CPU calls skip the dispatcher (compress._qmodules._q_call) but still show in
-    torch.profiler under the custom ops' names."""
+    torch.profiler under the custom ops' names; an MBConv block run by its C++ plan shows as
+    effops::q_mbconv_block."""
+    from effops.compress import _qmodules
+
     q = quantize(_untrained(), _data(1))
-    with torch.no_grad(), torch.profiler.profile() as prof:
-        q(_data(8, n=2))
-    names = {e.key for e in prof.key_averages()}
+
+    def names():
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            q(_data(8, n=2))
+        return {e.key for e in prof.key_averages()}
+
+    got = names()
+    assert {"effops::q_mbconv_block", "effops::q_dwsep_conv", "effops::quantize_tensor"} <= got, got
+    assert "effops::q_pw_conv" not in got
+    monkeypatch.setattr(_qmodules, "_PLANS", False)
+    got = names()
     assert {"effops::q_pw_conv", "effops::q_dw_conv_act", "effops::q_dwsep_conv", "effops::quantize_tensor",
-            "effops::q_se_gates"} <= names, names
+            "effops::q_se_gates"} <= got, got
 
 
 def test_torch_compile():
@@ -306,12 +317,13 @@ def test_block_scratch_buffers_are_reused_safely():
     q = quantize(m, torch.randn(4, 3, 64, 64))
     xs = [torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(n)) for n in (1, 4, 2, 4)]
     with torch.no_grad():
-        limit = _qmodules._Scratch.LIMIT
+        limit, plans = _qmodules._Scratch.LIMIT, _qmodules._PLANS
         try:
-            _qmodules._Scratch.LIMIT = -1  # every buffer per call
+            _qmodules._Scratch.LIMIT = -1  # every buffer per call, op by op (the plans reuse C++ buffers)
+            _qmodules._PLANS = False
             want = [q(x) for x in xs]
         finally:
-            _qmodules._Scratch.LIMIT = limit
+            _qmodules._Scratch.LIMIT, _qmodules._PLANS = limit, plans
         _qmodules.release_scratch()
         got = [q(x) for x in xs]
         assert all(torch.equal(a, b) for a, b in zip(got, want))
@@ -322,6 +334,53 @@ def test_block_scratch_buffers_are_reused_safely():
         for t in ts:
             t.join()
     assert all(torch.equal(r, want[i]) for i, rs in res.items() for r in rs)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_block_plan_equals_op_by_op_path(monkeypatch, threads):
+    """QMBConv's C++ plan (one call per block) writes the op-by-op path's codes bit for bit, block
+    by block: with and without expand and SE, residual, stride 2, TF-same 5x5, odd sizes, NCHW and
+    channels_last inputs, batch 1 and 3, 1 and 2 threads; it rejects inputs of the wrong shape."""
+    from effops.compress import _qmodules
+    from effops.models import create_model
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    cases = [(quantize(_untrained(), _data(1)), [torch.randn(n, 1, 17, 15, generator=g) for n in (1, 3)]),
+             (quantize(create_model("tf_efficientnet_b0", num_classes=4).eval(), torch.randn(2, 3, 40, 40)),
+              [torch.randn(n, 3, 37, 45, generator=g) for n in (1, 3)])]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for q, xs in cases:
+            blocks = [m for m in q.modules() if isinstance(m, QMBConv)]
+            assert blocks and all(b._plan is not None for b in blocks)
+            assert any(b.se is None for b in blocks) or any("expand" not in b._cfg for b in blocks)
+            outs = []
+            hooks = [b.register_forward_hook(lambda mod, a, out: outs.append(out)) for b in blocks]
+            try:
+                for x in xs:
+                    for fmt in (torch.contiguous_format, torch.channels_last):
+                        runs = []
+                        for plans in (True, False):
+                            monkeypatch.setattr(_qmodules, "_PLANS", plans)
+                            outs.clear()
+                            with torch.no_grad():
+                                y = q(x.contiguous(memory_format=fmt))
+                            runs.append((y, list(outs)))
+                        (y1, o1), (y2, o2) = runs
+                        assert torch.equal(y1, y2) and len(o1) == len(o2) == len(blocks)
+                        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(o1, o2))
+            finally:
+                for h in hooks:
+                    h.remove()
+    finally:
+        torch.set_num_threads(old)
+    b = cases[0][0].blocks[0]
+    bad = torch.zeros(1, 9, 9, 5, dtype=torch.uint8)  # NHWC, 5 channels: the block takes 16
+    with pytest.raises(ValueError, match=r"QBlockPlan.run: x must have shape"):
+        b._plan.run(torch.utils.dlpack.to_dlpack(bad),
+                    torch.utils.dlpack.to_dlpack(torch.empty(1, 5, 5, 24, dtype=torch.uint8)), [0, 1, 0, 1], 1)
 
 
 def test_bad_calibration_data():

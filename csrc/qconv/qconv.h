@@ -56,4 +56,11 @@ void q_dwsep(const uint8_t* x, const int8_t* taps, const DwGeom& g, int32_t x_zp
 void q_conv(const uint8_t* x, const int8_t* w, const DwGeom& g, int64_t Co, int64_t Kp, int32_t x_zp,
             const Epilogue& e, uint8_t* out, int threads, const uint8_t* blob = nullptr, int64_t blob_size = 0);
 
+// Squeeze-excite gates [N, C] float32 from the int32 channel sums [N, C] of a depthwise output
+// over hw pixels (qse.cpp; q_se_gates defines them): w1 [R, C], b1 [R] or null, act an activation
+// code, w2 [C, R], b2 [C] or null, gate kGateSigmoid or kGateHardSigmoid.
+constexpr int kGateSigmoid = 5, kGateHardSigmoid = 6;  // simd::kSigmoid, BlockPlan::kGateHardSigmoid
+void se_gates(const int32_t* sums, int64_t N, int64_t C, int64_t hw, int64_t zp, double scale, const float* w1,
+              const float* b1, int64_t R, int act, const float* w2, const float* b2, int gate, float* out);
+
 }  // namespace effops::qconv

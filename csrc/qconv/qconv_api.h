@@ -44,6 +44,15 @@ void q_pw_pack_api(const CpuArray& w, Opt bias, int64_t x_zp, const CpuArray& bl
 // Float32 -> uint8 codes, q = clamp(rne(x / scale) + zp, 0, 255), over x's dense storage (qquant.cpp).
 void q_quantize_api(const CpuArray& x, const CpuArray& out, double scale, int64_t zp, int threads);
 
+// The checked SE MLP arguments of C channels (qse.cpp): w1 [R, C], b1 [R], w2 [C, R], b2 [C] float32,
+// act an activation code, gate 5 (sigmoid) or 6 (hard sigmoid).
+struct SeArgs {
+  const float *w1, *b1, *w2, *b2;
+  int64_t R;
+  int act, gate;
+};
+SeArgs se_args_of(int64_t C, const CpuArray& w1, const Opt& b1, int act, const CpuArray& w2, const Opt& b2, int gate,
+                  const char* op);
 // SE gates [N, C] float32 from the int32 channel sums of a depthwise output (qse.cpp).
 void q_se_gates_api(const CpuArray& sums, int64_t hw, int64_t zp, double scale, const CpuArray& w1, Opt b1, int act,
                     const CpuArray& w2, Opt b2, int gate, const CpuArray& out);

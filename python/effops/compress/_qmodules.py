@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from .. import _backend
 from ..nn._parts import _global_hooks, se_gate_of
@@ -82,6 +83,13 @@ def release_scratch() -> None:
     """Free this thread's reused intermediate buffers of the quantized blocks (they are made
     again, at the sizes needed, by the next call)."""
     _SCRATCH.release()
+    C = getattr(_backend, "_C_module", None) if _backend._C is not None else None
+    if C is not None and hasattr(C, "q_release_scratch"):
+        C.q_release_scratch()
+
+
+#: QMBConv runs through its C++ plan where it can (False: always op by op; the tests compare the two).
+_PLANS = True
 
 
 def _dense_flat(t: Tensor) -> Optional[Tensor]:
@@ -275,9 +283,71 @@ class QMBConv(_QBlock):
         self._se_of = se = getattr(self, "se", None)  # what _se_args / _se_mods were made from
         self._se_args = _se_args(se)
         self._se_mods = tuple(se.modules()) if se is not None else ()
+        self._plan = self._make_plan()
+        self._geom = {}  # (H, W) -> (pad, Ho, Wo) of the plan's calls
+
+    def __getstate__(self):  # copy.deepcopy / pickle: the plan (C++, pointers into the buffers) is made anew
+        state = self.__dict__.copy()
+        state.pop("_plan", None)
+        state.pop("_geom", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._refresh()
+
+    def _make_plan(self):
+        """The block's C++ plan (_C.QBlockPlan: one call per block, the same kernels and integers
+        as the op-by-op path) when every array is a dense CPU tensor and the SE is one the plan
+        runs (q_se_gates'), else None."""
+        C = getattr(_backend, "_C_module", None) if _backend._C is not None else None
+        if C is None or not hasattr(C, "QBlockPlan") or (self.se is not None and self._se_args is None):
+            return None
+        se = self._se_args or (None, None, 0, None, None, 5)
+        d, p = self._cfg["dw"], self._cfg["project"]
+        e = self._cfg.get("expand")
+        arrays = {
+            "expand_w": self.expand_weight.flatten(1) if e else None, "expand_bias": self.expand_bias if e else None,
+            "expand_mult": self.expand_mult if e else None, "expand_lut": self.expand_lut if e else None,
+            "expand_packed": self._packed.get("expand"), "taps": self.dw_weight[:, 0], "dw_bias": self.dw_bias,
+            "dw_mult": self.dw_mult, "dw_lut": self.dw_lut, "se_w1": se[0], "se_b1": se[1], "se_w2": se[3],
+            "se_b2": se[4], "project_w": self.project_weight.flatten(1), "project_bias": self.project_bias,
+            "project_mult": self.project_mult, "project_lut": self.project_lut, "project_packed": self._packed.get("project"),
+        }
+        if any(t is not None and (t.device.type != "cpu" or not t.is_contiguous()) for t in arrays.values()):
+            return None  # (the plan reads the arrays in place: no copies that would miss in-place edits)
+        caps = {k: None if t is None else _to_dlpack(t.detach()) for k, t in arrays.items()}
+        return C.QBlockPlan(
+            self._in[1], caps["expand_w"], caps["expand_bias"], caps["expand_mult"], caps["expand_lut"],
+            caps["expand_packed"], list(e[:4]) if e else [0, 0, 255, 0], caps["taps"], caps["dw_bias"], caps["dw_mult"],
+            caps["dw_lut"], list(d[:4]), list(self.stride), caps["se_w1"], caps["se_b1"], se[2], caps["se_w2"],
+            caps["se_b2"], se[5], d[4], caps["project_w"], caps["project_bias"], caps["project_mult"],
+            caps["project_lut"], caps["project_packed"], list(p[:4]), self.skip, self._in[0] / p[4])
+
+    def _run_plan(self, xq: Tensor) -> Optional[Tensor]:
+        """The block through its plan (eager, CPU backend, no hooks on the SE), else None."""
+        if (self._plan is None or not _PLANS or torch.compiler.is_compiling() or xq.device.type != "cpu"
+                or _backend.forced_backend() not in (None, "cpu")
+                or (self.se is not None and _se_hooked(self._se_mods))):
+            return None
+        N, _, H, W = xq.shape
+        g = self._geom.get((H, W))
+        if g is None:
+            stride, pad = self._geometry(xq)
+            g = self._geom[(H, W)] = (pad, *self._plan.output_hw(H, W, pad))
+        out = torch.empty((N, g[1], g[2], self.project_weight.shape[0]), dtype=torch.uint8)
+        xc = xq if xq.is_contiguous(memory_format=torch.channels_last) else xq.contiguous(memory_format=torch.channels_last)
+        profiled("effops::q_mbconv_block", self._plan.run, _to_dlpack(xc.permute(0, 2, 3, 1)), _to_dlpack(out), g[0],
+                 max(1, torch.get_num_threads()))
+        return out.permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         xq = self._codes_in(x)
+        if self._se_of is not self.se:  # the SE module was replaced after construction
+            self._refresh()
+        out = self._run_plan(xq)
+        if out is not None:
+            return self._out(out)
         h, h_zp = xq, self._in[1]
         if "expand" in self._cfg:
             e = self._cfg["expand"]
@@ -292,8 +362,6 @@ class QMBConv(_QBlock):
         d, p = self._cfg["dw"], self._cfg["project"]
         y, sums = _q_call("q_dw_conv_act", _qc._dw_impl, h, self.dw_weight, self.dw_bias, self.dw_mult, self.dw_lut,
                           stride, pad, h_zp, d[0], d[1], d[2], scratch="depthwise")
-        if self._se_of is not self.se:  # the SE module was replaced after construction
-            self._refresh()
         if self._se_args is not None and not _se_hooked(self._se_mods):  # one op (C++ on the CPU): means + MLP
             gates = _q_call("q_se_gates", _qc._se_impl, sums, y.shape[2] * y.shape[3], d[3], d[4], *self._se_args)
         else:
