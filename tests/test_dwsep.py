@@ -489,6 +489,43 @@ def test_pw_conv_bf16_gemm_paths(C, Co, se, isa):
     assert_close_to_truth(got, truth, eager, bf)
 
 
+@pytest.mark.parametrize("isa", ["native", "native-noamx", "avx2"])
+def test_pw_conv_bf16_denormals_and_specials(isa):
+    """bf16 pw_conv with bf16 denormals in the input (and an SE scale that makes more), outputs in
+    the denormal range, inf and NaN: the vdpbf16ps / AMX paths read denormal inputs as zero and
+    flush denormal results (vcvtneps2bf16), the float GEMM keeps them - every path within the
+    rule of the float64 truth (scaled by the largest output) and at most one bf16 denormal step
+    (2^-126) off it where the output is tiny; NaN / inf propagate as in float."""
+    level = effops.detected_isa() if isa.startswith("native") else isa
+    if level not in effops._backend.ISA_LEVELS[: effops._backend.ISA_LEVELS.index(effops.detected_isa()) + 1]:
+        pytest.skip(f"the CPU does not run {level}")
+    g = gen(77)
+    C, Co = 48, 40
+    y = rnd(2, C, 6, 7, g=g)
+    y[:, ::3] *= 1e-39  # every third channel in bf16's denormal range
+    w = rnd(Co, C, 1, 1, g=g, scale=C ** -0.5)
+    cs = torch.rand(2, C, generator=g, dtype=torch.float64) * 1e-30 + 1e-9
+    s = torch.full((Co,), 1.0, dtype=torch.float64)
+    s[: Co // 2] = 1e-38  # half the output channels' results are denormal or near it
+    bf = torch.bfloat16
+    yb = y.to(bf).contiguous(memory_format=torch.channels_last)
+    with effops.use_isa(level), effops.use_amx(isa == "native"):
+        for se in (None, cs):
+            got = pw_conv(yb, w.float(), channel_scale=None if se is None else se.to(bf), scale=s.float(), act="none")
+            truth = R.pw_conv_reference(yb.double(), w.to(bf).double(), None if se is None else se.to(bf).double(),
+                                        s.float().double(), None, "none", None)
+            assert got.dtype == bf and torch.isfinite(got).all()
+            err = (got.double() - truth).abs()
+            big = truth.abs() > 1e-30
+            assert (err[~big] <= 2.0 ** -126 * 4).all(), err[~big].max()
+            assert (err[big] <= 1e-2 * truth[big].abs().max()).all()
+        ys = y.clone()
+        ys[0, 1, 2, 3], ys[1, 4, 0, 0] = float("nan"), float("inf")
+        got = pw_conv(ys.to(bf).contiguous(memory_format=torch.channels_last), w.float(), scale=s.float(), act="none")
+        ref = torch.nn.functional.conv2d(ys.to(bf).float(), w.to(bf).float()) * s.float()[:, None, None]
+        assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(torch.isinf(got), torch.isinf(ref))
+
+
 @pytest.mark.parametrize("N,HW,C,Co", [
     (1, (7, 7), 1152, 192),   # transposed GEMM (few pixels, many channels); AVX-512: 32 + half panel + 1 dot
     (1, (5, 10), 96, 577),    # 50 pixels: 32 + 16 + 2 dot-product pixels (AVX-512), 48 + 2 (AVX2, baseline)

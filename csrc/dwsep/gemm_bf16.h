@@ -79,7 +79,8 @@ EFFOPS_INLINE uint16_t bf16_bits_of(simd::bf16 v) { return v.bits; }
 
 // Rows [m0, m0 + mr) of A (row stride lda, K columns) as bf16 rows ap[i * ldp + k] (ldp even,
 // a zero after an odd K), each row scaled by its image's SE channel scale cs[(row / hw) * K + k]
-// when cs is given. 16 lanes at a time (float -> bf16 rounds to nearest even, simd::storev).
+// when cs is given. 16 lanes at a time (vcvtneps2bf16: round to nearest even, denormals to zero -
+// which vdpbf16ps and the AMX tiles read as zero anyway; the scalar tail rounds the same otherwise).
 template <class S>
 EFFOPS_INLINE void pack_rows_bf16(const S* a, int64_t lda, int64_t m0, int mr, int64_t K,
                                   const float* cs, int64_t hw, uint16_t* ap, int64_t ldp) {
@@ -91,7 +92,7 @@ EFFOPS_INLINE void pack_rows_bf16(const S* a, int64_t lda, int64_t m0, int mr, i
     for (; k + 16 <= K; k += 16) {
       simd::vf v = simd::loadv<simd::vf>(row + k);
       if (c) v = v * simd::loadv<simd::vf>(c + k);
-      simd::storev(reinterpret_cast<simd::bf16*>(dst + k), v);
+      simd::storev_native_bf16(reinterpret_cast<simd::bf16*>(dst + k), v);
     }
     for (; k < K; ++k) dst[k] = c ? bf16_bits_of(simd::to_f(row[k]) * c[k]) : bf16_bits_of(row[k]);
     if (K & 1) dst[K] = 0;

@@ -180,8 +180,10 @@ EFFOPS_INLINE void epilogue(const F* tile, int mr, int64_t n0,
 }
 
 // Full-width store variant: all lanes in range; residual and conversion as vectors where the
-// storage type has a vector load/store (float, double, bf16 with 16-lane float vectors).
-template <class G, int ACT, class F, class T>
+// storage type has a vector load/store (float, double, bf16 with 16-lane float vectors). NB: the
+// bf16 stores with vcvtneps2bf16 (simd::storev_native_bf16; only in code that runs on CPUs with
+// AVX512_BF16, the vdpbf16ps / AMX GEMMs).
+template <class G, int ACT, bool NB = false, class F, class T>
 EFFOPS_INLINE void epilogue_fast(const F* tile, int mr, int64_t n0,
                                  int64_t Co, const F* scale, const F* bias, const T* res, T* out,
                                  int64_t ldo, int act = ACT) {
@@ -202,7 +204,10 @@ EFFOPS_INLINE void epilogue_fast(const F* tile, int mr, int64_t n0,
         std::memcpy(o + n, &val, sizeof val);
       } else if constexpr (std::is_same<T, simd::bf16>::value) {
         if (r) val = val + simd::loadv<V>(r + n);  // bf16 -> float exact, then one rounding
-        simd::storev(o + n, val);
+        if constexpr (NB && sizeof(V) == 64)
+          simd::storev_native_bf16(o + n, val);
+        else
+          simd::storev(o + n, val);
       } else {
         for (int j = 0; j < G::L; ++j) {
           F s = val[j];

@@ -189,7 +189,7 @@ EFFOPS_TARGET_BF16 void gemm_rows_bf16dot(const S* a, int64_t lda, int64_t m_beg
     for (int64_t p = p_begin; p < panels; ++p) {
       bf16dot_micro(mr, a_tile, ars, bp + p * K2 * 2 * kBfNR, K2, tile);
       with_epilogue_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
-        epilogue_fast<G, A()>(tile, mr, p * kBfNR, Co, scale, bias, res ? res + (m0 - m_begin) * ldo : nullptr,
+        epilogue_fast<G, A(), true>(tile, mr, p * kBfNR, Co, scale, bias, res ? res + (m0 - m_begin) * ldo : nullptr,
                               out + (m0 - m_begin) * ldo, ldo, act);
       });
     }
@@ -241,7 +241,7 @@ EFFOPS_TARGET_BF16 void gemm_rows_amx(const simd::bf16* a, int64_t lda, int64_t 
     for (int64_t p = p_begin; p < panels; ++p) {
       amx::block(at, as, kf, tail, kc, bp + p * k2p * 2 * kBfNR, tile);
       with_epilogue_act(act, [&](auto A) EFFOPS_LAMBDA_INLINE {
-        epilogue_fast<G, A()>(tile, mr, p * kBfNR, Co, scale, bias, res ? res + (m0 - m_begin) * ldo : nullptr,
+        epilogue_fast<G, A(), true>(tile, mr, p * kBfNR, Co, scale, bias, res ? res + (m0 - m_begin) * ldo : nullptr,
                               out + (m0 - m_begin) * ldo, ldo, act);
       });
     }
