@@ -4,7 +4,6 @@ and dtypes; gradcheck; opcheck; torch.compile; autocast; bad input."""
 
 from __future__ import annotations
 
-import itertools
 import random
 import sys
 import zlib
