@@ -147,8 +147,8 @@ def test_plan_amx_toggled_between_calls():
 
 @pytest.mark.parametrize("which", ["conv_pw", "conv_pwl"])
 def test_autocast_plan_sees_data_writes_to_float_weights(which, op_path):
-    """Under bf16 autocast a float32 block's plan packs its 1x1 weights for AMX once: a copy of
-    weights it otherwise reads in place. A write through .data (no version bump; timm's ModelEma)
+    """Under bf16 autocast a float32 block's plan packs its 1x1 weights once, for AMX or (AMX off
+    or absent, AVX512_BF16) for the vdpbf16ps GEMM: a copy of weights it otherwise reads in place. A write through .data (no version bump; timm's ModelEma)
     must still reach the result: the plan watches those weights' bytes and prepares again."""
     m = _small_block(13)
     x = _cl(torch.randn(2, 8, 9, 9))

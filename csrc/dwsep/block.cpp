@@ -165,11 +165,12 @@ bool BlockPlan::unchanged() const {
     if (nbytes_[i] && std::memcmp(reinterpret_cast<const void*>(sources_[i]), reinterpret_cast<const void*>(copies_[i]),
                                   static_cast<size_t>(nbytes_[i])) != 0)
       return false;
-  const AmxPanels& a = *amx_;
-  if (a.packed.load(std::memory_order_acquire)) {
-    if (!a.expand_snap.empty() && std::memcmp(ew_, a.expand_snap.data(), sizeof(float) * a.expand_snap.size()) != 0)
+  for (const AmxPanels* a : {amx_.get(), dot_.get()}) {
+    if (!a->packed.load(std::memory_order_acquire)) continue;
+    if (!a->expand_snap.empty() && std::memcmp(ew_, a->expand_snap.data(), sizeof(float) * a->expand_snap.size()) != 0)
       return false;
-    if (!a.project_snap.empty() && std::memcmp(pw_, a.project_snap.data(), sizeof(float) * a.project_snap.size()) != 0)
+    if (!a->project_snap.empty() &&
+        std::memcmp(pw_, a->project_snap.data(), sizeof(float) * a->project_snap.size()) != 0)
       return false;
   }
   return true;
@@ -278,18 +279,20 @@ void BlockPlan::pw(bool expand, const T* y, const float* cs, int act, const T* r
   const float* scale = expand ? es_ : ps_;
   const float* bias = expand ? eb_ : pb_;
   if constexpr (std::is_same<T, simd::bf16>::value) {
-    if (::effops::amx()) {
-      AmxPanels& p = *amx_;
+    const bool amx = ::effops::amx();
+    if (amx || bf16dot_cpu()) {
+      AmxPanels& p = amx ? *amx_ : *dot_;
+      const auto pack = amx ? pack_pw_amx : pack_pw_bf16dot;
       std::call_once(p.once, [&] {
-        if (ew_) p.expand = pack_pw_amx(ew_, mid_, Cin_);
-        p.project = pack_pw_amx(pw_, Co_, mid_);
+        if (ew_) p.expand = pack(ew_, mid_, Cin_);
+        p.project = pack(pw_, Co_, mid_);
         if (ew_ && p.watch_expand && !p.expand.empty()) p.expand_snap.assign(ew_, ew_ + mid_ * Cin_);
         if (p.watch_project && !p.project.empty()) p.project_snap.assign(pw_, pw_ + Co_ * mid_);
         p.packed.store(true, std::memory_order_release);
       });
       const std::vector<uint16_t>& panels = expand ? p.expand : p.project;
-      if (!panels.empty() && pw_forward_amx(y, panels.data(), cs, scale, bias, act, res, out, N, HW, K, Co, threads))
-        return;
+      const auto run = amx ? pw_forward_amx : pw_forward_bf16dot;
+      if (!panels.empty() && run(y, panels.data(), cs, scale, bias, act, res, out, N, HW, K, Co, threads)) return;
     }
   }
   pw_forward<T>(y, w, cs, scale, bias, act, res, out, N, HW, K, Co, threads);

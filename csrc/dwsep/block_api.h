@@ -40,7 +40,9 @@ class BlockPlan {
   std::vector<int64_t> output_hw(int64_t H, int64_t W, int64_t pt, int64_t pb, int64_t pl, int64_t pr) const;
   bool unchanged() const;
   // The expand / projection weights are the caller's parameters read in place (not copies).
-  void watch_in_place(bool expand, bool project) { amx_->watch_expand = expand, amx_->watch_project = project; }
+  void watch_in_place(bool expand, bool project) {
+    amx_->watch_expand = dot_->watch_expand = expand, amx_->watch_project = dot_->watch_project = project;
+  }
   // The banded expand -> depthwise path (block.cpp): taken when one image's expanded map is over
   // fuse_bytes, with bands of about band_bytes of expanded rows. Tunable (the tests force many
   // small bands); fuse_bytes < 0 never bands.
@@ -59,13 +61,15 @@ class BlockPlan {
   bool run_banded(const T* x, T* y, float* sums, const ConvGeom& g, int threads, T* out = nullptr) const;
 
   // The 1x1 conv y [M, K] -> out [M, Co] of the expand (w = ew_) or the projection (w = pw_):
-  // bf16 on the AMX tiles with the weights packed once (amx_), else pw_forward.
+  // bf16 on the AMX tiles with the weights packed once (amx_), or on vdpbf16ps with them packed
+  // once (dot_), else pw_forward (which packs the weights on every call).
   template <class T>
   void pw(bool expand, const T* y, const float* cs, int act, const T* res, T* out, int64_t N, int64_t HW,
           int threads) const;
 
   // The expand and projection weights as AMX bf16 panels, packed at the first bf16 call with the
-  // AMX kernels on (a plan may run on several threads at once). A weight the plan reads in place
+  // AMX kernels on (amx_), or as the vdpbf16ps GEMM's panels at the first bf16 call with the AMX
+  // kernels off on a CPU with AVX512_BF16 (dot_; a plan may run on several threads at once). A weight the plan reads in place
   // (a float32 parameter, watch_in_place) is snapshotted when packed, and unchanged() compares
   // it from then on: the panels are a copy, and a write through .data bypasses the version
   // counter (timm's ModelEma writes so).
@@ -76,7 +80,7 @@ class BlockPlan {
     std::vector<float> expand_snap, project_snap;
     std::atomic<bool> packed{false};
   };
-  std::unique_ptr<AmxPanels> amx_ = std::make_unique<AmxPanels>();
+  std::unique_ptr<AmxPanels> amx_ = std::make_unique<AmxPanels>(), dot_ = std::make_unique<AmxPanels>();
   std::vector<Opt> arrays_;  // keeps every array alive
   std::vector<uintptr_t> sources_, copies_;
   std::vector<int64_t> nbytes_;

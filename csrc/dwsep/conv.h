@@ -60,6 +60,17 @@ bool pw_forward_amx(const simd::bf16* y, const uint16_t* panels, const float* cs
                     const float* bias, int act, const simd::bf16* res, simd::bf16* out, int64_t N, int64_t HW,
                     int64_t C, int64_t Co, int threads);
 
+// The same for the vdpbf16ps GEMM (gemm_bf16.h) on CPUs with AVX512_BF16 (bf16dot_cpu): its
+// panels of w packed once (empty on other CPUs), and pw_forward's bf16 GEMM on them - false,
+// nothing written, where pw_forward would not run that GEMM on weights packed this way (another
+// ISA level, the transposed small-M GEMM): the caller runs pw_forward. cs scales the rows of y
+// as they are packed (pw_forward folds one image's cs into the weights it packs instead).
+bool bf16dot_cpu();
+std::vector<uint16_t> pack_pw_bf16dot(const float* w, int64_t Co, int64_t C);
+bool pw_forward_bf16dot(const simd::bf16* y, const uint16_t* panels, const float* cs, const float* scale,
+                        const float* bias, int act, const simd::bf16* res, simd::bf16* out, int64_t N, int64_t HW,
+                        int64_t C, int64_t Co, int threads);
+
 // The fused depthwise-separable conv: depthwise stage (as dw_forward, with act applied to the
 // input when preact, else after the dw affine) straight into the pointwise stage (as pw_forward),
 // tile by tile, without writing the intermediate.

@@ -660,6 +660,12 @@ void pack_gemm_weights(const Acc<T>* w, int64_t Co, int64_t K, int threads, cons
 template <Isa I, class T>
 void pw_launch(PwArgs<T> a, int threads);
 
+// pw_run takes the transposed GEMM (below).
+template <class T>
+bool transposed_gemm(const PwArgs<T>& a) {
+  return a.Co * a.C > a.M * (a.C + a.Co) && a.M * a.C * int64_t(sizeof(Acc<T>)) <= (int64_t(512) << 10);
+}
+
 template <Isa I, class T>
 void pw_run(PwArgs<T> a, const Acc<T>* w, int threads) {
   using F = Acc<T>;
@@ -670,8 +676,7 @@ void pw_run(PwArgs<T> a, const Acc<T>* w, int threads) {
   // 254 us, one thread; 112 -> 672 at 14x14, with its 131k scattered stores, stays packed).
   // bf16 too (float weights, bf16 pixels widened while packed, float FMAs): at these sizes the
   // GEMM waits on memory, and the vdpbf16ps path would first round all the weights to bf16 pairs.
-  if (a.Co * a.C > a.M * (a.C + a.Co) &&
-      a.M * a.C * int64_t(sizeof(F)) <= (int64_t(512) << 10)) {
+  if (transposed_gemm(a)) {
     thread_local std::vector<F> buf;
     a.apt = pack_parallel<G>(a.y, a.M, a.C, threads, buf, a.cs, a.HW), a.w = w;
     const int64_t nblk = (a.Co + G::MR - 1) / G::MR;
@@ -786,6 +791,44 @@ bool pw_forward_amx(const simd::bf16* y, const uint16_t* panels, const float* cs
   PwArgs<simd::bf16> a{y, nullptr, cs, scale, bias, act, res, out, HW, C, Co, N * HW, 0};
   if (a.M == 0 || Co == 0) return true;
   a.bpb = panels, a.k2p = amx::panel_pairs(C);
+  pw_launch<kV4>(a, threads_for(double(a.M) * C * Co, threads));
+  return true;
+#else
+  (void)y, (void)panels, (void)cs, (void)scale, (void)bias, (void)act, (void)res, (void)out, (void)N, (void)HW;
+  (void)C, (void)Co, (void)threads;
+  return false;
+#endif
+}
+
+bool bf16dot_cpu() {
+#if EFFOPS_HAS_BF16DOT
+  return cpu_has_bf16dot();
+#else
+  return false;
+#endif
+}
+
+std::vector<uint16_t> pack_pw_bf16dot(const float* w, int64_t Co, int64_t C) {
+  std::vector<uint16_t> panels;
+#if EFFOPS_HAS_BF16DOT
+  if (!cpu_has_bf16dot()) return panels;
+  const int64_t np = (Co + kBfNR - 1) / kBfNR, pairs = (C + 1) / 2;
+  panels.resize(static_cast<size_t>(np * pairs * kBfNR * 2));
+  pack_panels_bf16(w, Co, C, 0, np, panels.data(), static_cast<const float*>(nullptr));
+#else
+  (void)w, (void)Co, (void)C;
+#endif
+  return panels;
+}
+
+bool pw_forward_bf16dot(const simd::bf16* y, const uint16_t* panels, const float* cs, const float* scale,
+                        const float* bias, int act, const simd::bf16* res, simd::bf16* out, int64_t N, int64_t HW,
+                        int64_t C, int64_t Co, int threads) {
+#if EFFOPS_HAS_BF16DOT
+  PwArgs<simd::bf16> a{y, nullptr, cs, scale, bias, act, res, out, HW, C, Co, N * HW, 0};
+  if (cpu_isa() != kV4 || !use_bf16dot<kV4, simd::bf16>() || transposed_gemm(a)) return false;
+  if (a.M == 0 || Co == 0) return true;
+  a.bpb = panels;
   pw_launch<kV4>(a, threads_for(double(a.M) * C * Co, threads));
   return true;
 #else
