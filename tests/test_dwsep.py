@@ -523,6 +523,13 @@ def test_pw_conv_bf16_denormals_and_specials(isa):
         got = pw_conv(ys.to(bf).contiguous(memory_format=torch.channels_last), w.float(), scale=s.float(), act="none")
         ref = torch.nn.functional.conv2d(ys.to(bf).float(), w.to(bf).float()) * s.float()[:, None, None]
         assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(torch.isinf(got), torch.isinf(ref))
+        # the depthwise conv's bf16 stores (vcvtneps2bf16 on CPUs with AVX512_BF16): tiny results
+        xd = y[:, :8].to(bf).contiguous(memory_format=torch.channels_last)
+        wd = rnd(8, 1, 3, 3, g=g)
+        sd = torch.full((8,), 1e-38)
+        out, _ = dw_conv_act(xd, wd.float(), scale=sd, act="none")
+        want = torch.nn.functional.conv2d(xd.double(), wd.to(bf).double(), padding=1, groups=8) * sd.double()[:, None, None]
+        assert out.dtype == bf and (out.double() - want).abs().max() <= 2.0 ** -126 * 4
 
 
 @pytest.mark.parametrize("N,HW,C,Co", [

@@ -68,6 +68,9 @@ EFFOPS_DW_ROW_DECL(dw_row_base, )
 #if EFFOPS_X86
 EFFOPS_DW_ROW_DECL(dw_row_v4, EFFOPS_TARGET_V4)
 EFFOPS_DW_ROW_DECL(dw_row_v3, EFFOPS_TARGET_V3)
+#if EFFOPS_HAS_BF16_TARGET
+EFFOPS_DW_ROW_DECL(dw_row_v4bf, EFFOPS_TARGET_BF16)  // bf16 outputs on CPUs with AVX512_BF16 (dw_rows_v4bf.cpp)
+#endif
 #endif
 #undef EFFOPS_DW_ROW_DECL
 
@@ -78,8 +81,13 @@ EFFOPS_INLINE void dw_row(const ConvGeom& g, const S* const* rows, const F* taps
                           const F* bias, int act, int64_t ow0, int64_t ow1, O* out, F* sums,
                           const S* const* pf = nullptr) {
 #if EFFOPS_X86
-  if constexpr (!std::is_same<F, double>::value && W == 64)
+  if constexpr (!std::is_same<F, double>::value && W == 64) {
+#if EFFOPS_HAS_BF16_TARGET
+    if constexpr (std::is_same<O, simd::bf16>::value && std::is_same<F, float>::value)
+      if (bf16dot_cpu()) return dw_row_v4bf(g, rows, taps, scale, bias, act, ow0, ow1, out, sums, pf);
+#endif
     return dw_row_v4(g, rows, taps, scale, bias, act, ow0, ow1, out, sums, pf);
+  }
   else if constexpr (!std::is_same<F, double>::value && W == 32)
     return dw_row_v3(g, rows, taps, scale, bias, act, ow0, ow1, out, sums, pf);
   else

@@ -4,6 +4,8 @@
 //   EFFOPS_ROWS_W       the level's vector width in bytes (64, 32, 16)
 //   EFFOPS_ROWS_TARGET  its target attribute (EFFOPS_TARGET_V4, EFFOPS_TARGET_V3, or nothing)
 //   EFFOPS_ROWS_NAME    the entry point dw_core.h declares (dw_row_v4, dw_row_v3, dw_row_base)
+// and optionally EFFOPS_ROWS_NATIVE_BF16 1: bf16 outputs stored with vcvtneps2bf16 (dw_rows_v4bf.cpp,
+// run on CPUs with AVX512_BF16 only).
 // Everything but the entry points has internal linkage, so the three copies never meet.
 //
 // For each output pixel and each vector of channels the taps accumulate in one register; the
@@ -27,6 +29,9 @@
 #include "dwsep/dw_core.h"
 #include "dwsep/simd.h"
 
+#ifndef EFFOPS_ROWS_NATIVE_BF16
+#define EFFOPS_ROWS_NATIVE_BF16 0
+#endif
 #ifndef EFFOPS_ROWS_W
 #error "define EFFOPS_ROWS_W, EFFOPS_ROWS_TARGET and EFFOPS_ROWS_NAME before including dw_row_impl.h"
 #endif
@@ -86,7 +91,12 @@ EFFOPS_INLINE V dw_finish(V acc, int64_t c, const F* scale, const F* bias, const
   if (scale) acc = acc * loadv<V>(scale + c);
   if (bias) acc = acc + loadv<V>(bias + c);
   acc = act_apply<AC>(acc, p);
-  storev(o + c, acc);
+#if EFFOPS_ROWS_NATIVE_BF16
+  if constexpr (std::is_same<O, simd::bf16>::value && sizeof(V) == 64)
+    simd::storev_native_bf16(o + c, acc);
+  else
+#endif
+    storev(o + c, acc);
   return acc;
 }
 
