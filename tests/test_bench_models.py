@@ -67,8 +67,9 @@ def test_quick_run_rows_and_skip_notes(tmp_path, capsys, keep_threads, no_onnx_r
     # the README's whole-network table from those rows; the op-level table leaves them out
     assert main(["bench", "models", "--table", "--results", str(tmp_path)]) == 0
     table = capsys.readouterr().out
-    assert "| inference: model, batch, threads | dtype | effops ms | eager (NCHW) | eager (channels_last) |" in table
+    assert "| inference: model, batch, threads | dtype | run | effops ms | eager (NCHW) | eager (channels_last) |" in table
     row = next(ln for ln in table.splitlines() if ln.startswith("| timm mobilenetv2_100"))
+    assert f"| {by[EFFOPS]['date']} |" in row  # each row names its run's date (rows of several runs)
     assert f"({float(by['eager (NCHW)']['ratio']):.2f}x)" in row
     assert f"{float(by[EFFOPS]['median_ms']) / float(by['compute floor']['median_ms']):.1f}x" in row
     assert main(["bench", "--table", "--results", str(tmp_path)]) == 0

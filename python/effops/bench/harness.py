@@ -55,20 +55,30 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in info:
+                    info[key] = value.strip()
+                if len(info) == 3:
                     break
     except OSError:
         pass
-    # Virtual machines often report a generic model name ("AMD EPYC") for CPUs of very different
-    # generations; one without AVX-512 runs other kernels, so its rows go to a file of their own.
+    name = info.get("model name", name)
+    # Virtual machines often report a generic model name ("AMD EPYC", "Intel(R) Xeon(R)
+    # Processor": no model number) for CPUs of very different generations (Zen 1, Zen 4 and Zen 5
+    # VMs all said "AMD EPYC"): such a name gets the CPU's family and model numbers, and one without
+    # AVX-512 (other kernels run) its ISA level, so each kind of machine has a results file of its own.
     from .._backend import detected_isa  # "baseline" without the compiled module
 
+    cpuid = ""
+    if not re.search(r"\d", name) and "cpu family" in info and "model" in info:
+        cpuid = f"family {info['cpu family']} model {info['model']}, "
     level = detected_isa()
-    return f"{name} ({'' if level == 'avx512' else level + ', '}{os.cpu_count()} cpus)"
+    return f"{name} ({cpuid}{'' if level == 'avx512' else level + ', '}{os.cpu_count()} cpus)"
 
 
 def device_slug(device: torch.device) -> str:

@@ -55,7 +55,9 @@ def models_table(results_dir: str) -> str:
         latest: Dict[tuple, Dict[str, Dict[str, str]]] = {}
         for r in rows:
             latest.setdefault((r["op"], r["case"], r["dtype"]), {})[r["backend"]] = r
-        out.append(f"**{rows[-1]['device']}** (torch {rows[-1]['torch']}, {rows[-1]['date']}); cells: ms "
+        dates = sorted({r["date"] for by in latest.values() for r in by.values()})
+        span = dates[0] if len(dates) == 1 else f"rows of {dates[0]} to {dates[-1]}: each row is one interleaved run"
+        out.append(f"**{rows[-1]['device']}** (torch {rows[-1]['torch']}, {span}); cells: ms "
                    f"(effops' speed-up over it)\n")
         for op, title in (("model inference", "inference"), ("model train step", "training step"),
                           ("model cold start", "time to first result, s")):
@@ -65,14 +67,15 @@ def models_table(results_dir: str) -> str:
             cols = [c for c in _COLUMNS if any(c in v for v in cases.values())]
             floors = [f for f in ("compute floor", "traffic floor") if any(f in v for v in cases.values())]
             scale, unit = (1e-3, "s") if op == "model cold start" else (1.0, "ms")
-            out.append(f"| {title}: model, batch, threads | dtype | effops {unit} | "
+            out.append(f"| {title}: model, batch, threads | dtype | run | effops {unit} | "
                        + " | ".join(cols) + "".join(f" | effops / {f}" for f in floors) + " |")
-            out.append("|---" * (3 + len(cols) + len(floors)) + "|")
+            out.append("|---" * (4 + len(cols) + len(floors)) + "|")
             for (_, case, dtype), by in cases.items():
                 eff = float(by[EFFOPS]["median_ms"])
                 cells = [f"{float(by[c]['median_ms']) * scale:.{1 if scale == 1 else 2}f} ({float(by[c]['ratio']):.2f}x)"
                          if c in by else "-" for c in cols]
                 cells += [f"{eff / float(by[f]['median_ms']):.1f}x" if f in by else "-" for f in floors]
-                out.append(f"| {case} | {dtype} | {eff * scale:.{1 if scale == 1 else 2}f} | " + " | ".join(cells) + " |")
+                out.append(f"| {case} | {dtype} | {by[EFFOPS]['date']} | {eff * scale:.{1 if scale == 1 else 2}f} | "
+                           + " | ".join(cells) + " |")
             out.append("")
     return "\n".join(out)
