@@ -282,17 +282,17 @@ void BlockPlan::pw(bool expand, const T* y, const float* cs, int act, const T* r
     const bool amx = ::effops::amx();
     if (amx || bf16dot_cpu()) {
       AmxPanels& p = amx ? *amx_ : *dot_;
-      const auto pack = amx ? pack_pw_amx : pack_pw_bf16dot;
       std::call_once(p.once, [&] {
-        if (ew_) p.expand = pack(ew_, mid_, Cin_);
-        p.project = pack(pw_, Co_, mid_);
+        if (ew_) p.expand = pack_pw_bf16(amx, ew_, mid_, Cin_);
+        p.project = pack_pw_bf16(amx, pw_, Co_, mid_);
         if (ew_ && p.watch_expand && !p.expand.empty()) p.expand_snap.assign(ew_, ew_ + mid_ * Cin_);
         if (p.watch_project && !p.project.empty()) p.project_snap.assign(pw_, pw_ + Co_ * mid_);
         p.packed.store(true, std::memory_order_release);
       });
       const std::vector<uint16_t>& panels = expand ? p.expand : p.project;
-      const auto run = amx ? pw_forward_amx : pw_forward_bf16dot;
-      if (!panels.empty() && run(y, panels.data(), cs, scale, bias, act, res, out, N, HW, K, Co, threads)) return;
+      if (!panels.empty() &&
+          pw_forward_bf16(amx, y, panels.data(), cs, scale, bias, act, res, out, N, HW, K, Co, threads))
+        return;
     }
   }
   pw_forward<T>(y, w, cs, scale, bias, act, res, out, N, HW, K, Co, threads);

@@ -50,26 +50,19 @@ void pw_forward(const T* y, const Acc<T>* w, const Acc<T>* cs, const Acc<T>* sca
                 const Acc<T>* bias, int act, const T* res, T* out, int64_t N, int64_t HW,
                 int64_t C, int64_t Co, int threads);
 
-// The AMX GEMM (gemm_amx.h) of bf16 activations with weights packed once: pack_pw_amx gives the
-// bf16-pair panels of w [Co][C] (empty while the AMX kernels are off: effops::amx()), and
-// pw_forward_amx runs pw_forward's bf16 GEMM on them (false, nothing written, when the AMX
-// kernels are off: the caller runs pw_forward). The SE scale cs scales the rows of y as they
-// are packed (never the weights).
-std::vector<uint16_t> pack_pw_amx(const float* w, int64_t Co, int64_t C);
-bool pw_forward_amx(const simd::bf16* y, const uint16_t* panels, const float* cs, const float* scale,
-                    const float* bias, int act, const simd::bf16* res, simd::bf16* out, int64_t N, int64_t HW,
-                    int64_t C, int64_t Co, int threads);
-
-// The same for the vdpbf16ps GEMM (gemm_bf16.h) on CPUs with AVX512_BF16 (bf16dot_cpu): its
-// panels of w packed once (empty on other CPUs), and pw_forward's bf16 GEMM on them - false,
-// nothing written, where pw_forward would not run that GEMM on weights packed this way (another
-// ISA level, the transposed small-M GEMM): the caller runs pw_forward. cs scales the rows of y
-// as they are packed (pw_forward folds one image's cs into the weights it packs instead).
+// The bf16 GEMM of pw_forward on weights packed once, on the AMX tiles (amx = true; gemm_amx.h)
+// or with vdpbf16ps (amx = false; gemm_bf16.h; CPUs with AVX512_BF16: bf16dot_cpu).
+// pack_pw_bf16 gives the panels of w [Co][C] for one of them (empty while the AMX kernels are off
+// / on a CPU without AVX512_BF16); pw_forward_bf16 runs the GEMM on them - false, nothing
+// written, where it cannot run now (AMX off, another ISA level) or where pw_forward would take
+// its transposed small-M GEMM instead (the vdpbf16ps panels): the caller runs pw_forward. The SE
+// scale cs scales the rows of y as they are packed (pw_forward folds one image's cs into the
+// weights it packs instead).
 bool bf16dot_cpu();
-std::vector<uint16_t> pack_pw_bf16dot(const float* w, int64_t Co, int64_t C);
-bool pw_forward_bf16dot(const simd::bf16* y, const uint16_t* panels, const float* cs, const float* scale,
-                        const float* bias, int act, const simd::bf16* res, simd::bf16* out, int64_t N, int64_t HW,
-                        int64_t C, int64_t Co, int threads);
+std::vector<uint16_t> pack_pw_bf16(bool amx, const float* w, int64_t Co, int64_t C);
+bool pw_forward_bf16(bool amx, const simd::bf16* y, const uint16_t* panels, const float* cs, const float* scale,
+                     const float* bias, int act, const simd::bf16* res, simd::bf16* out, int64_t N, int64_t HW,
+                     int64_t C, int64_t Co, int threads);
 
 // The fused depthwise-separable conv: depthwise stage (as dw_forward, with act applied to the
 // input when preact, else after the dw affine) straight into the pointwise stage (as pw_forward),

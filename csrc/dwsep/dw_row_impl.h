@@ -190,7 +190,13 @@ EFFOPS_ROWS_TARGET __attribute__((noinline)) void dw_pixels(
 // weights are loaded once for the PB pixels. KWC is the kernel width when known at compile
 // time, else 0. The channel sums of the PB pixels are added up in registers and added to `sums`
 // once (a load-add-store per pixel would chain through store forwarding).
-template <int W, int PB, int KWC, int AC, class S, class O, class F>
+//
+// SWC > 0 (bf16 inputs, KWC known, dilation 1, stride SWC: dw_interior_any): each tap row's
+// (PB - 1) * SWC + KWC input columns are loaded (bf16 -> float: a widen and a shift) once into
+// registers and shared by the PB pixels' taps. Loading per (pixel, tap) is free for float inputs
+// (the load folds into the FMA), but for bf16 it was three instructions per multiply-add, which
+// made bf16 depthwise rows ~1.5x slower than float ones. The same additions in the same order.
+template <int W, int PB, int KWC, int AC, int SWC = 0, class S, class O, class F>
 EFFOPS_INLINE void dw_interior(const ConvGeom& g, const S* const* rows, const F* taps,
                                const F* scale, const F* bias,
                                const ActV<typename simd::Traits<F, W>::V>& p, int64_t ow,
@@ -208,6 +214,18 @@ EFFOPS_INLINE void dw_interior(const ConvGeom& g, const S* const* rows, const F*
       if (!r) continue;
       const F* t = taps + kh * KW * C + c;
       const S* p0 = r + iw0 * C + c;
+      if constexpr (SWC > 0) {
+        V col[(PB - 1) * SWC + KWC];
+#pragma GCC unroll 16
+        for (int i = 0; i < (PB - 1) * SWC + KWC; ++i) col[i] = loadv<V>(p0 + i * C);
+#pragma GCC unroll 7
+        for (int kw = 0; kw < KWC; ++kw) {
+          const V w = loadv<V>(t + kw * C);
+#pragma GCC unroll 8
+          for (int j = 0; j < PB; ++j) acc[j] += col[j * SWC + kw] * w;
+        }
+        continue;
+      }
 #pragma GCC unroll 7
       for (int64_t kw = 0; kw < KW; ++kw) {
         const V w = loadv<V>(t + kw * C);
@@ -223,55 +241,16 @@ EFFOPS_INLINE void dw_interior(const ConvGeom& g, const S* const* rows, const F*
   }
 }
 
-// dw_interior for bf16 inputs with a known kernel width, dilation 1 and stride SW: each tap row's
-// (PB - 1) * SW + KWC input columns are loaded (bf16 -> float: a widen and a shift) once into
-// registers and shared by the PB pixels' taps. dw_interior loads per (pixel, tap): free for float
-// inputs (the load folds into the FMA), but for bf16 three instructions per multiply-add, which
-// made bf16 depthwise rows ~1.5x slower than float ones. The same additions in the same order.
-template <int W, int PB, int KWC, int SW, int AC, class S, class O, class F>
-EFFOPS_INLINE void dw_interior_cols(const ConvGeom& g, const S* const* rows, const F* taps, const F* scale,
-                                    const F* bias, const ActV<typename simd::Traits<F, W>::V>& p, int64_t ow,
-                                    int64_t c_lo, int64_t c_hi, O* __restrict o, F* __restrict sums) {
-  using V = typename simd::Traits<F, W>::V;
-  constexpr int64_t L = simd::Traits<F, W>::L;
-  constexpr int NCOL = (PB - 1) * SW + KWC;
-  const int64_t C = g.C, KH = g.KH, iw0 = ow * SW - g.pl;
-  for (int64_t c = c_lo; c < c_hi; c += L) {
-    V acc[PB];
-#pragma GCC unroll 8
-    for (int j = 0; j < PB; ++j) acc[j] = simd::splat<V>(F(0));
-    for (int64_t kh = 0; kh < KH; ++kh) {
-      const S* r = rows[kh];
-      if (!r) continue;
-      const F* t = taps + kh * KWC * C + c;
-      const S* p0 = r + iw0 * C + c;
-      V col[NCOL];
-#pragma GCC unroll 16
-      for (int i = 0; i < NCOL; ++i) col[i] = loadv<V>(p0 + i * C);
-#pragma GCC unroll 7
-      for (int kw = 0; kw < KWC; ++kw) {
-        const V w = loadv<V>(t + kw * C);
-#pragma GCC unroll 8
-        for (int j = 0; j < PB; ++j) acc[j] += col[j * SW + kw] * w;
-      }
-    }
-    V total = simd::splat<V>(F(0));
-#pragma GCC unroll 8
-    for (int j = 0; j < PB; ++j) total += dw_finish<AC>(acc[j], c, scale, bias, p, o + j * C);
-    if (sums) storev(sums + c, loadv<V>(sums + c) + total);
-  }
-}
-
-// dw_interior, or dw_interior_cols where it applies (bf16 inputs, KWC known, stride 1 or 2).
+// dw_interior, with its column registers where they apply (bf16 inputs, KWC known, stride 1 or 2).
 template <int W, int PB, int KWC, int AC, class S, class O, class F>
 EFFOPS_INLINE void dw_interior_any(const ConvGeom& g, const S* const* rows, const F* taps, const F* scale,
                                    const F* bias, const ActV<typename simd::Traits<F, W>::V>& p, int64_t ow,
                                    int64_t c_lo, int64_t c_hi, O* __restrict o, F* __restrict sums) {
   if constexpr (KWC != 0 && !std::is_same<S, F>::value) {
     if (g.dw == 1 && g.sw == 1)
-      return dw_interior_cols<W, PB, KWC, 1, AC>(g, rows, taps, scale, bias, p, ow, c_lo, c_hi, o, sums);
+      return dw_interior<W, PB, KWC, AC, 1>(g, rows, taps, scale, bias, p, ow, c_lo, c_hi, o, sums);
     if (g.dw == 1 && g.sw == 2)
-      return dw_interior_cols<W, PB, KWC, 2, AC>(g, rows, taps, scale, bias, p, ow, c_lo, c_hi, o, sums);
+      return dw_interior<W, PB, KWC, AC, 2>(g, rows, taps, scale, bias, p, ow, c_lo, c_hi, o, sums);
   }
   dw_interior<W, PB, KWC, AC>(g, rows, taps, scale, bias, p, ow, c_lo, c_hi, o, sums);
 }

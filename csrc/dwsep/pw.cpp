@@ -770,36 +770,6 @@ void pw_forward(const T* y, const Acc<T>* w, const Acc<T>* cs, const Acc<T>* sca
   return pw_run<kBase>(a, w, threads);
 }
 
-std::vector<uint16_t> pack_pw_amx(const float* w, int64_t Co, int64_t C) {
-  std::vector<uint16_t> panels;
-#if EFFOPS_HAS_AMX
-  if (!::effops::amx()) return panels;
-  const int64_t np = (Co + kBfNR - 1) / kBfNR, pairs = amx::panel_pairs(C);
-  panels.resize(static_cast<size_t>(np * pairs * kBfNR * 2));
-  pack_panels_bf16(w, Co, C, 0, np, panels.data(), static_cast<const float*>(nullptr), pairs);
-#else
-  (void)w, (void)Co, (void)C;
-#endif
-  return panels;
-}
-
-bool pw_forward_amx(const simd::bf16* y, const uint16_t* panels, const float* cs, const float* scale,
-                    const float* bias, int act, const simd::bf16* res, simd::bf16* out, int64_t N, int64_t HW,
-                    int64_t C, int64_t Co, int threads) {
-#if EFFOPS_HAS_AMX
-  if (!::effops::amx()) return false;
-  PwArgs<simd::bf16> a{y, nullptr, cs, scale, bias, act, res, out, HW, C, Co, N * HW, 0};
-  if (a.M == 0 || Co == 0) return true;
-  a.bpb = panels, a.k2p = amx::panel_pairs(C);
-  pw_launch<kV4>(a, threads_for(double(a.M) * C * Co, threads));
-  return true;
-#else
-  (void)y, (void)panels, (void)cs, (void)scale, (void)bias, (void)act, (void)res, (void)out, (void)N, (void)HW;
-  (void)C, (void)Co, (void)threads;
-  return false;
-#endif
-}
-
 bool bf16dot_cpu() {
 #if EFFOPS_HAS_BF16DOT
   return cpu_has_bf16dot();
@@ -808,32 +778,53 @@ bool bf16dot_cpu() {
 #endif
 }
 
-std::vector<uint16_t> pack_pw_bf16dot(const float* w, int64_t Co, int64_t C) {
+#if EFFOPS_HAS_BF16DOT
+namespace {
+// The packed panels' pairs per panel: the AMX GEMM's whole chunks, or the vdpbf16ps GEMM's ceil(C / 2).
+int64_t panel_pairs_of(bool amx, int64_t C) {
+#if EFFOPS_HAS_AMX
+  if (amx) return amx::panel_pairs(C);
+#endif
+  return (C + 1) / 2;
+}
+// The GEMM of the panels can run now: the AMX kernels on (amx), or AVX-512 with AVX512_BF16.
+bool panels_runnable(bool amx) {
+#if EFFOPS_HAS_AMX
+  if (amx) return ::effops::amx();
+#endif
+  return !amx && cpu_isa() == kV4 && use_bf16dot<kV4, simd::bf16>();
+}
+}  // namespace
+#endif
+
+std::vector<uint16_t> pack_pw_bf16(bool amx, const float* w, int64_t Co, int64_t C) {
   std::vector<uint16_t> panels;
 #if EFFOPS_HAS_BF16DOT
-  if (!cpu_has_bf16dot()) return panels;
-  const int64_t np = (Co + kBfNR - 1) / kBfNR, pairs = (C + 1) / 2;
+  if (!(amx ? ::effops::amx() : cpu_has_bf16dot())) return panels;
+  const int64_t np = (Co + kBfNR - 1) / kBfNR, pairs = panel_pairs_of(amx, C);
   panels.resize(static_cast<size_t>(np * pairs * kBfNR * 2));
-  pack_panels_bf16(w, Co, C, 0, np, panels.data(), static_cast<const float*>(nullptr));
+  pack_panels_bf16(w, Co, C, 0, np, panels.data(), static_cast<const float*>(nullptr), pairs);
 #else
-  (void)w, (void)Co, (void)C;
+  (void)amx, (void)w, (void)Co, (void)C;
 #endif
   return panels;
 }
 
-bool pw_forward_bf16dot(const simd::bf16* y, const uint16_t* panels, const float* cs, const float* scale,
-                        const float* bias, int act, const simd::bf16* res, simd::bf16* out, int64_t N, int64_t HW,
-                        int64_t C, int64_t Co, int threads) {
+bool pw_forward_bf16(bool amx, const simd::bf16* y, const uint16_t* panels, const float* cs, const float* scale,
+                     const float* bias, int act, const simd::bf16* res, simd::bf16* out, int64_t N, int64_t HW,
+                     int64_t C, int64_t Co, int threads) {
 #if EFFOPS_HAS_BF16DOT
   PwArgs<simd::bf16> a{y, nullptr, cs, scale, bias, act, res, out, HW, C, Co, N * HW, 0};
-  if (cpu_isa() != kV4 || !use_bf16dot<kV4, simd::bf16>() || transposed_gemm(a)) return false;
+  // (the vdpbf16ps panels leave the small-M shapes to pw_forward's transposed GEMM)
+  if (!panels_runnable(amx) || (!amx && transposed_gemm(a))) return false;
   if (a.M == 0 || Co == 0) return true;
   a.bpb = panels;
+  if (amx) a.k2p = panel_pairs_of(true, C);
   pw_launch<kV4>(a, threads_for(double(a.M) * C * Co, threads));
   return true;
 #else
-  (void)y, (void)panels, (void)cs, (void)scale, (void)bias, (void)act, (void)res, (void)out, (void)N, (void)HW;
-  (void)C, (void)Co, (void)threads;
+  (void)amx, (void)y, (void)panels, (void)cs, (void)scale, (void)bias, (void)act, (void)res, (void)out, (void)N;
+  (void)HW, (void)C, (void)Co, (void)threads;
   return false;
 #endif
 }
