@@ -352,6 +352,8 @@ def test_bad_input():
         m.detect(torch.zeros(3, 128, 128))
     with pytest.raises(ValueError, match="image size"):
         m.detect(torch.zeros(1, 3, 256, 256))
+    with pytest.raises(ValueError, match=r"EfficientDet.forward: x must be \[B, 3, 128, 128\]"):
+        m(torch.zeros(1, 3, 256, 256))  # the BiFPN is built for its size: said, not a weighted_fuse error
     with pytest.raises(TypeError, match="float"):
         m.detect(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):

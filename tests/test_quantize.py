@@ -383,6 +383,25 @@ def test_block_plan_equals_op_by_op_path(monkeypatch, threads):
                     torch.utils.dlpack.to_dlpack(torch.empty(1, 5, 5, 24, dtype=torch.uint8)), [0, 1, 0, 1], 1)
 
 
+def test_empty_batch(monkeypatch):
+    """A batch of 0 images: an empty result (the int8 kernels split work by image: no division by
+    zero), op by op and through the block plans."""
+    from effops.compress import _qmodules
+    from effops.models import create_model
+
+    torch.manual_seed(0)
+    q = quantize(create_model("efficientnet_b0", num_classes=10).eval(), torch.randn(2, 3, 64, 64))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for plans in (True, False):
+            monkeypatch.setattr(_qmodules, "_PLANS", plans)
+            with torch.no_grad():
+                assert q(torch.zeros(0, 3, 64, 64)).shape == (0, 10)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_bad_calibration_data():
     m = _untrained()
     with pytest.raises(ValueError, match=r"calibration_data batch 0 must have shape \[N, 1, H, W\]"):

@@ -457,6 +457,7 @@ const char* level_name(int lvl) {
 void q_dw(const uint8_t* x, const int8_t* taps, const DwGeom& g, int32_t x_zp, const Epilogue& e, uint8_t* y,
           int32_t* sums, int threads) {
   using namespace detail;
+  if (g.N == 0 || g.C == 0) return;  // an empty batch: no output, no sums (the task split divides by N)
   const int lvl = level();
   const DwPrep p = prep_dw(lvl, taps, g, x_zp, e);
   // Tasks: blocks of output rows of one image; per-task channel sums, added after (integer sums:

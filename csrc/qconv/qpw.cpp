@@ -450,6 +450,7 @@ void q_pw(const uint8_t* x, const int8_t* w, int64_t N, int64_t HW, int64_t C, i
           const float* gate, const Epilogue& e, const Residual& res, uint8_t* out, int threads, const uint8_t* blob,
           int64_t blob_size) {
   using namespace detail;
+  if (N * HW == 0 || Co == 0) return;  // an empty batch or map: nothing to write
   const int lvl = level();
   const PwPrep p = prep_pw(lvl, w, C, Co, x_zp, e, blob, blob_size);
   const int64_t M = N * HW;
@@ -473,6 +474,7 @@ void q_dwsep(const uint8_t* x, const int8_t* taps, const DwGeom& g, int32_t x_zp
              int32_t mid_zp, const int8_t* pw, int64_t Co, const Epilogue& e, const Residual& res, uint8_t* out, int threads,
              const uint8_t* blob, int64_t blob_size) {
   using namespace detail;
+  if (g.N * g.Ho * g.Wo == 0 || Co == 0) return;  // an empty batch: nothing to write
   const int lvl = level();
   const DwPrep dp = prep_dw(lvl, taps, g, x_zp, mid);
   const PwPrep pp = prep_pw(lvl, pw, g.C, Co, mid_zp, e, blob, blob_size);
@@ -513,6 +515,7 @@ inline void copy_span(uint8_t* dst, const uint8_t* src, int64_t n) {
 void q_conv(const uint8_t* x, const int8_t* w, const DwGeom& g, int64_t Co, int64_t Kp, int32_t x_zp,
             const Epilogue& e, uint8_t* out, int threads, const uint8_t* blob, int64_t blob_size) {
   using namespace detail;
+  if (g.N * g.Ho * g.Wo == 0 || Co == 0) return;  // an empty batch: nothing to write
   const int lvl = level();
   const int64_t span = g.KW * g.C;
   const PwPrep p = prep_pw(lvl, w, Kp, Co, x_zp, e, blob, blob_size);

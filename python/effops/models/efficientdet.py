@@ -267,7 +267,13 @@ class EfficientDet(nn.Module):
 
     def forward(self, x: Tensor) -> Tuple[List[Tensor], List[Tensor]]:
         """x [B, 3, S, S] (normalised) -> (class logits per level [B, A*C, H, W], box regressions
-        per level [B, A*4, H, W]), P3..P7, as effdet's EfficientDet.forward."""
+        per level [B, A*4, H, W]), P3..P7, as effdet's EfficientDet.forward. S: the model's image
+        size (its BiFPN nodes are built for that size's feature maps; ``create_model(name,
+        image_size=...)`` builds one for another size)."""
+        if isinstance(x, Tensor) and x.dim() == 4 and tuple(x.shape[2:]) != self.image_size:
+            raise ValueError(f"EfficientDet.forward: x must be [B, 3, {self.image_size[0]}, {self.image_size[1]}] "
+                             f"(the model's image size; create_model(..., image_size=...) builds one for another "
+                             f"size), got {list(x.shape)}")
         feats = self.backbone(x.contiguous(memory_format=torch.channels_last))
         feats = self.fpn(list(feats))
         return self.class_net(feats), self.box_net(feats)
