@@ -39,13 +39,6 @@ struct Scratch {
 };
 thread_local Scratch scratch;
 
-std::pair<const uint8_t*, int64_t> blob_of(const Opt& b, const char* op, const char* name) {
-  if (!b) return {nullptr, 0};
-  check(b->ndim() == 1, op, ": ", name, " must be a 1-d uint8 array");
-  check_dtype(*b, nb::dtype<uint8_t>(), op, name);
-  return {data_of<const uint8_t>(*b), static_cast<int64_t>(b->shape(0))};
-}
-
 void check_cfg(const std::vector<int64_t>& cfg, const char* op, const char* name) {
   check(cfg.size() == 4, op, ": ", name, " must be [zp, qmin, qmax, out_zp], got ", cfg.size(), " values");
   check_code(cfg[3], op, "out_zp");
@@ -86,7 +79,7 @@ QBlockPlan::QBlockPlan(int64_t x_zp, Opt expand_w, Opt expand_bias, Opt expand_m
     ee_ = epilogue(expand_bias, *expand_mult, expand_lut, C_, expand_cfg, op, "expand_");
     h_zp_ = static_cast<int32_t>(expand_cfg[3]);
     ew_ = data_of<const int8_t>(*expand_w);
-    std::tie(eblob_, eblob_n_) = blob_of(expand_packed, op, "expand_packed");
+    std::tie(eblob_, eblob_n_) = packed_blob(expand_packed, op, "expand_packed");
   } else {
     check(!expand_bias && !expand_mult && !expand_lut && !expand_packed, op,
           ": expand_bias / expand_mult / expand_lut / expand_packed need expand_w");
@@ -114,7 +107,7 @@ QBlockPlan::QBlockPlan(int64_t x_zp, Opt expand_w, Opt expand_bias, Opt expand_m
   check_cfg(project_cfg, op, "project_cfg");
   pe_ = epilogue(project_bias, project_mult, project_lut, Co_, project_cfg, op, "");
   pw_ = data_of<const int8_t>(project_w);
-  std::tie(pblob_, pblob_n_) = blob_of(project_packed, op, "project_packed");
+  std::tie(pblob_, pblob_n_) = packed_blob(project_packed, op, "project_packed");
   residual_ = residual;
   if (residual_) {
     check(Co_ == Cin_, op, ": a residual needs as many output channels as input ones (", Co_, " vs ", Cin_, ")");

@@ -5,15 +5,15 @@
 #include "qconv/qcore.h"
 
 namespace effops::qconv {
-namespace {
 
-// A q_pw_pack blob: uint8, one dimension (its header is validated by the kernels).
-std::pair<const uint8_t*, int64_t> blob_of(const Opt& b, const char* op) {
+std::pair<const uint8_t*, int64_t> packed_blob(const Opt& b, const char* op, const char* name) {
   if (!b) return {nullptr, 0};
-  check(b->ndim() == 1, op, ": packed must be a 1-d uint8 array");
-  check_dtype(*b, nb::dtype<uint8_t>(), op, "packed");
+  check(b->ndim() == 1, op, ": ", name, " must be a 1-d uint8 array");
+  check_dtype(*b, nb::dtype<uint8_t>(), op, name);
   return {data_of<const uint8_t>(*b), static_cast<int64_t>(b->shape(0))};
 }
+
+namespace {
 
 using qconv_checks::check_code;
 using qconv_checks::kMaxReduction;
@@ -70,7 +70,7 @@ void q_pw_forward_api(const CpuArray& x, const CpuArray& w, Opt bias, const CpuA
   const Epilogue e = epilogue(bias, mult, lut, Co, out_zp, qmin, qmax, op, "");
   const Residual res = residual_of(residual, {N, H, W, Co}, res_zp, res_mult, e, op);
   qconv_checks::u8_output(out, {N, H, W, Co}, op);
-  const auto blob = blob_of(packed, op);
+  const auto blob = packed_blob(packed, op, "packed");
   q_pw(data_of<const uint8_t>(x), data_of<const int8_t>(w), N, H * W, C, Co, static_cast<int32_t>(x_zp), g, e, res,
        data_of<uint8_t>(out), threads, blob.first, blob.second);
 }
@@ -94,7 +94,7 @@ void q_conv_forward_api(const CpuArray& x, const CpuArray& w, int64_t KH, int64_
   check_code(x_zp, op, "x_zp");
   const Epilogue e = epilogue(bias, mult, lut, Co, out_zp, qmin, qmax, op, "");
   qconv_checks::u8_output(out, {g.N, g.Ho, g.Wo, Co}, op);
-  const auto blob = blob_of(packed, op);
+  const auto blob = packed_blob(packed, op, "packed");
   q_conv(data_of<const uint8_t>(x), data_of<const int8_t>(w), g, Co, Kp, static_cast<int32_t>(x_zp), e,
          data_of<uint8_t>(out), threads, blob.first, blob.second);
 }
@@ -118,7 +118,7 @@ void q_dwsep_forward_api(const CpuArray& x, const CpuArray& taps, Opt dw_bias, c
   const Epilogue e = epilogue(pw_bias, pw_mult, lut, Co, out_zp, qmin, qmax, op, "");
   const Residual res = residual_of(residual, {g.N, g.Ho, g.Wo, Co}, res_zp, res_mult, e, op);
   qconv_checks::u8_output(out, {g.N, g.Ho, g.Wo, Co}, op);
-  const auto blob = blob_of(pw_packed, op);
+  const auto blob = packed_blob(pw_packed, op, "packed");
   q_dwsep(data_of<const uint8_t>(x), data_of<const int8_t>(taps), g, static_cast<int32_t>(x_zp), mid,
           static_cast<int32_t>(mid_zp), data_of<const int8_t>(pw), Co, e, res, data_of<uint8_t>(out), threads,
           blob.first, blob.second);

@@ -2,6 +2,7 @@
 // activations; see python/effops/ops/qconv.py for the arithmetic.
 #pragma once
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "common/ndarray.h"
@@ -35,6 +36,10 @@ void q_dwsep_forward_api(const CpuArray& x, const CpuArray& taps, Opt dw_bias, c
 void q_fuse_forward_api(const std::vector<CpuArray>& inputs, const std::vector<int64_t>& zps,
                         const std::vector<int64_t>& mults, const std::vector<int>& modes, int64_t out_zp,
                         int64_t qmin, int64_t qmax, Opt lut, const CpuArray& out, int threads);
+
+// A q_pw_pack blob argument (named `name` in errors): uint8, one dimension (its header is validated
+// by the kernels), as (data, bytes); none: (null, 0).
+std::pair<const uint8_t*, int64_t> packed_blob(const Opt& b, const char* op, const char* name);
 
 // The pointwise weights packed once for the current level (the kernels use a blob made for their
 // level, shape, zero point and bias presence, and pack per call otherwise): blob [q_pw_packed_bytes].

@@ -82,10 +82,16 @@ _SCRATCH = _Scratch()
 def release_scratch() -> None:
     """Free this thread's reused intermediate buffers of the quantized blocks (they are made
     again, at the sizes needed, by the next call)."""
+    C = _c_module()
     _SCRATCH.release()
-    C = getattr(_backend, "_C_module", None) if _backend._C is not None else None
     if C is not None and hasattr(C, "q_release_scratch"):
         C.q_release_scratch()
+
+
+def _c_module():
+    """effops._C itself (not _backend's DLPack wrapper: the plan class and its methods take
+    capsules the caller makes), or None without it."""
+    return getattr(_backend._C, "_module", None) if _backend._C is not None else None
 
 
 #: QMBConv runs through its C++ plan where it can (False: always op by op; the tests compare the two).
@@ -300,7 +306,7 @@ class QMBConv(_QBlock):
         """The block's C++ plan (_C.QBlockPlan: one call per block, the same kernels and integers
         as the op-by-op path) when every array is a dense CPU tensor and the SE is one the plan
         runs (q_se_gates'), else None."""
-        C = getattr(_backend, "_C_module", None) if _backend._C is not None else None
+        C = _c_module()
         if C is None or not hasattr(C, "QBlockPlan") or (self.se is not None and self._se_args is None):
             return None
         se = self._se_args or (None, None, 0, None, None, 5)
@@ -333,12 +339,12 @@ class QMBConv(_QBlock):
         N, _, H, W = xq.shape
         g = self._geom.get((H, W))
         if g is None:
-            stride, pad = self._geometry(xq)
+            pad = self._geometry(xq)[1]
             g = self._geom[(H, W)] = (pad, *self._plan.output_hw(H, W, pad))
         out = torch.empty((N, g[1], g[2], self.project_weight.shape[0]), dtype=torch.uint8)
         xc = xq if xq.is_contiguous(memory_format=torch.channels_last) else xq.contiguous(memory_format=torch.channels_last)
         profiled("effops::q_mbconv_block", self._plan.run, _to_dlpack(xc.permute(0, 2, 3, 1)), _to_dlpack(out), g[0],
-                 max(1, torch.get_num_threads()))
+                 _qc._threads())
         return out.permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
